@@ -1,0 +1,1 @@
+"""The `debiformer` command line."""

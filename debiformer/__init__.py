@@ -1,0 +1,15 @@
+"""DeBiFormer vision transformers (Deformable Bi-level Routing Attention) on plain PyTorch."""
+
+from debiformer.model import DeBiFormer, create_model, list_models
+from debiformer.official import load_official_checkpoint, load_official_state_dict
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DeBiFormer",
+    "__version__",
+    "create_model",
+    "list_models",
+    "load_official_checkpoint",
+    "load_official_state_dict",
+]

@@ -1,0 +1,439 @@
+"""DeBiFormer: a four-stage vision transformer whose blocks pair Bi-level Routing Attention
+(BRA) with Deformable Bi-level Routing Attention (DBRA).
+
+Reading order: `Mlp`, `BiLevelRoutingAttention`, `DeformableBiLevelRoutingAttention`,
+`Block`, `DeBiFormer`, then the variants and `create_model` at the end. Attention modules
+take and return NHWC maps; blocks and the network work on NCHW maps. Inputs of any size
+work: each attention pads its input on the bottom and right to the region grid and crops
+its output back.
+"""
+
+from dataclasses import dataclass, fields, replace
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, trunc_normal_
+from torch import Tensor, nn
+
+from debiformer.errors import UserError
+from debiformer.profiling import step
+from debiformer.routing import (
+    from_regions,
+    pad_to_regions,
+    route,
+    routed_attention,
+    to_regions,
+)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW map."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class Mlp(nn.Module):
+    """Pointwise expansion, a depthwise 3×3 residual, GELU, pointwise projection (NCHW)."""
+
+    def __init__(self, dim: int, expansion: float):
+        super().__init__()
+        hidden = int(dim * expansion)
+        self.fc1 = nn.Conv2d(dim, hidden, 1)
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv2d(hidden, dim, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = self.fc1(x)
+        hidden = self.act(hidden + self.dwconv(hidden))
+        return self.fc2(hidden)
+
+
+class BiLevelRoutingAttention(nn.Module):
+    """BRA: each region's pixels attend to the pixels of its top-k most related regions.
+
+    Region routing uses region means of queries and keys; attention and routing are
+    scaled by C^-0.5 (the full channel count, as the released weights expect). A 5×5
+    depthwise convolution of the values (LePE) is added before the output projection.
+    """
+
+    def __init__(self, dim: int, num_heads: int, n_win: int, topk: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.n_win = n_win
+        self.topk = topk
+        self.scale = dim**-0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.lepe = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, height, width, _ = x.shape
+        x = pad_to_regions(x, self.n_win)
+        padded_height, padded_width = x.shape[1:3]
+        query, key, value = self.qkv(x).chunk(3, dim=-1)
+        query_regions = to_regions(query, self.n_win)
+        key_regions = to_regions(key, self.n_win)
+        value_regions = to_regions(value, self.n_win)
+        topk = min(self.topk, self.n_win**2)
+        region_index = route(query_regions, key_regions, topk, self.scale)
+        output = routed_attention(
+            query_regions, key_regions, value_regions, region_index, self.num_heads, self.scale
+        )
+        output = from_regions(output, self.n_win, padded_height, padded_width)
+        output = output + self.lepe(value.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.proj(output[:, :height, :width])
+
+
+class DeformableBiLevelRoutingAttention(nn.Module):
+    """DBRA: deformable agents gather routed context, then every pixel attends to the agents.
+
+    1. An offset network on the queries places one sampling point per cell of a coarse
+       (stride s) grid; the input map is sampled there: these are the agents.
+    2. Agent queries are routed, BRA-style, to the top-k regions of the full-resolution
+       keys and attend to their pixels; an agent MLP refines the result.
+    3. Every pixel's query attends to all agents, with a relative position bias read from
+       `rpe_table` at the pixel-to-agent displacement (as in DAT).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        n_win: int,
+        topk: int,
+        offset_groups: int,
+        offset_kernel: int,
+        offset_stride: int,
+        agent_mlp_ratio: float,
+        rpe_size: int,
+        two_channel_offsets: bool = False,
+    ):
+        super().__init__()
+        self.num_heads = num_heads
+        self.n_win = n_win
+        self.topk = topk
+        self.offset_groups = offset_groups
+        self.scale = dim**-0.5
+        group_dim = dim // offset_groups
+        self.qkv = nn.Conv2d(dim, 3 * dim, 1)
+        self.lepe = nn.Conv2d(dim, dim, 5, stride=offset_stride, padding=2, groups=dim)
+        self.offset_net = nn.Sequential(
+            nn.Conv2d(
+                group_dim,
+                group_dim,
+                offset_kernel,
+                stride=offset_stride,
+                padding=offset_kernel // 2,
+                groups=group_dim,
+                bias=False,
+            ),
+            LayerNorm2d(group_dim, eps=1e-5),
+            nn.GELU(),
+            nn.Conv2d(group_dim, 2 if two_channel_offsets else 1, 1, bias=False),
+        )
+        self.proj_q = nn.Conv2d(dim, dim, 1)
+        self.proj_k = nn.Conv2d(dim, dim, 1)
+        self.proj_v = nn.Conv2d(dim, dim, 1)
+        self.proj_out = nn.Conv2d(dim, dim, 1)
+        self.unify = nn.Conv2d(dim, dim, 1)
+        self.agent_norm1 = LayerNorm2d(dim, eps=1e-6)
+        self.agent_mlp = Mlp(dim, agent_mlp_ratio)
+        self.agent_norm2 = LayerNorm2d(dim, eps=1e-6)
+        self.rpe_table = nn.Parameter(torch.zeros(num_heads, 2 * rpe_size - 1, 2 * rpe_size - 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, height, width, _ = x.shape
+        x = pad_to_regions(x, self.n_win)
+        batch, padded_height, padded_width, channels = x.shape
+        x_map = x.permute(0, 3, 1, 2)
+        with step("dbra/qkv_projection"):
+            query, key, value = self.qkv(x_map).chunk(3, dim=1)
+        with step("dbra/offset_network"):
+            positions = self._sampling_positions(query)
+        with step("dbra/agent_sampling"):
+            agents = self._sample(x_map, positions)
+        agent_height, agent_width = agents.shape[-2:]
+        agent_context = self._routed_agent_attention(agents, key, value)
+        with step("dbra/agent_mlp"):
+            agents = agents + self.unify(agent_context + self.lepe(value))
+            agents = agents + self.agent_mlp(self.agent_norm1(agents))
+            agents = self.agent_norm2(agents)
+        with step("dbra/query_agent_attention"):
+            output = self._query_agent_attention(query, agents, positions)
+        with step("dbra/output_projection"):
+            output = self.proj_out(output).permute(0, 2, 3, 1)
+        return output[:, :height, :width]
+
+    def _sampling_positions(self, query: Tensor) -> Tensor:
+        """(N·G, Hk, Wk, 2) sampling points (y, x) in [-1, 1]: grid cell centres plus offsets."""
+        batch, channels, height, width = query.shape
+        grouped = query.reshape(batch * self.offset_groups, channels // self.offset_groups, height, width)
+        offsets = self.offset_net(grouped).permute(0, 2, 3, 1)
+        agent_height, agent_width = offsets.shape[1:3]
+        ys = (torch.arange(agent_height, device=query.device, dtype=offsets.dtype) + 0.5) / agent_height
+        xs = (torch.arange(agent_width, device=query.device, dtype=offsets.dtype) + 0.5) / agent_width
+        reference = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1) * 2 - 1
+        return (reference + offsets).clamp(-1, 1)
+
+    def _sample(self, x_map: Tensor, positions: Tensor) -> Tensor:
+        """Bilinear samples of the input map at the agent positions, per offset group: (N, C, Hk, Wk)."""
+        batch, channels, height, width = x_map.shape
+        grouped = x_map.reshape(batch * self.offset_groups, channels // self.offset_groups, height, width)
+        sampled = F.grid_sample(grouped, positions[..., (1, 0)], mode="bilinear", align_corners=True)
+        return sampled.reshape(batch, channels, *positions.shape[1:3])
+
+    def _routed_agent_attention(self, agents: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        """Agent queries attend to the full-resolution pixels of their top-k routed regions."""
+        agent_height, agent_width = agents.shape[-2:]
+        agent_queries = pad_to_regions(self.proj_q(agents).permute(0, 2, 3, 1), self.n_win)
+        padded_agent_height, padded_agent_width = agent_queries.shape[1:3]
+        agent_regions = to_regions(agent_queries, self.n_win)
+        key_regions = to_regions(key.permute(0, 2, 3, 1), self.n_win)
+        value_regions = to_regions(value.permute(0, 2, 3, 1), self.n_win)
+        with step("dbra/region_routing"):
+            topk = min(self.topk, self.n_win**2)
+            region_index = route(agent_regions, key_regions, topk, self.scale)
+        with step("dbra/agent_attention"):
+            context = routed_attention(
+                agent_regions, key_regions, value_regions, region_index, self.num_heads, self.scale
+            )
+        context = from_regions(context, self.n_win, padded_agent_height, padded_agent_width)
+        return context[:, :agent_height, :agent_width].permute(0, 3, 1, 2)
+
+    def _query_agent_attention(self, query: Tensor, agents: Tensor, positions: Tensor) -> Tensor:
+        """Every pixel attends to all agents with a DAT-style relative position bias: (N, C, H, W)."""
+        batch, channels, height, width = query.shape
+        head_dim = channels // self.num_heads
+        num_agents = agents.shape[-2] * agents.shape[-1]
+        queries = query.reshape(batch, self.num_heads, head_dim, height * width).transpose(-1, -2)
+        agent_keys = self.proj_k(agents).reshape(batch, self.num_heads, head_dim, num_agents)
+        agent_values = self.proj_v(agents).reshape(batch, self.num_heads, head_dim, num_agents)
+        logits = (queries @ agent_keys) * self.scale + self._position_bias(positions, height, width)
+        attention = logits.softmax(dim=-1)
+        output = agent_values @ attention.transpose(-1, -2)
+        return output.reshape(batch, channels, height, width)
+
+    def _position_bias(self, positions: Tensor, height: int, width: int) -> Tensor:
+        """(N, M, H·W, agents): `rpe_table` sampled at half the pixel-to-agent displacement."""
+        groups = self.offset_groups
+        batch = positions.shape[0] // groups
+        ys = torch.arange(height, device=positions.device, dtype=positions.dtype) / (height - 1)
+        xs = torch.arange(width, device=positions.device, dtype=positions.dtype) / (width - 1)
+        pixel_grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1) * 2 - 1
+        displacement = (pixel_grid.reshape(1, -1, 1, 2) - positions.flatten(1, 2)[:, None]) * 0.5
+        table = self.rpe_table.reshape(groups, self.num_heads // groups, *self.rpe_table.shape[1:])
+        table = table.expand(batch, -1, -1, -1, -1).flatten(0, 1)
+        bias = F.grid_sample(table, displacement[..., (1, 0)], mode="bilinear", align_corners=True)
+        return bias.reshape(batch, self.num_heads, height * width, -1)
+
+
+class Block(nn.Module):
+    """Two residual attention + MLP pairs, each led by a depthwise-conv position embedding."""
+
+    def __init__(self, dim: int, mlp_ratio: float, drop_path: float, attn1: nn.Module, attn2: nn.Module):
+        super().__init__()
+        self.pos_embed1 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn1 = attn1
+        self.norm2 = LayerNorm2d(dim, eps=1e-6)
+        self.mlp1 = Mlp(dim, mlp_ratio)
+        self.pos_embed2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm3 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn2 = attn2
+        self.norm4 = LayerNorm2d(dim, eps=1e-6)
+        self.mlp2 = Mlp(dim, mlp_ratio)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.pos_embed1(x)
+        x = x + self.drop_path(self.attn1(self.norm1(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2))
+        x = x + self.drop_path(self.mlp1(self.norm2(x)))
+        x = x + self.pos_embed2(x)
+        x = x + self.drop_path(self.attn2(self.norm3(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2))
+        x = x + self.drop_path(self.mlp2(self.norm4(x)))
+        return x
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Everything that shapes a DeBiFormer; per-stage tuples have four entries."""
+
+    dims: tuple[int, ...] = (64, 128, 256, 512)
+    depths: tuple[int, ...] = (1, 1, 4, 1)
+    mlp_ratios: tuple[float, ...] = (3, 3, 3, 3)
+    head_dim: int = 32
+    n_win: int = 7
+    attn1_deformable: tuple[bool, ...] = (False, False, False, True)
+    attn1_topks: tuple[int, ...] = (1, 4, 16, 49)
+    attn2_topks: tuple[int, ...] = (4, 8, 16, 49)
+    offset_groups: tuple[int, ...] = (1, 2, 4, 8)
+    offset_kernels: tuple[int, ...] = (9, 7, 5, 3)
+    offset_strides: tuple[int, ...] = (8, 4, 2, 1)
+    agent_mlp_ratios: tuple[float, ...] = (3, 3, 3, 3)
+    rpe_sizes: tuple[int, ...] = (56, 28, 14, 7)
+    two_channel_offsets: bool = False
+    drop_path_rate: float = 0.0
+
+
+class DeBiFormer(nn.Module):
+    """Convolutional stem, four stages of `Block`s joined by strided-conv downsampling, a
+    BatchNorm + global average pool + linear head. `forward_features` returns the four
+    stage maps (strides 4, 8, 16, 32) for dense prediction."""
+
+    def __init__(self, arch: Architecture = Architecture(), num_classes: int = 1000, in_chans: int = 3):
+        super().__init__()
+        self.arch = arch
+        self.num_classes = num_classes
+        dims = arch.dims
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, dims[0] // 2, 3, stride=2, padding=1),
+            nn.BatchNorm2d(dims[0] // 2),
+            nn.GELU(),
+            nn.Conv2d(dims[0] // 2, dims[0], 3, stride=2, padding=1),
+            nn.BatchNorm2d(dims[0]),
+        )
+        self.downsamples = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(dims[i - 1], dims[i], 3, stride=2, padding=1), nn.BatchNorm2d(dims[i]))
+            for i in range(1, 4)
+        )
+        drop_rates = torch.linspace(0, arch.drop_path_rate, sum(arch.depths)).tolist()
+        self.stages = nn.ModuleList()
+        for i in range(4):
+            rates, drop_rates = drop_rates[: arch.depths[i]], drop_rates[arch.depths[i] :]
+            self.stages.append(nn.Sequential(*(self._block(i, rate) for rate in rates)))
+        self.norm = nn.BatchNorm2d(dims[-1])
+        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(_init_weights)
+        for module in self.modules():
+            if isinstance(module, DeformableBiLevelRoutingAttention):
+                nn.init.zeros_(module.offset_net[-1].weight)
+                trunc_normal_(module.rpe_table, std=0.01)
+
+    def _block(self, stage: int, drop_path: float) -> Block:
+        arch = self.arch
+        dim = arch.dims[stage]
+        num_heads = dim // arch.head_dim
+
+        def deformable(topk: int) -> DeformableBiLevelRoutingAttention:
+            return DeformableBiLevelRoutingAttention(
+                dim,
+                num_heads,
+                arch.n_win,
+                topk,
+                arch.offset_groups[stage],
+                arch.offset_kernels[stage],
+                arch.offset_strides[stage],
+                arch.agent_mlp_ratios[stage],
+                arch.rpe_sizes[stage],
+                arch.two_channel_offsets,
+            )
+
+        if arch.attn1_deformable[stage]:
+            attn1 = deformable(arch.attn1_topks[stage])
+        else:
+            attn1 = BiLevelRoutingAttention(dim, num_heads, arch.n_win, arch.attn1_topks[stage])
+        return Block(dim, arch.mlp_ratios[stage], drop_path, attn1, deformable(arch.attn2_topks[stage]))
+
+    def forward_features(self, x: Tensor) -> list[Tensor]:
+        """The four stage outputs, NCHW, at strides 4, 8, 16 and 32."""
+        features = []
+        for i, stage in enumerate(self.stages):
+            x = self.stem(x) if i == 0 else self.downsamples[i - 1](x)
+            x = stage(x)
+            features.append(x)
+        return features
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        """Final norm, global average pool and classifier on the last stage map."""
+        return self.head(self.norm(x).mean(dim=(2, 3)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 4 or x.shape[1] != self.stem[0].in_channels:
+            raise UserError(
+                f"expected images of shape (N, {self.stem[0].in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        return self.forward_head(self.forward_features(x)[-1])
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self) -> set[str]:
+        """Parameter-name fragments that take no weight decay (timm's convention)."""
+        return {"rpe_table"}
+
+
+def _init_weights(module: nn.Module) -> None:
+    """Truncated-normal weights and zero biases for linear and convolution layers."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+VARIANTS: dict[str, Architecture] = {
+    "debiformer_nano": Architecture(
+        dims=(32, 64, 128, 256),
+        depths=(1, 1, 2, 1),
+        n_win=2,
+        attn1_topks=(1, 2, 2, 4),
+        attn2_topks=(2, 2, 4, 4),
+        offset_groups=(1, 1, 2, 4),
+        offset_kernels=(3, 3, 3, 3),
+        offset_strides=(2, 1, 1, 1),
+        rpe_sizes=(8, 4, 2, 1),
+    ),
+    "debiformer_tiny": Architecture(),
+    "debiformer_small": Architecture(
+        depths=(2, 2, 9, 3), mlp_ratios=(3, 3, 3, 2), agent_mlp_ratios=(3, 3, 3, 1), drop_path_rate=0.3
+    ),
+    "debiformer_base": Architecture(
+        dims=(96, 192, 384, 768), depths=(2, 2, 9, 2), offset_groups=(1, 2, 3, 6), drop_path_rate=0.4
+    ),
+}
+
+
+def list_models() -> list[str]:
+    """Names accepted by `create_model`."""
+    return list(VARIANTS)
+
+
+def create_model(
+    name: str, num_classes: int = 1000, in_chans: int = 3, drop_path_rate: float | None = None, **overrides
+) -> DeBiFormer:
+    """Build a DeBiFormer variant; `overrides` replace fields of its `Architecture`."""
+    if name not in VARIANTS:
+        raise UserError(f"unknown model {name!r}; choose one of {', '.join(VARIANTS)}")
+    known = {field.name for field in fields(Architecture)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise UserError(f"unknown architecture option {unknown[0]!r}; known options: {', '.join(sorted(known))}")
+    overrides = {key: tuple(value) if isinstance(value, list) else value for key, value in overrides.items()}
+    if drop_path_rate is not None:
+        overrides["drop_path_rate"] = drop_path_rate
+    return DeBiFormer(replace(VARIANTS[name], **overrides), num_classes=num_classes, in_chans=in_chans)
+
+
+def _register_with_timm(name: str) -> None:
+    """Make `timm.create_model(name)` build this variant (no pretrained weights are fetched)."""
+
+    def build(pretrained: bool = False, **kwargs) -> DeBiFormer:
+        if pretrained:
+            raise UserError(f"{name}: no weights to download; load a checkpoint with load_official_checkpoint")
+        kwargs.pop("pretrained_cfg", None)
+        kwargs.pop("pretrained_cfg_overlay", None)
+        kwargs.pop("cache_dir", None)
+        return create_model(name, **kwargs)
+
+    build.__name__ = name
+    build.__module__ = __name__
+    if name not in timm.list_models(name):
+        timm.models.register_model(build)
+
+
+for _name in VARIANTS:
+    _register_with_timm(_name)
+
+__all__ = ["Architecture", "DeBiFormer", "create_model", "list_models"]

@@ -1,0 +1,173 @@
+"""Bi-level routing: regions, region-to-region routing, and routed attention.
+
+A feature map is cut into S×S regions. Each query region picks its top-k key regions
+by the similarity of region means (`route`), then attends only to the pixels of those
+regions (`routed_attention`).
+
+The routed attention never builds the (regions × top-k) copy of the keys and values that
+a gather on an expanded tensor makes (nor that copy's gradient, S² times larger). It visits
+the top-k slots one at a time: each slot gathers one key/value-sized tensor with
+`index_select`, and the backward pass scatters gradients back with `index_add_`, so
+memory stays at the size of the keys and values whatever k is.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from debiformer.profiling import step
+
+
+def pad_to_regions(x: Tensor, regions_per_side: int) -> Tensor:
+    """Pad an NHWC map with zeros on the bottom and right so that S divides H and W."""
+    height, width = x.shape[1:3]
+    pad_h = -height % regions_per_side
+    pad_w = -width % regions_per_side
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    return x
+
+
+def to_regions(x: Tensor, regions_per_side: int) -> Tensor:
+    """(N, H, W, C) -> (N, S², H/S · W/S, C): the pixels of each region, regions in raster order."""
+    n, height, width, channels = x.shape
+    s = regions_per_side
+    x = x.reshape(n, s, height // s, s, width // s, channels).transpose(2, 3)
+    return x.reshape(n, s * s, (height // s) * (width // s), channels)
+
+
+def from_regions(x: Tensor, regions_per_side: int, height: int, width: int) -> Tensor:
+    """Inverse of `to_regions`: (N, S², h·w, C) -> (N, H, W, C)."""
+    n, _, _, channels = x.shape
+    s = regions_per_side
+    x = x.reshape(n, s, s, height // s, width // s, channels).transpose(2, 3)
+    return x.reshape(n, height, width, channels)
+
+
+@torch.no_grad()
+def route(query_regions: Tensor, key_regions: Tensor, topk: int, scale: float) -> Tensor:
+    """Indices (N, R, k) of the k key regions whose mean key best matches each region's mean query."""
+    query_means = query_regions.mean(dim=2)
+    key_means = key_regions.mean(dim=2)
+    affinity = (query_means * scale) @ key_means.transpose(-1, -2)
+    return torch.topk(affinity, k=topk, dim=-1).indices
+
+
+def split_heads(regions: Tensor, num_heads: int) -> Tensor:
+    """(N, R, L, C) -> (N·R, M, L, C/M), contiguous."""
+    n, r, length, channels = regions.shape
+    heads = regions.reshape(n * r, length, num_heads, channels // num_heads)
+    return heads.transpose(1, 2).contiguous()
+
+
+def merge_heads(heads: Tensor, batch: int) -> Tensor:
+    """(N·R, M, L, d) -> (N, R, L, M·d)."""
+    nr, num_heads, length, head_dim = heads.shape
+    merged = heads.transpose(1, 2).reshape(batch, nr // batch, length, num_heads * head_dim)
+    return merged
+
+
+class _RoutedAttention(torch.autograd.Function):
+    """Softmax attention of each query region over the pixels of its routed key regions.
+
+    Shapes: queries (B, M, Lq, d), keys and values (B, M, Lk, d), where B counts
+    (image, region) pairs; `slots` (B, k) holds, for each query region, the flat index
+    into B of each of its k routed key regions.
+    """
+
+    @staticmethod
+    def forward(ctx, queries: Tensor, keys: Tensor, values: Tensor, slots: Tensor, scale: float):
+        batch, heads, query_len, _ = queries.shape
+        key_len = keys.shape[2]
+        topk = slots.shape[1]
+        scaled_queries = queries * scale
+        logits = queries.new_empty(batch, heads, query_len, topk, key_len)
+        for slot in range(topk):
+            with step("routed_gather"):
+                slot_keys = keys.index_select(0, slots[:, slot])
+            logits[:, :, :, slot] = scaled_queries @ slot_keys.transpose(-1, -2)
+        attention = logits.view(batch, heads, query_len, topk * key_len).softmax(dim=-1)
+        attention = attention.view(batch, heads, query_len, topk, key_len)
+        output = torch.zeros_like(queries)
+        for slot in range(topk):
+            with step("routed_gather"):
+                slot_values = values.index_select(0, slots[:, slot])
+            output += attention[:, :, :, slot] @ slot_values
+        ctx.save_for_backward(scaled_queries, keys, values, slots, attention)
+        ctx.scale = scale
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: Tensor):
+        scaled_queries, keys, values, slots, attention = ctx.saved_tensors
+        topk = slots.shape[1]
+        grad_output = grad_output.contiguous()
+        grad_attention = torch.empty_like(attention)
+        grad_values = torch.zeros_like(values)
+        for slot in range(topk):
+            index = slots[:, slot]
+            with step("routed_gather"):
+                slot_values = values.index_select(0, index)
+            grad_attention[:, :, :, slot] = grad_output @ slot_values.transpose(-1, -2)
+            with step("routed_gather"):
+                grad_values.index_add_(
+                    0, index, attention[:, :, :, slot].transpose(-1, -2) @ grad_output
+                )
+        flat_attention = attention.flatten(-2)
+        flat_grad = grad_attention.flatten(-2)
+        row_dot = (flat_grad * flat_attention).sum(dim=-1, keepdim=True)
+        grad_logits = (flat_attention * (flat_grad - row_dot)).view_as(attention)
+        grad_queries = torch.zeros_like(scaled_queries)
+        grad_keys = torch.zeros_like(keys)
+        for slot in range(topk):
+            index = slots[:, slot]
+            with step("routed_gather"):
+                slot_keys = keys.index_select(0, index)
+            grad_queries += grad_logits[:, :, :, slot] @ slot_keys
+            with step("routed_gather"):
+                grad_keys.index_add_(
+                    0, index, grad_logits[:, :, :, slot].transpose(-1, -2) @ scaled_queries
+                )
+        return grad_queries * ctx.scale, grad_keys, grad_values, None, None
+
+
+def routed_attention(
+    query_regions: Tensor,
+    key_regions: Tensor,
+    value_regions: Tensor,
+    region_index: Tensor,
+    num_heads: int,
+    scale: float,
+) -> Tensor:
+    """Multi-head attention of each query region over the pixels of its routed key regions.
+
+    query_regions (N, R, Lq, C); key_regions, value_regions (N, R, Lk, C);
+    region_index (N, R, k) from `route`. Returns (N, R, Lq, C).
+    When every region is routed to every region (k = R) this is plain attention.
+    """
+    batch, num_regions = query_regions.shape[:2]
+    if region_index.shape[-1] >= num_regions:
+        return _dense_attention(query_regions, key_regions, value_regions, num_heads, scale)
+    queries = split_heads(query_regions, num_heads)
+    keys = split_heads(key_regions.to(queries.dtype), num_heads)
+    values = split_heads(value_regions.to(queries.dtype), num_heads)
+    offsets = torch.arange(batch, device=region_index.device).view(batch, 1, 1) * num_regions
+    slots = (region_index + offsets).flatten(0, 1)
+    output = _RoutedAttention.apply(queries, keys, values, slots, scale)
+    return merge_heads(output, batch)
+
+
+def _dense_attention(
+    query_regions: Tensor, key_regions: Tensor, value_regions: Tensor, num_heads: int, scale: float
+) -> Tensor:
+    """Every query attends to every key of its image (routing to all regions)."""
+    batch, num_regions, query_len, channels = query_regions.shape
+
+    def heads(regions: Tensor) -> Tensor:
+        return regions.reshape(batch, -1, num_heads, channels // num_heads).transpose(1, 2)
+
+    output = F.scaled_dot_product_attention(
+        heads(query_regions), heads(key_regions), heads(value_regions), scale=scale
+    )
+    return output.transpose(1, 2).reshape(batch, num_regions, query_len, channels)
