@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from debiformer.errors import UserError
 from debiformer.profiling import step
@@ -37,7 +38,11 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 class Mlp(nn.Module):
-    """Pointwise expansion, a depthwise 3×3 residual, GELU, pointwise projection (NCHW)."""
+    """Pointwise expansion, a depthwise 3×3 residual, GELU, pointwise projection (NCHW).
+
+    In training, the cheap middle step (depthwise residual + GELU) is recomputed in the
+    backward pass instead of keeping its two expanded-width intermediates.
+    """
 
     def __init__(self, dim: int, expansion: float):
         super().__init__()
@@ -47,9 +52,15 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Conv2d(hidden, dim, 1)
 
+    def _mix(self, hidden: Tensor) -> Tensor:
+        return self.act(hidden + self.dwconv(hidden))
+
     def forward(self, x: Tensor) -> Tensor:
         hidden = self.fc1(x)
-        hidden = self.act(hidden + self.dwconv(hidden))
+        if hidden.requires_grad:
+            hidden = checkpoint(self._mix, hidden, use_reentrant=False, preserve_rng_state=False)
+        else:
+            hidden = self._mix(hidden)
         return self.fc2(hidden)
 
 
@@ -172,19 +183,27 @@ class DeformableBiLevelRoutingAttention(nn.Module):
     def _sampling_positions(self, query: Tensor) -> Tensor:
         """(N·G, Hk, Wk, 2) sampling points (y, x) in [-1, 1]: grid cell centres plus offsets."""
         batch, channels, height, width = query.shape
-        grouped = query.reshape(batch * self.offset_groups, channels // self.offset_groups, height, width)
+        grouped = query.reshape(
+            batch * self.offset_groups, channels // self.offset_groups, height, width
+        )
         offsets = self.offset_net(grouped).permute(0, 2, 3, 1)
         agent_height, agent_width = offsets.shape[1:3]
-        ys = (torch.arange(agent_height, device=query.device, dtype=offsets.dtype) + 0.5) / agent_height
-        xs = (torch.arange(agent_width, device=query.device, dtype=offsets.dtype) + 0.5) / agent_width
+        ys = (
+            torch.arange(agent_height, device=query.device, dtype=offsets.dtype) + 0.5
+        ) / agent_height
+        xs = (
+            torch.arange(agent_width, device=query.device, dtype=offsets.dtype) + 0.5
+        ) / agent_width
         reference = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1) * 2 - 1
         return (reference + offsets).clamp(-1, 1)
 
     def _sample(self, x_map: Tensor, positions: Tensor) -> Tensor:
         """Bilinear samples of the input map at the agent positions, per offset group: (N, C, Hk, Wk)."""
         batch, channels, height, width = x_map.shape
-        grouped = x_map.reshape(batch * self.offset_groups, channels // self.offset_groups, height, width)
-        sampled = F.grid_sample(grouped, positions[..., (1, 0)], mode="bilinear", align_corners=True)
+        grouped = x_map.reshape(
+            batch * self.offset_groups, channels // self.offset_groups, height, width
+        )
+        sampled = F.grid_sample(grouped, positions.flip(-1), mode="bilinear", align_corners=True)
         return sampled.reshape(batch, channels, *positions.shape[1:3])
 
     def _routed_agent_attention(self, agents: Tensor, key: Tensor, value: Tensor) -> Tensor:
@@ -228,14 +247,16 @@ class DeformableBiLevelRoutingAttention(nn.Module):
         displacement = (pixel_grid.reshape(1, -1, 1, 2) - positions.flatten(1, 2)[:, None]) * 0.5
         table = self.rpe_table.reshape(groups, self.num_heads // groups, *self.rpe_table.shape[1:])
         table = table.expand(batch, -1, -1, -1, -1).flatten(0, 1)
-        bias = F.grid_sample(table, displacement[..., (1, 0)], mode="bilinear", align_corners=True)
+        bias = F.grid_sample(table, displacement.flip(-1), mode="bilinear", align_corners=True)
         return bias.reshape(batch, self.num_heads, height * width, -1)
 
 
 class Block(nn.Module):
     """Two residual attention + MLP pairs, each led by a depthwise-conv position embedding."""
 
-    def __init__(self, dim: int, mlp_ratio: float, drop_path: float, attn1: nn.Module, attn2: nn.Module):
+    def __init__(
+        self, dim: int, mlp_ratio: float, drop_path: float, attn1: nn.Module, attn2: nn.Module
+    ):
         super().__init__()
         self.pos_embed1 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -285,7 +306,9 @@ class DeBiFormer(nn.Module):
     BatchNorm + global average pool + linear head. `forward_features` returns the four
     stage maps (strides 4, 8, 16, 32) for dense prediction."""
 
-    def __init__(self, arch: Architecture = Architecture(), num_classes: int = 1000, in_chans: int = 3):
+    def __init__(
+        self, arch: Architecture = Architecture(), num_classes: int = 1000, in_chans: int = 3
+    ):
         super().__init__()
         self.arch = arch
         self.num_classes = num_classes
@@ -298,7 +321,9 @@ class DeBiFormer(nn.Module):
             nn.BatchNorm2d(dims[0]),
         )
         self.downsamples = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(dims[i - 1], dims[i], 3, stride=2, padding=1), nn.BatchNorm2d(dims[i]))
+            nn.Sequential(
+                nn.Conv2d(dims[i - 1], dims[i], 3, stride=2, padding=1), nn.BatchNorm2d(dims[i])
+            )
             for i in range(1, 4)
         )
         drop_rates = torch.linspace(0, arch.drop_path_rate, sum(arch.depths)).tolist()
@@ -337,7 +362,9 @@ class DeBiFormer(nn.Module):
             attn1 = deformable(arch.attn1_topks[stage])
         else:
             attn1 = BiLevelRoutingAttention(dim, num_heads, arch.n_win, arch.attn1_topks[stage])
-        return Block(dim, arch.mlp_ratios[stage], drop_path, attn1, deformable(arch.attn2_topks[stage]))
+        return Block(
+            dim, arch.mlp_ratios[stage], drop_path, attn1, deformable(arch.attn2_topks[stage])
+        )
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
         """The four stage outputs, NCHW, at strides 4, 8, 16 and 32."""
@@ -387,10 +414,16 @@ VARIANTS: dict[str, Architecture] = {
     ),
     "debiformer_tiny": Architecture(),
     "debiformer_small": Architecture(
-        depths=(2, 2, 9, 3), mlp_ratios=(3, 3, 3, 2), agent_mlp_ratios=(3, 3, 3, 1), drop_path_rate=0.3
+        depths=(2, 2, 9, 3),
+        mlp_ratios=(3, 3, 3, 2),
+        agent_mlp_ratios=(3, 3, 3, 1),
+        drop_path_rate=0.3,
     ),
     "debiformer_base": Architecture(
-        dims=(96, 192, 384, 768), depths=(2, 2, 9, 2), offset_groups=(1, 2, 3, 6), drop_path_rate=0.4
+        dims=(96, 192, 384, 768),
+        depths=(2, 2, 9, 2),
+        offset_groups=(1, 2, 3, 6),
+        drop_path_rate=0.4,
     ),
 }
 
@@ -401,7 +434,11 @@ def list_models() -> list[str]:
 
 
 def create_model(
-    name: str, num_classes: int = 1000, in_chans: int = 3, drop_path_rate: float | None = None, **overrides
+    name: str,
+    num_classes: int = 1000,
+    in_chans: int = 3,
+    drop_path_rate: float | None = None,
+    **overrides,
 ) -> DeBiFormer:
     """Build a DeBiFormer variant; `overrides` replace fields of its `Architecture`."""
     if name not in VARIANTS:
@@ -409,11 +446,17 @@ def create_model(
     known = {field.name for field in fields(Architecture)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise UserError(f"unknown architecture option {unknown[0]!r}; known options: {', '.join(sorted(known))}")
-    overrides = {key: tuple(value) if isinstance(value, list) else value for key, value in overrides.items()}
+        raise UserError(
+            f"unknown architecture option {unknown[0]!r}; known options: {', '.join(sorted(known))}"
+        )
+    overrides = {
+        key: tuple(value) if isinstance(value, list) else value for key, value in overrides.items()
+    }
     if drop_path_rate is not None:
         overrides["drop_path_rate"] = drop_path_rate
-    return DeBiFormer(replace(VARIANTS[name], **overrides), num_classes=num_classes, in_chans=in_chans)
+    return DeBiFormer(
+        replace(VARIANTS[name], **overrides), num_classes=num_classes, in_chans=in_chans
+    )
 
 
 def _register_with_timm(name: str) -> None:
@@ -421,7 +464,9 @@ def _register_with_timm(name: str) -> None:
 
     def build(pretrained: bool = False, **kwargs) -> DeBiFormer:
         if pretrained:
-            raise UserError(f"{name}: no weights to download; load a checkpoint with load_official_checkpoint")
+            raise UserError(
+                f"{name}: no weights to download; load a checkpoint with load_official_checkpoint"
+            )
         kwargs.pop("pretrained_cfg", None)
         kwargs.pop("pretrained_cfg_overlay", None)
         kwargs.pop("cache_dir", None)

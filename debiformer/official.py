@@ -41,7 +41,9 @@ def load_official_state_dict(model: nn.Module, state_dict: dict[str, torch.Tenso
     renamed = {official_key(name): (name, tensor) for name, tensor in state_dict.items()}
     for key, (name, tensor) in renamed.items():
         if key not in expected:
-            raise UserError(f"checkpoint key {name!r} has no place in this model: is it the right variant?")
+            raise UserError(
+                f"checkpoint key {name!r} has no place in this model: is it the right variant?"
+            )
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise UserError(
                 f"checkpoint key {name!r} has shape {tuple(tensor.shape)}, the model expects "
@@ -49,7 +51,9 @@ def load_official_state_dict(model: nn.Module, state_dict: dict[str, torch.Tenso
             )
     missing = [key for key in expected if key not in renamed]
     if missing:
-        raise UserError(f"checkpoint lacks {missing[0]!r} (and {len(missing) - 1} more): is it the right variant?")
+        raise UserError(
+            f"checkpoint lacks {missing[0]!r} (and {len(missing) - 1} more): is it the right variant?"
+        )
     model.load_state_dict({key: tensor for key, (_, tensor) in renamed.items()})
 
 
@@ -65,6 +69,10 @@ def load_official_checkpoint(model: nn.Module, path: str | Path) -> None:
         raise UserError(f"checkpoint {path} is not a readable PyTorch file ({reason})") from None
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
         checkpoint = checkpoint["model"]
-    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise UserError(f"checkpoint {path} holds no state dict (expected a dict of tensors or {{'model': ...}})")
+    if not isinstance(checkpoint, dict) or not all(
+        isinstance(v, torch.Tensor) for v in checkpoint.values()
+    ):
+        raise UserError(
+            f"checkpoint {path} holds no state dict (expected a dict of tensors or {{'model': ...}})"
+        )
     load_official_state_dict(model, checkpoint)

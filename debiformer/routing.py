@@ -11,6 +11,9 @@ the top-k slots one at a time: each slot gathers one key/value-sized tensor with
 memory stays at the size of the keys and values whatever k is.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -132,6 +135,25 @@ class _RoutedAttention(torch.autograd.Function):
         return grad_queries * ctx.scale, grad_keys, grad_values, None, None
 
 
+IMPLEMENTATIONS = ("fast", "reference")
+_implementation = "fast"
+
+
+@contextmanager
+def implementation(name: str) -> Iterator[None]:
+    """Run routed attention with `name`: "fast" (the default) or "reference" (the release's gather)."""
+    global _implementation
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown routed-attention implementation {name!r}; choose from {IMPLEMENTATIONS}"
+        )
+    previous, _implementation = _implementation, name
+    try:
+        yield
+    finally:
+        _implementation = previous
+
+
 def routed_attention(
     query_regions: Tensor,
     key_regions: Tensor,
@@ -146,9 +168,18 @@ def routed_attention(
     region_index (N, R, k) from `route`. Returns (N, R, Lq, C).
     When every region is routed to every region (k = R) this is plain attention.
     """
-    batch, num_regions = query_regions.shape[:2]
-    if region_index.shape[-1] >= num_regions:
+    if _implementation == "reference":
+        return gather_routed_attention(
+            query_regions, key_regions, value_regions, region_index, num_heads, scale
+        )
+    batch, num_regions, query_len, channels = query_regions.shape
+    topk = region_index.shape[-1]
+    if topk >= num_regions:
         return _dense_attention(query_regions, key_regions, value_regions, num_heads, scale)
+    if num_heads * num_regions * query_len <= topk * channels:
+        return _masked_dense_attention(
+            query_regions, key_regions, value_regions, region_index, num_heads, scale
+        )
     queries = split_heads(query_regions, num_heads)
     keys = split_heads(key_regions.to(queries.dtype), num_heads)
     values = split_heads(value_regions.to(queries.dtype), num_heads)
@@ -158,16 +189,84 @@ def routed_attention(
     return merge_heads(output, batch)
 
 
+def _image_heads(regions: Tensor, num_heads: int) -> Tensor:
+    """(N, R, L, C) -> (N, M, R·L, C/M): all pixels of an image, per head."""
+    batch, _, _, channels = regions.shape
+    return regions.reshape(batch, -1, num_heads, channels // num_heads).transpose(1, 2)
+
+
+def _from_image_heads(heads: Tensor, num_regions: int) -> Tensor:
+    """(N, M, R·L, d) -> (N, R, L, M·d)."""
+    batch, num_heads, length, head_dim = heads.shape
+    return heads.transpose(1, 2).reshape(
+        batch, num_regions, length // num_regions, num_heads * head_dim
+    )
+
+
 def _dense_attention(
     query_regions: Tensor, key_regions: Tensor, value_regions: Tensor, num_heads: int, scale: float
 ) -> Tensor:
     """Every query attends to every key of its image (routing to all regions)."""
-    batch, num_regions, query_len, channels = query_regions.shape
-
-    def heads(regions: Tensor) -> Tensor:
-        return regions.reshape(batch, -1, num_heads, channels // num_heads).transpose(1, 2)
-
     output = F.scaled_dot_product_attention(
-        heads(query_regions), heads(key_regions), heads(value_regions), scale=scale
+        _image_heads(query_regions, num_heads),
+        _image_heads(key_regions, num_heads),
+        _image_heads(value_regions, num_heads),
+        scale=scale,
     )
-    return output.transpose(1, 2).reshape(batch, num_regions, query_len, channels)
+    return _from_image_heads(output, query_regions.shape[1])
+
+
+def _masked_dense_attention(
+    query_regions: Tensor,
+    key_regions: Tensor,
+    value_regions: Tensor,
+    region_index: Tensor,
+    num_heads: int,
+    scale: float,
+) -> Tensor:
+    """Attention over every key of the image with unrouted regions masked out. Chosen when the
+    attention matrix is no larger than the routed copy of the keys would be: few queries per
+    image (agents) or small regions make one dense product cheaper than k gathers."""
+    batch, num_regions, query_len, _ = query_regions.shape
+    key_len = key_regions.shape[2]
+    routed = torch.zeros(
+        batch, num_regions, num_regions, dtype=torch.bool, device=region_index.device
+    )
+    routed.scatter_(2, region_index, True)
+    mask = routed[:, None, :, None, :, None].expand(-1, -1, -1, query_len, -1, key_len)
+    output = F.scaled_dot_product_attention(
+        _image_heads(query_regions, num_heads),
+        _image_heads(key_regions, num_heads),
+        _image_heads(value_regions, num_heads),
+        attn_mask=mask.reshape(batch, 1, num_regions * query_len, num_regions * key_len),
+        scale=scale,
+    )
+    return _from_image_heads(output, num_regions)
+
+
+def gather_routed_attention(
+    query_regions: Tensor,
+    key_regions: Tensor,
+    value_regions: Tensor,
+    region_index: Tensor,
+    num_heads: int,
+    scale: float,
+) -> Tensor:
+    """Routed attention as the authors' release computes it, for comparison: `torch.gather` on
+    the keys and values expanded to every region copies the top-k regions for each query
+    region, and its backward pass materialises an S²-times larger gradient."""
+    batch, regions, query_len, channels = query_regions.shape
+    key_len = key_regions.shape[2]
+    topk = region_index.shape[-1]
+
+    def gather(kv: Tensor) -> Tensor:
+        expanded = kv.view(batch, 1, regions, key_len, channels).expand(-1, regions, -1, -1, -1)
+        index = region_index.view(batch, regions, topk, 1, 1).expand(-1, -1, -1, key_len, channels)
+        selected = torch.gather(expanded, 2, index).reshape(
+            batch, regions, topk * key_len, channels
+        )
+        return split_heads(selected, num_heads)
+
+    queries = split_heads(query_regions, num_heads)
+    attention = ((queries * scale) @ gather(key_regions).transpose(-1, -2)).softmax(dim=-1)
+    return merge_heads(attention @ gather(value_regions), batch)

@@ -1,0 +1,104 @@
+"""Variants, their exact sizes, the creation options, and inputs of any size."""
+
+import pytest
+import timm
+import torch
+
+import debiformer
+from debiformer.errors import UserError
+
+EXACT_PARAMETERS = {
+    "debiformer_tiny": 21_495_598,
+    "debiformer_small": 44_008_028,
+    "debiformer_base": 95_501_926,
+}
+
+
+def _count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(("name", "expected"), EXACT_PARAMETERS.items())
+def test_parameter_counts_match_the_release(name, expected):
+    assert _count(debiformer.create_model(name)) == expected
+
+
+def test_options_reach_the_model():
+    model = debiformer.create_model(
+        "debiformer_nano", num_classes=7, in_chans=1, drop_path_rate=0.2, depths=[1, 1, 1, 1]
+    )
+    assert model.head.out_features == 7
+    assert model.stem[0].in_channels == 1
+    assert model.arch.depths == (1, 1, 1, 1)
+    rates = [
+        block.drop_path.drop_prob
+        for stage in model.stages
+        for block in stage
+        if hasattr(block.drop_path, "drop_prob")
+    ]
+    assert rates and max(rates) == pytest.approx(0.2)
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 7)
+
+
+def test_timm_builds_the_variants():
+    model = timm.create_model("debiformer_tiny", num_classes=5)
+    assert isinstance(model, debiformer.DeBiFormer)
+    assert model.head.out_features == 5
+
+
+def test_unknown_names_are_one_line_errors():
+    with pytest.raises(UserError, match="unknown model 'debiformer_huge'"):
+        debiformer.create_model("debiformer_huge")
+    with pytest.raises(UserError, match="unknown architecture option 'dimz'"):
+        debiformer.create_model("debiformer_nano", dimz=(1, 2, 3, 4))
+
+
+def test_forward_features_gives_four_strided_maps():
+    model = debiformer.create_model("debiformer_nano").eval()
+    with torch.no_grad():
+        features = model.forward_features(torch.randn(1, 3, 64, 96))
+    assert [tuple(f.shape[1:]) for f in features] == [
+        (32, 16, 24),
+        (64, 8, 12),
+        (128, 4, 6),
+        (256, 2, 3),
+    ]
+
+
+@pytest.mark.parametrize("size", [(224, 224), (256, 256), (320, 480), (97, 131)])
+def test_tiny_accepts_any_size(size):
+    model = debiformer.create_model("debiformer_tiny").eval()
+    with torch.no_grad():
+        logits = model(torch.randn(1, 3, *size))
+    assert logits.shape == (1, 1000)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("size", [(32, 32), (33, 47), (61, 40), (128, 75)])
+def test_nano_accepts_small_and_odd_sizes_and_trains(size):
+    model = debiformer.create_model("debiformer_nano", num_classes=10)
+    logits = model(torch.randn(2, 3, *size))
+    logits.sum().backward()
+    assert logits.shape == (2, 10)
+    assert torch.isfinite(logits).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("attention", ["attn1", "attn2"])
+def test_attention_pads_to_the_region_grid_and_crops_back(attention):
+    """On a map the region grid does not divide, each attention equals itself run on the
+    explicitly zero-padded map, cropped back."""
+    block = debiformer.create_model("debiformer_tiny").eval().stages[0][0]
+    module = getattr(block, attention)
+    x = torch.randn(1, 50, 53, 64)
+    with torch.no_grad():
+        output = module(x)
+        padded = module(torch.nn.functional.pad(x, (0, 0, 0, 3, 0, 6)))
+    assert output.shape == (1, 50, 53, 64)
+    torch.testing.assert_close(output, padded[:, :50, :53])
+
+
+def test_wrong_input_channels_is_a_one_line_error():
+    model = debiformer.create_model("debiformer_nano")
+    with pytest.raises(UserError, match=r"expected images of shape \(N, 3, H, W\)"):
+        model(torch.randn(1, 1, 32, 32))
