@@ -59,20 +59,21 @@ def test_implementations_equal_the_oracle_outputs_and_gradients(
 
     fast, gather, oracle = results
     for tensors in (fast, gather):
-        for tensor, expected in zip(tensors, oracle):
+        for tensor, expected in zip(tensors, oracle, strict=True):
             torch.testing.assert_close(tensor, expected, rtol=1e-10, atol=1e-10)
 
 
 def test_reference_implementation_is_selectable():
     query, key, value = _inputs(1, 7, 1, 64, 64)
     index = route(query, key, 4, 0.125)
-    with implementation("reference"):
-        with _LargestAllocation() as tracker:
-            routed_attention(query, key, value, index, 2, 0.125)
+    with implementation("reference"), _LargestAllocation() as tracker:
+        routed_attention(query, key, value, index, 2, 0.125)
     assert tracker.largest >= 4 * key.numel()
-    with pytest.raises(ValueError, match="unknown routed-attention implementation"):
-        with implementation("fused"):
-            pass
+    with (
+        pytest.raises(ValueError, match="unknown routed-attention implementation"),
+        implementation("fused"),
+    ):
+        pass
 
 
 def test_route_picks_the_most_similar_regions():
