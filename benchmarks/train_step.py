@@ -19,11 +19,18 @@ from debiformer.routing import implementation
 
 
 def measure(
-    model_name: str, batch_size: int, resolution: int, impl: str, steps: int, warmup: int
+    model_name: str,
+    batch_size: int,
+    resolution: int,
+    impl: str,
+    steps: int,
+    warmup: int,
+    grad_checkpointing: bool,
 ) -> dict:
     """Images/s and peak resident memory of `steps` timed training steps after `warmup` ones."""
     torch.manual_seed(0)
     model = debiformer.create_model(model_name).train()
+    model.set_grad_checkpointing(grad_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     images = torch.randn(batch_size, 3, resolution, resolution)
     labels = torch.randint(0, 1000, (batch_size,))
@@ -41,6 +48,7 @@ def measure(
     return {
         "model": model_name,
         "impl": impl,
+        "grad_checkpointing": grad_checkpointing,
         "batch_size": batch_size,
         "resolution": resolution,
         "threads": torch.get_num_threads(),
@@ -58,10 +66,17 @@ def main() -> None:
     parser.add_argument("--impl", choices=["fast", "reference", "both"], default="both")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--grad-checkpointing", action="store_true")
     args = parser.parse_args()
     if args.impl != "both":
         result = measure(
-            args.model, args.batch_size, args.resolution, args.impl, args.steps, args.warmup
+            args.model,
+            args.batch_size,
+            args.resolution,
+            args.impl,
+            args.steps,
+            args.warmup,
+            args.grad_checkpointing,
         )
         print(json.dumps(result))
         return
@@ -70,8 +85,9 @@ def main() -> None:
         command = [sys.executable, __file__, "--impl", impl] + [
             f"--{name.replace('_', '-')}={value}"
             for name, value in vars(args).items()
-            if name != "impl"
+            if name not in ("impl", "grad_checkpointing")
         ]
+        command += ["--grad-checkpointing"] if args.grad_checkpointing else []
         results.append(
             json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
         )

@@ -3,9 +3,11 @@
 import pytest
 import timm
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import debiformer
 from debiformer.errors import UserError
+from debiformer.routing import implementation
 
 EXACT_PARAMETERS = {
     "debiformer_tiny": 21_495_598,
@@ -102,3 +104,26 @@ def test_wrong_input_channels_is_a_one_line_error():
     model = debiformer.create_model("debiformer_nano")
     with pytest.raises(UserError, match=r"expected images of shape \(N, 3, H, W\)"):
         model(torch.randn(1, 1, 32, 32))
+
+
+def test_macs_match_the_release_at_224():
+    """Counted with the release's routed attention, the multiply-accumulates equal the spec's."""
+    model = debiformer.create_model("debiformer_tiny").eval()
+    with implementation("reference"), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, 224, 224))
+    assert counter.get_total_flops() / 2 == pytest.approx(2.636e9, rel=5e-4)
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = debiformer.create_model("debiformer_nano", num_classes=10)
+    images = torch.randn(2, 3, 40, 40, requires_grad=True)
+    gradients = []
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        model.zero_grad()
+        images.grad = None
+        model(images).square().sum().backward()
+        gradients.append([images.grad.clone()] + [p.grad.clone() for p in model.parameters()])
+    for plain, recomputed in zip(*gradients, strict=True):
+        torch.testing.assert_close(recomputed, plain)
