@@ -1,0 +1,79 @@
+"""`debiformer data ...`: convert sources to FFCV, inspect FFCV files, benchmark the loaders."""
+
+from pathlib import Path
+
+import typer
+
+from debiformer.data import WriterOptions, bench_loaders, convert_to_ffcv, inspect_ffcv_file
+
+app = typer.Typer(help="Convert, inspect and benchmark image data.", no_args_is_help=True)
+
+
+@app.command()
+def convert(
+    source: str = typer.Argument(
+        ..., help="ImageFolder root (class per folder), or fashion-mnist:<dir>."
+    ),
+    out: Path = typer.Argument(..., help="FFCV file to write (written atomically)."),
+    max_resolution: int = typer.Option(
+        None, help="Resize so the longer side is at most this many pixels."
+    ),
+    write_mode: str = typer.Option("proportion", help="raw, jpg, proportion or smart."),
+    jpeg_quality: int = typer.Option(90, help="JPEG quality of compressed images."),
+    compress_probability: float = typer.Option(
+        0.5, help="Share of images stored as JPEG (proportion mode)."
+    ),
+    subset: int = typer.Option(None, help="Keep this many images, chosen at random (seed 0)."),
+    workers: int = typer.Option(2, help="Writer processes."),
+    chunk_size: int = typer.Option(100, help="Images per writer work item."),
+    split: str = typer.Option("train", help="Fashion-MNIST split: train or test."),
+    skip_bad: bool = typer.Option(
+        False, "--skip-bad", help="Skip unreadable images with a warning instead of stopping."
+    ),
+) -> None:
+    """Write an FFCV file from an ImageFolder tree or the Fashion-MNIST idx files."""
+    options = WriterOptions(
+        max_resolution=max_resolution,
+        write_mode=write_mode,
+        jpeg_quality=jpeg_quality,
+        compress_probability=compress_probability,
+        subset=subset,
+        num_workers=workers,
+        chunk_size=chunk_size,
+        on_bad_image="skip" if skip_bad else "stop",
+        split=split,
+    )
+    convert_to_ffcv(source, out, options)
+
+
+@app.command()
+def inspect(file: Path = typer.Argument(..., help="FFCV file.")) -> None:
+    """Print the samples, classes, per-class counts and image-size range of an FFCV file."""
+    inspect_ffcv_file(file)
+
+
+@app.command()
+def bench(
+    source: str = typer.Argument(..., help="ImageFolder root with the images to read."),
+    image_size: int = typer.Option(224, help="Output crop size."),
+    batch_size: int = typer.Option(64, help="Images per batch."),
+    workers: int = typer.Option(2, help="Data workers for both pipelines."),
+    device: str = typer.Option("cpu", help="Device the batches go to, e.g. cuda."),
+    repeats: int = typer.Option(2, help="Timed epochs per figure; the best is kept."),
+    ffcv_file: str = typer.Option(
+        None, help="FFCV file of SOURCE: reused if present, else written here."
+    ),
+    json_path: str = typer.Option(None, "--json", help="Write the results to this JSON file."),
+) -> None:
+    """Images/s of the FFCV train pipeline against torchvision's on the same images."""
+    bench_loaders(
+        source,
+        image_size=image_size,
+        batch_size=batch_size,
+        num_workers=workers,
+        device=device,
+        repeats=repeats,
+        ffcv_file=ffcv_file,
+        writer=WriterOptions(num_workers=workers),
+        json_path=json_path,
+    )

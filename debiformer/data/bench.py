@@ -1,0 +1,159 @@
+"""Images/s of the FFCV train pipeline against the torchvision one on the same images."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from debiformer.data.ffcv_files import WriterOptions, convert_to_ffcv, ffcv_summary
+from debiformer.data.loaders import Loader, build_loader
+from debiformer.errors import UserError
+
+
+@dataclass
+class LoaderBench:
+    """Throughput of the two train pipelines and the settings they ran with.
+
+    `*_uint8_images_per_s`: uint8 batches delivered to the device (what the data pipeline does);
+    `*_images_per_s`: also normalised on the device, which here is the same CPU as the workers.
+    """
+
+    source: str
+    ffcv_file: str
+    num_images: int
+    image_size: int
+    batch_size: int
+    num_workers: int
+    repeats: int
+    jpeg_fraction: float
+    ffcv_uint8_images_per_s: float
+    torchvision_uint8_images_per_s: float
+    uint8_speedup: float
+    ffcv_images_per_s: float
+    torchvision_images_per_s: float
+    speedup: float
+    device: str
+    torch_threads: int
+    cpu_count: int
+    date: str
+
+
+def _epoch_rate(loader: Loader, epoch: int, normalised: bool) -> float:
+    """Images/s of one full epoch: uint8 batches on the device, or normalised ones."""
+    loader.set_epoch(epoch)
+    batches = iter(loader) if normalised else loader.uint8_batches(epoch)
+    images = 0
+    start = time.perf_counter()
+    for batch, _ in batches:
+        images += len(batch)
+    return images / (time.perf_counter() - start)
+
+
+def _rates(loader: Loader, repeats: int) -> tuple[float, float]:
+    """(uint8, normalised) images/s, each the best of `repeats` epochs after one warm-up epoch
+    (FFCV compiles its pipeline and the OS caches the files then)."""
+    if len(loader) == 0:
+        raise UserError(
+            f"fewer images than one batch of {loader.batch_size}: use a smaller --batch-size"
+        )
+    _epoch_rate(loader, 0, normalised=True)
+    uint8 = max(_epoch_rate(loader, 1 + 2 * r, normalised=False) for r in range(repeats))
+    normalised = max(_epoch_rate(loader, 2 + 2 * r, normalised=True) for r in range(repeats))
+    return uint8, normalised
+
+
+def bench_loaders(
+    source: str,
+    *,
+    image_size: int = 224,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    repeats: int = 2,
+    device: str = "cpu",
+    ffcv_file: str | None = None,
+    writer: WriterOptions | None = None,
+    json_path: str | None = None,
+    console: Console | None = None,
+) -> LoaderBench:
+    """Measure both train pipelines (random resized crop, flip, uint8 to the device, normalisation)
+    on the ImageFolder `source` at `image_size`, print both images/s and their ratio.
+
+    The FFCV file is `ffcv_file` if it exists, else `source` converted with `writer` into it (or a
+    temporary file). After a warm-up epoch, full epochs are timed as uint8 batches on the device
+    and as normalised batches; each figure is the best of `repeats` epochs.
+    """
+    console = console or Console()
+    device = torch.device(device)
+    writer = writer or WriterOptions(num_workers=num_workers)
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(ffcv_file) if ffcv_file else Path(scratch) / "bench.beton"
+        if not path.exists():
+            console.print(f"converting {source} to {path} ...", highlight=False, soft_wrap=True)
+            convert_to_ffcv(source, path, writer, console)
+        summary = ffcv_summary(path)
+        rates = {}
+        for backend, location in (("torchvision", source), ("ffcv", str(path))):
+            loader = build_loader(
+                "train",
+                backend=backend,
+                path=location,
+                image_size=image_size,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                seed=0,
+                device=device,
+            )
+            rates[backend] = _rates(loader, repeats)
+    result = LoaderBench(
+        source=str(source),
+        ffcv_file=str(path) if ffcv_file else "(temporary)",
+        num_images=summary.num_samples,
+        image_size=image_size,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        repeats=repeats,
+        jpeg_fraction=summary.jpeg_fraction,
+        ffcv_uint8_images_per_s=rates["ffcv"][0],
+        torchvision_uint8_images_per_s=rates["torchvision"][0],
+        uint8_speedup=rates["ffcv"][0] / rates["torchvision"][0],
+        ffcv_images_per_s=rates["ffcv"][1],
+        torchvision_images_per_s=rates["torchvision"][1],
+        speedup=rates["ffcv"][1] / rates["torchvision"][1],
+        device=str(device),
+        torch_threads=torch.get_num_threads(),
+        cpu_count=os.cpu_count() or 0,
+        date=time.strftime("%Y-%m-%d"),
+    )
+    table = Table(
+        "pipeline",
+        "uint8 on device, images/s",
+        "normalised, images/s",
+        title=f"train pipeline, {image_size}² output, device {device}",
+    )
+    table.add_row(
+        "torchvision",
+        f"{result.torchvision_uint8_images_per_s:.1f}",
+        f"{result.torchvision_images_per_s:.1f}",
+    )
+    table.add_row(
+        "ffcv", f"{result.ffcv_uint8_images_per_s:.1f}", f"{result.ffcv_images_per_s:.1f}"
+    )
+    table.add_row("ffcv / torchvision", f"{result.uint8_speedup:.2f}x", f"{result.speedup:.2f}x")
+    console.print(table)
+    console.print(
+        f"{result.num_images} images, batch {batch_size}, {num_workers} workers, "
+        f"{result.jpeg_fraction:.0%} of the FFCV file stored as JPEG",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if json_path:
+        Path(json_path).write_text(json.dumps(asdict(result), indent=2) + "\n")
+    return result
