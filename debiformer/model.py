@@ -38,11 +38,7 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 class Mlp(nn.Module):
-    """Pointwise expansion, a depthwise 3×3 residual, GELU, pointwise projection (NCHW).
-
-    In training, the cheap middle step (depthwise residual + GELU) is recomputed in the
-    backward pass instead of keeping its two expanded-width intermediates.
-    """
+    """Pointwise expansion, a depthwise 3×3 residual, GELU, pointwise projection (NCHW)."""
 
     def __init__(self, dim: int, expansion: float):
         super().__init__()
@@ -52,15 +48,9 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Conv2d(hidden, dim, 1)
 
-    def _mix(self, hidden: Tensor) -> Tensor:
-        return self.act(hidden + self.dwconv(hidden))
-
     def forward(self, x: Tensor) -> Tensor:
         hidden = self.fc1(x)
-        if hidden.requires_grad:
-            hidden = checkpoint(self._mix, hidden, use_reentrant=False, preserve_rng_state=False)
-        else:
-            hidden = self._mix(hidden)
+        hidden = self.act(hidden + self.dwconv(hidden))
         return self.fc2(hidden)
 
 
@@ -86,18 +76,24 @@ class BiLevelRoutingAttention(nn.Module):
         _, height, width, _ = x.shape
         x = pad_to_regions(x, self.n_win)
         padded_height, padded_width = x.shape[1:3]
-        query, key, value = self.qkv(x).chunk(3, dim=-1)
-        query_regions = to_regions(query, self.n_win)
-        key_regions = to_regions(key, self.n_win)
-        value_regions = to_regions(value, self.n_win)
-        topk = min(self.topk, self.n_win**2)
-        region_index = route(query_regions, key_regions, topk, self.scale)
-        output = routed_attention(
-            query_regions, key_regions, value_regions, region_index, self.num_heads, self.scale
-        )
-        output = from_regions(output, self.n_win, padded_height, padded_width)
-        output = output + self.lepe(value.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return self.proj(output[:, :height, :width])
+        with step("bra/qkv_projection"):
+            query, key, value = self.qkv(x).chunk(3, dim=-1)
+        with step("bra/routed_attention"):
+            query_regions = to_regions(query, self.n_win)
+            key_regions = to_regions(key, self.n_win)
+            value_regions = to_regions(value, self.n_win)
+        with step("bra/region_routing"):
+            topk = min(self.topk, self.n_win**2)
+            region_index = route(query_regions, key_regions, topk, self.scale)
+        with step("bra/routed_attention"):
+            output = routed_attention(
+                query_regions, key_regions, value_regions, region_index, self.num_heads, self.scale
+            )
+            output = from_regions(output, self.n_win, padded_height, padded_width)
+        with step("bra/lepe"):
+            output = output + self.lepe(value.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        with step("bra/output_projection"):
+            return self.proj(output[:, :height, :width])
 
 
 class DeformableBiLevelRoutingAttention(nn.Module):
@@ -209,11 +205,12 @@ class DeformableBiLevelRoutingAttention(nn.Module):
     def _routed_agent_attention(self, agents: Tensor, key: Tensor, value: Tensor) -> Tensor:
         """Agent queries attend to the full-resolution pixels of their top-k routed regions."""
         agent_height, agent_width = agents.shape[-2:]
-        agent_queries = pad_to_regions(self.proj_q(agents).permute(0, 2, 3, 1), self.n_win)
-        padded_agent_height, padded_agent_width = agent_queries.shape[1:3]
-        agent_regions = to_regions(agent_queries, self.n_win)
-        key_regions = to_regions(key.permute(0, 2, 3, 1), self.n_win)
-        value_regions = to_regions(value.permute(0, 2, 3, 1), self.n_win)
+        with step("dbra/agent_attention"):
+            agent_queries = pad_to_regions(self.proj_q(agents).permute(0, 2, 3, 1), self.n_win)
+            padded_agent_height, padded_agent_width = agent_queries.shape[1:3]
+            agent_regions = to_regions(agent_queries, self.n_win)
+            key_regions = to_regions(key.permute(0, 2, 3, 1), self.n_win)
+            value_regions = to_regions(value.permute(0, 2, 3, 1), self.n_win)
         with step("dbra/region_routing"):
             topk = min(self.topk, self.n_win**2)
             region_index = route(agent_regions, key_regions, topk, self.scale)
@@ -221,8 +218,8 @@ class DeformableBiLevelRoutingAttention(nn.Module):
             context = routed_attention(
                 agent_regions, key_regions, value_regions, region_index, self.num_heads, self.scale
             )
-        context = from_regions(context, self.n_win, padded_agent_height, padded_agent_width)
-        return context[:, :agent_height, :agent_width].permute(0, 3, 1, 2)
+            context = from_regions(context, self.n_win, padded_agent_height, padded_agent_width)
+            return context[:, :agent_height, :agent_width].permute(0, 3, 1, 2)
 
     def _query_agent_attention(self, query: Tensor, agents: Tensor, positions: Tensor) -> Tensor:
         """Every pixel attends to all agents with a DAT-style relative position bias: (N, C, H, W)."""
@@ -271,12 +268,20 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.pos_embed1(x)
-        x = x + self.drop_path(self.attn1(self.norm1(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2))
-        x = x + self.drop_path(self.mlp1(self.norm2(x)))
-        x = x + self.pos_embed2(x)
-        x = x + self.drop_path(self.attn2(self.norm3(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2))
-        x = x + self.drop_path(self.mlp2(self.norm4(x)))
+        with step("block/pos_embed1"):
+            x = x + self.pos_embed1(x)
+        with step("block/attn1"):
+            attended = self.attn1(self.norm1(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+            x = x + self.drop_path(attended)
+        with step("block/mlp1"):
+            x = x + self.drop_path(self.mlp1(self.norm2(x)))
+        with step("block/pos_embed2"):
+            x = x + self.pos_embed2(x)
+        with step("block/attn2"):
+            attended = self.attn2(self.norm3(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+            x = x + self.drop_path(attended)
+        with step("block/mlp2"):
+            x = x + self.drop_path(self.mlp2(self.norm4(x)))
         return x
 
 
@@ -333,6 +338,7 @@ class DeBiFormer(nn.Module):
             self.stages.append(nn.Sequential(*(self._block(i, rate) for rate in rates)))
         self.norm = nn.BatchNorm2d(dims[-1])
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
         self.apply(_init_weights)
         for module in self.modules():
             if isinstance(module, DeformableBiLevelRoutingAttention):
@@ -370,14 +376,28 @@ class DeBiFormer(nn.Module):
         """The four stage outputs, NCHW, at strides 4, 8, 16 and 32."""
         features = []
         for i, stage in enumerate(self.stages):
-            x = self.stem(x) if i == 0 else self.downsamples[i - 1](x)
-            x = stage(x)
+            with step("model/stem" if i == 0 else f"model/downsample{i + 1}"):
+                x = self.stem(x) if i == 0 else self.downsamples[i - 1](x)
+            with step(f"model/stage{i + 1}"):
+                for block in stage:
+                    if self.grad_checkpointing and x.requires_grad:
+                        x = checkpoint(block, x, use_reentrant=False)
+                    else:
+                        x = block(x)
             features.append(x)
         return features
 
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them
+        (timm's API): training memory falls to about the weights and one block's activations,
+        for about one extra forward pass of compute."""
+        self.grad_checkpointing = enable
+
     def forward_head(self, x: Tensor) -> Tensor:
         """Final norm, global average pool and classifier on the last stage map."""
-        return self.head(self.norm(x).mean(dim=(2, 3)))
+        with step("model/head"):
+            return self.head(self.norm(x).mean(dim=(2, 3)))
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] != self.stem[0].in_channels:

@@ -268,5 +268,9 @@ def gather_routed_attention(
         return split_heads(selected, num_heads)
 
     queries = split_heads(query_regions, num_heads)
-    attention = ((queries * scale) @ gather(key_regions).transpose(-1, -2)).softmax(dim=-1)
-    return merge_heads(attention @ gather(value_regions), batch)
+    with step("routed_gather"):
+        routed_keys = gather(key_regions)
+    attention = ((queries * scale) @ routed_keys.transpose(-1, -2)).softmax(dim=-1)
+    with step("routed_gather"):
+        routed_values = gather(value_regions)
+    return merge_heads(attention @ routed_values, batch)
