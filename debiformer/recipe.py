@@ -1,0 +1,400 @@
+"""Training recipes: a YAML schema with defaults, `base:` inheritance, dotted overrides, validation.
+
+A recipe file has the sections below (every key optional, defaults in the dataclasses):
+
+    base: _imagenet          # another recipe (path relative to this file, `.yaml` optional)
+    model:    {name, drop_path, arch}
+    data:     {backend, train_path, val_path, train_source, val_source, image_size, ...}
+    optim:    {lr, lr_base_batch, weight_decay, betas, eps, clip_grad}
+    schedule: {epochs, warmup_epochs, warmup_lr, min_lr}
+    augment:  {hflip, scale, ratio, randaugment, random_erasing, mixup, cutmix, label_smoothing}
+    train:    {batch_size, accum_steps, amp, device, channels_last, compile, ema, seed, ...}
+    output:   {dir, log_every, checkpoint_every, progress}
+
+Any mistake (unknown key, wrong type, out-of-range value) raises `UserError` naming the key path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from debiformer.errors import UserError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclass
+class ModelConfig:
+    """Which network to build."""
+
+    name: str = "debiformer_tiny"
+    drop_path: float | None = None  # stochastic depth rate; None keeps the variant's default
+    arch: dict = field(
+        default_factory=dict
+    )  # architecture overrides for create_model (dims, depths, n_win, ...)
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and at which size."""
+
+    backend: Literal["ffcv", "torchvision", "synthetic"] = "ffcv"
+    train_path: str | None = (
+        None  # .beton (ffcv), ImageFolder root or fashion-mnist:<dir> (torchvision)
+    )
+    val_path: str | None = None
+    train_source: str | None = (
+        None  # ffcv only: converted into train_path when that file is missing
+    )
+    val_source: str | None = None
+    ffcv_writer: dict = field(
+        default_factory=dict
+    )  # options for that conversion (max_resolution, ...)
+    image_size: int = 224
+    val_image_size: int | None = None  # None: same as image_size
+    crop_ratio: float = 0.875
+    num_workers: int = 8
+    num_classes: int | None = None  # None: taken from the data set
+    synthetic_samples: int = 1024
+
+
+@dataclass
+class OptimConfig:
+    """AdamW; no weight decay on norms, biases and position-bias tables."""
+
+    lr: float = 5e-4
+    lr_base_batch: int | None = (
+        512  # lr is for this many images per step, scaled by the global batch
+    )
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    clip_grad: float | None = None  # max gradient norm
+
+
+@dataclass
+class ScheduleConfig:
+    """Linear warm-up then cosine decay, stepped every optimizer step."""
+
+    epochs: int = 300
+    warmup_epochs: float = 20.0
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation and target smoothing."""
+
+    hflip: bool = True
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333])
+    randaugment: str | None = None  # timm string, e.g. rand-m9-mstd0.5-inc1
+    random_erasing: float = 0.0
+    mixup: float = 0.0  # mixup alpha (0: off)
+    cutmix: float = 0.0  # cutmix alpha (0: off)
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_off_epoch: int | None = None  # epoch from which mixup/cutmix stop
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """How the optimisation runs."""
+
+    batch_size: int = 2048  # global: over all processes and accumulation steps
+    accum_steps: int = 1
+    eval_batch_size: int | None = None  # per process; None: the training batch per process
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    ema: bool = False
+    ema_decay: float = 0.9998
+    ema_warmup: bool = False
+    seed: int = 0
+    eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
+
+
+@dataclass
+class OutputConfig:
+    """What is written and where."""
+
+    dir: str | None = None  # None: runs/<recipe name>
+    log_every: int = 50  # optimizer steps between metrics.jsonl lines
+    checkpoint_every: int = 0  # optimizer steps between checkpoints (0: at epoch ends only)
+    progress: bool = True
+
+
+@dataclass
+class Recipe:
+    """A complete, validated recipe."""
+
+    name: str = "recipe"
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+SECTIONS: dict[str, type] = {
+    f.name: f.default_factory
+    for f in dataclasses.fields(Recipe)
+    if f.name not in ("name", "description")
+}
+TOP_LEVEL_KEYS = ("base", "name", "description", *SECTIONS)
+
+
+def find_recipe(name_or_path: str) -> Path:
+    """Resolves a recipe argument: an existing file, or the name of a file in the recipes folder."""
+    path = Path(name_or_path)
+    candidates = [
+        path,
+        path.with_suffix(".yaml"),
+        RECIPES_DIR / path.name,
+        RECIPES_DIR / f"{path.name}.yaml",
+    ]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    available = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("[!_]*.yaml")))
+    raise UserError(f"recipe '{name_or_path}' not found (a YAML file, or one of: {available})")
+
+
+def load_recipe(name_or_path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Loads a recipe file (following `base:`), applies `section.key=value` overrides, validates."""
+    path = find_recipe(str(name_or_path))
+    raw = _read_with_bases(path, seen=())
+    raw.setdefault("name", path.stem)
+    for override in overrides:
+        _apply_override(raw, override)
+    return recipe_from_dict(raw)
+
+
+def recipe_from_dict(raw: dict) -> Recipe:
+    """Builds a validated `Recipe` from plain data (as read from YAML, `base:` already resolved)."""
+    raw = {k: v for k, v in raw.items() if k != "base"}
+    _check_keys(raw, TOP_LEVEL_KEYS, prefix="")
+    values: dict[str, Any] = {}
+    for key in ("name", "description"):
+        if key in raw:
+            values[key] = _convert(raw[key], str, key)
+    for section, cls in SECTIONS.items():
+        content = raw.get(section) or {}
+        if not isinstance(content, dict):
+            raise UserError(f"{section}: expected a mapping of keys, got {content!r}")
+        values[section] = _build_section(cls, content, section)
+    recipe = Recipe(**values)
+    _check_values(recipe)
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """The recipe as plain data (every key, defaults included)."""
+    return dataclasses.asdict(recipe)
+
+
+def save_recipe(recipe: Recipe, path: Path) -> None:
+    """Writes the resolved recipe as YAML (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    tmp.replace(path)
+
+
+def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict:
+    """Reads a YAML recipe and deep-merges it over the recipe named by its `base:` key."""
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(p.name for p in (*seen, path))
+        raise UserError(f"recipe {path}: `base:` forms a cycle ({chain})")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"recipe {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"recipe {path}: expected a mapping of sections, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise UserError(f"base: expected a recipe path, got {base!r}")
+    base_path = next(
+        (p for p in (path.parent / base, path.parent / f"{base}.yaml") if p.is_file()), None
+    )
+    if base_path is None:
+        raise UserError(f"base: recipe '{base}' not found next to {path}")
+    merged = _read_with_bases(base_path, seen=(*seen, path))
+    merged.pop("name", None)
+    return _deep_merge(merged, raw)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    """Returns `base` with `update` merged in, recursing into nested mappings."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    """Applies one `section.key=value` override (value parsed as YAML) to the raw recipe."""
+    key_path, sep, text = override.partition("=")
+    if not sep or not key_path.strip():
+        raise UserError(f"--set {override!r}: expected section.key=value")
+    keys = key_path.strip().split(".")
+    if len(keys) < 2 and keys[0] not in ("name", "description"):
+        raise UserError(f"--set {override!r}: expected section.key=value, e.g. optim.lr=1e-3")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    _check_override_path(keys)
+    target = raw
+    for key in keys[:-1]:
+        if not isinstance(target.get(key), dict):
+            target[key] = {}
+        target = target[key]
+    target[keys[-1]] = value
+
+
+def _check_override_path(keys: list[str]) -> None:
+    """Rejects an override whose key path does not exist in the schema."""
+    _check_keys({keys[0]: None}, TOP_LEVEL_KEYS, prefix="")
+    if len(keys) == 1:
+        return
+    cls = SECTIONS[keys[0]]
+    names = [f.name for f in dataclasses.fields(cls)]
+    _check_keys({keys[1]: None}, names, prefix=f"{keys[0]}.")
+    if len(keys) > 2 and typing.get_type_hints(cls)[keys[1]] is not dict:
+        raise UserError(f"unknown key '{'.'.join(keys)}' ({keys[0]}.{keys[1]} has no sub-keys)")
+
+
+def _check_keys(mapping: dict, allowed: typing.Iterable[str], prefix: str) -> None:
+    """Raises for the first key of `mapping` not in `allowed`, suggesting the closest one."""
+    allowed = list(allowed)
+    for key in mapping:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise UserError(f"unknown key '{prefix}{key}'{hint}")
+
+
+def _build_section(cls: type, content: dict, section: str) -> Any:
+    """Validates one section's keys and value types and returns its dataclass."""
+    hints = typing.get_type_hints(cls)
+    _check_keys(content, hints, prefix=f"{section}.")
+    values = {
+        key: _convert(value, hints[key], f"{section}.{key}") for key, value in content.items()
+    }
+    return cls(**values)
+
+
+def _describe(kind: Any) -> str:
+    """A human name for a type annotation."""
+    names = {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true or false",
+        dict: "a mapping",
+    }
+    if kind in names:
+        return names[kind]
+    if typing.get_origin(kind) is Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(kind))
+    if typing.get_origin(kind) is list:
+        return f"a list of {_describe(typing.get_args(kind)[0]).split(' ', 1)[1]}s"
+    return str(kind)
+
+
+def _convert(value: Any, kind: Any, key: str) -> Any:
+    """Checks `value` against the annotation `kind` (converting numeric strings), or raises."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = [k for k in typing.get_args(kind) if k is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, options[0], key)
+    fail = UserError(f"{key}: expected {_describe(kind)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(kind):
+            raise fail
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise fail
+        return [_convert(v, typing.get_args(kind)[0], key) for v in value]
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise fail
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail
+        return value
+    if kind is float:
+        if isinstance(value, bool):
+            raise fail
+        if isinstance(value, (int, float)):
+            return float(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise fail from None
+    if kind is str:
+        if not isinstance(value, str):
+            raise fail
+        return value
+    if kind is dict:
+        if not isinstance(value, dict):
+            raise fail
+        return value
+    raise TypeError(f"unsupported annotation {kind!r} for {key}")
+
+
+def _check_values(recipe: Recipe) -> None:
+    """Range checks that types alone cannot express."""
+    checks = [
+        ("data.image_size", recipe.data.image_size >= 32, "must be at least 32"),
+        ("data.num_workers", recipe.data.num_workers >= 0, "must be >= 0"),
+        ("data.crop_ratio", 0 < recipe.data.crop_ratio <= 1, "must be in (0, 1]"),
+        ("data.synthetic_samples", recipe.data.synthetic_samples > 0, "must be positive"),
+        ("optim.lr", recipe.optim.lr > 0, "must be positive"),
+        ("optim.weight_decay", recipe.optim.weight_decay >= 0, "must be >= 0"),
+        ("optim.betas", len(recipe.optim.betas) == 2, "expected two numbers [beta1, beta2]"),
+        ("augment.scale", len(recipe.augment.scale) == 2, "expected two numbers [min, max]"),
+        ("augment.ratio", len(recipe.augment.ratio) == 2, "expected two numbers [min, max]"),
+        ("augment.label_smoothing", 0 <= recipe.augment.label_smoothing < 1, "must be in [0, 1)"),
+        ("augment.random_erasing", 0 <= recipe.augment.random_erasing <= 1, "must be in [0, 1]"),
+        ("schedule.epochs", recipe.schedule.epochs >= 1, "must be at least 1"),
+        ("schedule.warmup_epochs", recipe.schedule.warmup_epochs >= 0, "must be >= 0"),
+        ("train.batch_size", recipe.train.batch_size >= 1, "must be at least 1"),
+        ("train.accum_steps", recipe.train.accum_steps >= 1, "must be at least 1"),
+        ("train.eval_every", recipe.train.eval_every >= 1, "must be at least 1"),
+        ("train.ema_decay", 0 < recipe.train.ema_decay < 1, "must be in (0, 1)"),
+        ("output.log_every", recipe.output.log_every >= 1, "must be at least 1"),
+        ("output.checkpoint_every", recipe.output.checkpoint_every >= 0, "must be >= 0"),
+    ]
+    for key, ok, message in checks:
+        if not ok:
+            raise UserError(f"{key}: {message}")
+    if recipe.optim.clip_grad is not None and recipe.optim.clip_grad <= 0:
+        raise UserError("optim.clip_grad: must be positive (or null for no clipping)")

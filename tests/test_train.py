@@ -1,0 +1,449 @@
+"""Training and evaluation on a tiny DeBiFormer with synthetic 32x32 data: outputs, exact resume
+after SIGKILL, SIGTERM, non-finite loss, DDP equivalence and restarts, checkpoint evaluation."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+import yaml
+from rich.console import Console
+from typer.testing import CliRunner
+
+import debiformer
+from cli import train as commands
+from debiformer import train as train_module
+from debiformer.checkpoint import load_checkpoint
+from debiformer.errors import UserError
+from debiformer.evaluate import evaluate_checkpoint, load_weights
+from debiformer.recipe import load_recipe
+from debiformer.train import (
+    NonFiniteLossError,
+    StopRequest,
+    fall_back_without_ffcv,
+    lr_factor,
+    param_groups,
+    train,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS_PER_EPOCH = 8  # 64 synthetic images, global batch 8
+
+# A command-line entry for subprocesses: the train/eval commands, with checkpoint saving wrapped so
+# that the process can SIGKILL itself right after its KILL_AT_SAVE-th checkpoint write (first
+# torchrun attempt only): an interruption at a known point, through the real signal.
+CLI_SCRIPT = """
+import os, signal
+import typer
+import debiformer.train
+from cli import train as commands
+
+kill_at = int(os.environ.get("KILL_AT_SAVE", "0"))
+saves = 0
+save = debiformer.train.save_checkpoint
+
+def save_then_maybe_die(state, path):
+    global saves
+    save(state, path)
+    saves += 1
+    if saves == kill_at and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+debiformer.train.save_checkpoint = save_then_maybe_die
+app = typer.Typer(add_completion=False)
+app.command("train")(commands.train)
+app.command("eval")(commands.evaluate)
+app()
+"""
+
+
+def tiny_recipe(path: Path, **sections: dict) -> Path:
+    """Writes a recipe for a 0.2 M-parameter DeBiFormer on 64 synthetic 32x32 images."""
+    recipe = {
+        "model": {
+            "name": "debiformer_nano",
+            "arch": {
+                "dims": [32, 32, 32, 32],
+                "depths": [1, 1, 1, 1],
+                "offset_groups": [1, 1, 1, 1],
+            },
+        },
+        "data": {
+            "backend": "synthetic",
+            "image_size": 32,
+            "num_classes": 4,
+            "synthetic_samples": 64,
+            "num_workers": 0,
+        },
+        "optim": {"lr": 2e-3, "lr_base_batch": None, "clip_grad": 1.0},
+        "schedule": {"epochs": 2, "warmup_epochs": 0.5, "warmup_lr": 1e-5, "min_lr": 1e-5},
+        "train": {"batch_size": 8, "device": "cpu", "seed": 3},
+        "output": {"log_every": 1, "checkpoint_every": 3, "progress": False},
+    }
+    for section, values in sections.items():
+        recipe[section] = {**recipe.get(section, {}), **values}
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def cli_script(tmp_path: Path) -> Path:
+    script = tmp_path / "cli_entry.py"
+    script.write_text(CLI_SCRIPT)
+    return script
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for child processes: this repository importable, the same thread count."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    return {**env, **extra}
+
+
+def run_cli(tmp_path: Path, *args: str, env: dict | None = None, torchrun: list[str] | None = None):
+    """Runs the train/eval commands in a child process (under torchrun when given its options)."""
+    script = str(cli_script(tmp_path))
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", *torchrun]
+        if torchrun
+        else [sys.executable]
+    )
+    return subprocess.run(
+        [*launcher, script, *args],
+        env=env or subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+def assert_same_tensors(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if atol == 0:
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+
+
+def metric_lines(run_dir: Path, kind: str) -> list[dict]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [line for line in lines if line["kind"] == kind]
+
+
+# ----------------------------------------------------------------------------- units
+
+
+def test_lr_schedule_warms_up_then_follows_a_cosine():
+    def factor(step: int) -> float:
+        return lr_factor(step, warmup_steps=10, total_steps=110, warmup_ratio=0.1, min_ratio=0.01)
+
+    assert factor(0) == pytest.approx(0.1)
+    assert factor(5) == pytest.approx(0.55)
+    assert factor(10) == pytest.approx(1.0)
+    assert factor(60) == pytest.approx(0.505)
+    assert factor(110) == pytest.approx(0.01)
+
+
+def test_no_weight_decay_on_norms_biases_and_position_bias_tables():
+    model = debiformer.create_model("debiformer_nano", num_classes=4)
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): name for name, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert any(name.endswith("rpe_table") for name in skipped)
+    assert all(names[id(p)].endswith("weight") and p.ndim > 1 for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_stop_request_turns_signals_into_a_flag_and_a_second_ctrl_c_aborts():
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signal_name == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is not stop._handle
+
+
+# ----------------------------------------------------------------------------- training runs
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One complete 2-epoch run with EMA: (recipe path, run directory, summary)."""
+    tmp_path = tmp_path_factory.mktemp("finished")
+    path = tiny_recipe(tmp_path / "tiny.yaml", train={"ema": True, "ema_decay": 0.9})
+    summary = train(load_recipe(path), out_dir=tmp_path / "run")
+    return path, tmp_path / "run", summary
+
+
+def test_run_writes_summary_metrics_checkpoints_and_recipe(finished_run):
+    path, run_dir, summary = finished_run
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk == pytest.approx(summary)
+    for key in ("top1", "top5", "ema_top1", "loss", "wall_s", "images_per_s"):
+        assert isinstance(summary[key], float)
+    assert (summary["epochs"], summary["steps"]) == (2, 2 * STEPS_PER_EPOCH)
+    assert [line["step"] for line in metric_lines(run_dir, "train")] == list(range(1, 17))
+    assert [line["epoch"] for line in metric_lines(run_dir, "epoch")] == [1, 2]
+    assert (run_dir / "checkpoints" / "last.pt").is_file() and (
+        run_dir / "checkpoints" / "best.pt"
+    ).is_file()
+    assert load_recipe(run_dir / "recipe.yaml") == load_recipe(path)
+    assert not list(run_dir.rglob("*.tmp"))
+
+
+def test_eval_of_a_saved_checkpoint_reproduces_the_run_metrics(finished_run, tmp_path):
+    path, run_dir, summary = finished_run
+    result = evaluate_checkpoint(
+        load_recipe(path), run_dir / "checkpoints" / "last.pt", json_path=tmp_path / "e.json"
+    )
+    assert result["top1"] == pytest.approx(summary["top1"])
+    assert result["loss"] == pytest.approx(summary["loss"])
+    assert json.loads((tmp_path / "e.json").read_text())["top5"] == pytest.approx(summary["top5"])
+    ema = evaluate_checkpoint(load_recipe(path), run_dir / "checkpoints" / "last.pt", use_ema=True)
+    assert (ema["weights"], ema["top1"]) == ("ema", pytest.approx(summary["ema_top1"]))
+
+
+def test_eval_cli_prints_metrics_and_writes_json(finished_run, tmp_path):
+    path, run_dir, _ = finished_run
+    out = tmp_path / "eval.json"
+    app = typer.Typer(add_completion=False)
+    app.command("train")(commands.train)
+    app.command("eval")(commands.evaluate)
+    args = [
+        "eval",
+        str(path),
+        "--checkpoint",
+        str(run_dir / "checkpoints" / "best.pt"),
+        "--json",
+        str(out),
+    ]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    assert "top-1" in done.output
+    assert set(json.loads(out.read_text())) >= {"top1", "top5", "loss", "images_per_s"}
+
+
+def test_released_checkpoints_are_detected_by_key_names(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(
+        debiformer, "load_official_state_dict", lambda model, state: calls.append(state)
+    )
+    model = debiformer.create_model("debiformer_nano", num_classes=4)
+    released = {"model": {"downsample_layers.0.0.weight": torch.zeros(1)}}
+    assert (
+        load_weights(model, released, tmp_path / "x.pth", use_ema=False, official=None)
+        == "official"
+    )
+    assert calls == [released["model"]]
+    bare = model.state_dict()
+    assert (
+        load_weights(model, bare, tmp_path / "y.pth", use_ema=False, official=None) == "state_dict"
+    )
+
+
+def test_unreadable_checkpoint_is_a_one_line_user_error(finished_run, tmp_path):
+    path, run_dir, _ = finished_run
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes((run_dir / "checkpoints" / "last.pt").read_bytes()[:5000])
+    with pytest.raises(
+        UserError, match=f"checkpoint {damaged} is not a readable checkpoint"
+    ) as error:
+        evaluate_checkpoint(load_recipe(path), damaged)
+    assert "\n" not in str(error.value)
+    with pytest.raises(UserError, match="is not a readable checkpoint"):
+        train(load_recipe(path), out_dir=tmp_path / "run", resume=damaged)
+
+
+def test_missing_ffcv_path_and_bad_batch_are_user_errors(tmp_path):
+    path = tiny_recipe(tmp_path / "r.yaml")
+    with pytest.raises(UserError, match="data.train_path: not set"):
+        train(load_recipe(path, ["data.backend=ffcv"]), out_dir=tmp_path / "a")
+    with pytest.raises(UserError, match="train.batch_size: 8 does not divide into 1 processes x 3"):
+        train(load_recipe(path, ["train.accum_steps=3"]), out_dir=tmp_path / "b")
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+    """Killed right after the checkpoint at step 9 (mid-epoch 2, after an evaluation), resumed to
+    the end: model, EMA and optimizer state are bit-for-bit those of an uninterrupted run. Mixup,
+    cutmix, drop path and random erasing make every RNG stream matter."""
+    path = tiny_recipe(
+        tmp_path / "tiny.yaml",
+        schedule={"epochs": 3},
+        model={"drop_path": 0.1},
+        augment={"mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1, "random_erasing": 0.5},
+        train={"ema": True, "ema_decay": 0.9},
+    )
+    train(load_recipe(path), out_dir=tmp_path / "full")
+
+    run_dir = tmp_path / "interrupted"
+    killed = run_cli(
+        tmp_path, "train", str(path), "--out", str(run_dir), env=subprocess_env(KILL_AT_SAVE="5")
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    at_kill = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert (at_kill["epoch"], at_kill["batch"], at_kill["step"]) == (1, 1, 9)
+
+    resumed = run_cli(tmp_path, "train", str(path), "--out", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr
+    full = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
+    done = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert done["step"] == 3 * STEPS_PER_EPOCH
+    assert_same_tensors(full["model"], done["model"])
+    assert_same_tensors(full["ema"], done["ema"])
+    assert_same_tensors(full["optimizer"]["state"][0], done["optimizer"]["state"][0])
+    assert [line["loss"] for line in metric_lines(run_dir, "train")] == [
+        line["loss"] for line in metric_lines(tmp_path / "full", "train")
+    ]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    path = tiny_recipe(
+        tmp_path / "tiny.yaml", schedule={"epochs": 200}, output={"checkpoint_every": 2}
+    )
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, str(cli_script(tmp_path)), "train", str(path), "--out", str(run_dir)],
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    last = run_dir / "checkpoints" / "last.pt"
+    while not last.exists() and process.poll() is None:
+        time.sleep(0.05)
+    step_before = load_checkpoint(last)["step"]
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert "stopped by SIGTERM" in stderr
+    state = load_checkpoint(last)
+    assert step_before <= state["step"] < 200 * STEPS_PER_EPOCH
+    assert not (run_dir / "summary.json").exists()
+
+
+class PoisonedLoader:
+    """Wraps a loader so that its images become NaN from global batch `from_batch` on."""
+
+    def __init__(self, loader, from_batch: int):
+        self.loader, self.from_batch, self.seen = loader, from_batch, 0
+        self.num_classes, self.num_samples = loader.num_classes, loader.num_samples
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            self.seen += 1
+            yield (images * float("nan") if self.seen >= self.from_batch else images), labels
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    build = train_module.build_train_loader
+    monkeypatch.setattr(
+        train_module, "build_train_loader", lambda *a, **k: PoisonedLoader(build(*a, **k), 5)
+    )
+    path = tiny_recipe(tmp_path / "tiny.yaml", output={"log_every": 4, "checkpoint_every": 3})
+    with pytest.raises(NonFiniteLossError, match="training loss is nan") as error:
+        train(load_recipe(path), out_dir=tmp_path / "run")
+    assert "last good checkpoint" in str(error.value)
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["step"] == 3
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_two_processes_match_one_even_across_a_torchrun_restart(tmp_path):
+    """2 DDP processes with 4 images each compute what 1 process accumulating 2 micro-batches of 4
+    does (batch norm sees the same 4 images per forward either way): same losses, same weights.
+    Rank 0 is SIGKILLed after its second checkpoint; torchrun --max-restarts 1 restarts both
+    workers, which resume from that checkpoint and finish the same run."""
+    path = tiny_recipe(tmp_path / "tiny.yaml")
+    single = train(load_recipe(path, ["train.accum_steps=2"]), out_dir=tmp_path / "one")
+    done = run_cli(
+        tmp_path,
+        "train",
+        str(path),
+        "--out",
+        str(tmp_path / "two"),
+        env=subprocess_env(KILL_AT_SAVE="2"),
+        torchrun=["--nproc-per-node=2", "--max-restarts=1"],
+    )
+    assert done.returncode == 0, done.stderr
+    assert "resuming from" in done.stderr
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert (two["world_size"], two["steps"]) == (2, single["steps"])
+    losses_one = [line["loss"] for line in metric_lines(tmp_path / "one", "train")]
+    losses_two = [line["loss"] for line in metric_lines(tmp_path / "two", "train")]
+    assert losses_two == pytest.approx(losses_one, rel=1e-4)
+    # batch-norm running statistics differ by design (DDP keeps rank 0's); parameters must not
+    one, two = (weights(tmp_path / name / "checkpoints" / "last.pt") for name in ("one", "two"))
+    parameters = {name for name, _ in debiformer.create_model("debiformer_nano").named_parameters()}
+    assert_same_tensors(
+        {k: v for k, v in one.items() if k in parameters},
+        {k: v for k, v in two.items() if k in parameters},
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_channels_last_and_accumulation_train(tmp_path, amp):
+    path = tiny_recipe(tmp_path / "tiny.yaml", schedule={"epochs": 1})
+    overrides = [f"train.amp={amp}", "train.channels_last=true", "train.accum_steps=2"]
+    summary = train(load_recipe(path, overrides), out_dir=tmp_path / "run")
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert summary["steps"] == STEPS_PER_EPOCH
+    assert all(line["loss"] > 0 for line in metric_lines(tmp_path / "run", "train"))
+    assert bool(state["scaler"]) == (amp == "fp16")
+
+
+def test_without_ffcv_the_quick_start_reads_its_sources_with_torchvision(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "ffcv" else real_find_spec(name, *a),
+    )
+    recipe = fall_back_without_ffcv(load_recipe("quickstart"), Console(quiet=True))
+    assert recipe.data.backend == "torchvision"
+    assert (
+        recipe.data.train_path
+        == recipe.data.val_path
+        == "fashion-mnist:/usr/share/datasets/fashion-mnist"
+    )
+
+
+def test_fashion_mnist_subset_through_ffcv_conversion(tmp_path):
+    """The quick start's path on 256 images: idx files -> FFCV files on first use -> training."""
+    pytest.importorskip("ffcv")
+    fashion_mnist = Path("/usr/share/datasets/fashion-mnist")
+    if not (fashion_mnist / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Fashion-MNIST idx files not installed (Debian package dataset-fashion-mnist)")
+    overrides = [
+        f"data.train_path={tmp_path / 'train.beton'}",
+        f"data.val_path={tmp_path / 'val.beton'}",
+        "data.ffcv_writer={write_mode: raw, subset: 256}",
+        "data.num_workers=1",
+        "train.batch_size=32",
+        "schedule.epochs=1",
+        "output.progress=false",
+        "model.arch={dims: [32, 32, 32, 32], depths: [1, 1, 1, 1], offset_groups: [1, 1, 1, 1]}",
+    ]
+    recipe = load_recipe("quickstart", overrides)
+    summary = train(recipe, out_dir=tmp_path / "run")
+    assert (tmp_path / "train.beton").is_file() and (tmp_path / "val.beton").is_file()
+    assert summary["steps"] == 256 // 32
+    assert 0 <= summary["top1"] <= 100
