@@ -126,8 +126,8 @@ def attribute_steps(events: list[FunctionEvent], is_step, device: torch.device) 
     node_owner: dict[int, FunctionEvent] = {}
     for event in events:
         phase = _phase(event)
-        if event.name == FORWARD or (event.name == BACKWARD and not steps.cuda):
-            steps.total[event.name.removeprefix("profile/")] += steps.duration(event)
+        if event.name == FORWARD:
+            steps.total["forward"] += steps.duration(event)
         elif phase == "forward" and event.sequence_nr >= 0:
             # The op that created autograd node N is the last forward op tagged N.
             node_owner[event.sequence_nr] = event
@@ -138,8 +138,7 @@ def attribute_steps(events: list[FunctionEvent], is_step, device: torch.device) 
             outer.name.startswith(BACKWARD_NODE) for outer in _ancestors(event)
         ):
             continue
-        if steps.cuda:
-            steps.total["backward"] += steps.duration(event)
+        steps.total["backward"] += steps.duration(event)
         owner = node_owner.get(event.sequence_nr)
         for outer in _ancestors(owner) if owner is not None else []:
             if is_step(outer.name):

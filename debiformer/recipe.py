@@ -161,12 +161,9 @@ TOP_LEVEL_KEYS = ("base", "name", "description", *SECTIONS)
 def find_recipe(name_or_path: str) -> Path:
     """Resolves a recipe argument: an existing file, or the name of a file in the recipes folder."""
     path = Path(name_or_path)
-    candidates = [
-        path,
-        path.with_suffix(".yaml"),
-        RECIPES_DIR / path.name,
-        RECIPES_DIR / f"{path.name}.yaml",
-    ]
+    candidates = [path, path.with_suffix(".yaml")]
+    for folder in (RECIPES_DIR, Path("recipes")):
+        candidates += [folder / path.name, folder / f"{path.name}.yaml"]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
