@@ -5,10 +5,18 @@ by the similarity of region means (`route`), then attends only to the pixels of 
 regions (`routed_attention`).
 
 The routed attention never builds the (regions × top-k) copy of the keys and values that
-a gather on an expanded tensor makes (nor that copy's gradient, S² times larger). It visits
-the top-k slots one at a time: each slot gathers one key/value-sized tensor with
-`index_select`, and the backward pass scatters gradients back with `index_add_`, so
-memory stays at the size of the keys and values whatever k is.
+a gather on an expanded tensor makes (nor that copy's gradient, S² times larger). It takes
+the cheapest of three exact paths:
+
+- slot by slot (large regions, e.g. stage 1): each of the k slots gathers one key/value-sized
+  tensor with `index_select`, and the backward pass scatters gradients back with `index_add_`,
+  so memory stays at the size of the keys and values whatever k is;
+- masked dense (few queries per image, such as DBRA's agents, or small regions): one attention
+  product over all keys of the image with unrouted regions masked out, chosen when its
+  attention matrix is no larger than the top-k copy would be;
+- plain attention when every region is routed to every region (k = S²).
+
+`implementation("reference")` switches to the release's gather, for comparison.
 """
 
 from collections.abc import Iterator
