@@ -17,6 +17,14 @@ def _names(values: list[str]) -> list[str]:
     return [name.strip() for value in values for name in value.split(",") if name.strip()]
 
 
+def _stages(values: list[str]) -> tuple[int, ...]:
+    """Stage numbers from `--grad-checkpointing` values such as "1,3"."""
+    try:
+        return tuple(int(name) for name in _names(values))
+    except ValueError:
+        raise typer.BadParameter("expected stage numbers 1-4, e.g. 1,3") from None
+
+
 def _write_json(path: Path | None, data: object) -> None:
     """Write `data` as indented JSON to `path`, if one was given."""
     if path is not None:
@@ -43,6 +51,11 @@ def bench(
     ),
     channels_last: bool = typer.Option(False, "--channels-last", help="NHWC memory format."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    grad_checkpointing: list[str] = typer.Option(
+        [],
+        "--grad-checkpointing",
+        help=f"DeBiFormer stages 1-4 recomputed in the backward pass, to save memory ({LIST_HELP}).",
+    ),
     impl: list[str] = typer.Option(
         ["fast"], "--impl", help=f"Routed attention: fast, reference ({LIST_HELP})."
     ),
@@ -68,6 +81,7 @@ def bench(
         device=device,
         channels_last=channels_last,
         compile=compile,
+        grad_checkpointing=_stages(grad_checkpointing),
         warmup=warmup,
         iterations=iterations,
         on_record=lambda record: console.print(

@@ -61,6 +61,7 @@ class BenchConfig:
     device: str
     channels_last: bool = False
     compile: bool = False
+    grad_checkpointing: tuple[int, ...] = ()
     warmup: int = 2
     iterations: int = 10
 
@@ -209,10 +210,10 @@ def make_step(
     def train() -> None:
         with autocast(precision, device):
             loss = F.cross_entropy(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        optimizer.zero_grad(set_to_none=True)
 
     return train
 
@@ -251,6 +252,8 @@ def _timed_steps(config: BenchConfig) -> tuple[list[float], float]:
     size = (config.batch_size, 3, config.resolution, config.resolution)
     with peak_memory(device) as peak:
         model = build_model(config.model).to(device, memory_format=memory_format)
+        if config.grad_checkpointing and is_debiformer(config.model):
+            model.set_grad_checkpointing(stages=config.grad_checkpointing)
         if config.compile:
             model = torch.compile(model)
         images = torch.randn(size, device=device).contiguous(memory_format=memory_format)
@@ -344,6 +347,7 @@ def bench_configs(
     device: torch.device,
     channels_last: bool = False,
     compile: bool = False,
+    grad_checkpointing: tuple[int, ...] = (),
     warmup: int = 2,
     iterations: int = 10,
 ) -> list[BenchConfig]:
@@ -367,6 +371,8 @@ def bench_configs(
             "need --resolution >= 32, --batch-size >= 1, --warmup >= 0, --iterations >= 1"
         )
     check_precision(precision, device)
+    if not set(grad_checkpointing) <= {1, 2, 3, 4}:
+        raise UserError(f"--grad-checkpointing takes stages 1-4, got {list(grad_checkpointing)}")
     for name in compare:
         check_timm_model(name)
     rows = [(name, impl) for name in models for impl in impls] + [
@@ -379,6 +385,7 @@ def bench_configs(
         device=device.type,
         channels_last=channels_last,
         compile=compile,
+        grad_checkpointing=tuple(grad_checkpointing),
         warmup=warmup,
         iterations=iterations,
     )
@@ -400,6 +407,7 @@ def run_bench(
     device: str | None = None,
     channels_last: bool = False,
     compile: bool = False,
+    grad_checkpointing: tuple[int, ...] = (),
     warmup: int = 2,
     iterations: int = 10,
     fresh_process: bool | None = None,
@@ -408,7 +416,8 @@ def run_bench(
     """Benchmark DeBiFormer `models` (default: tiny, small, base) in each of `impls` and the
     timm `compare` models, in each of `modes`; returns one record per configuration.
 
-    `fresh_process` (default: on the CPU) measures each configuration in a new process so that
+    `grad_checkpointing` names the DeBiFormer stages whose blocks are recomputed in the backward
+    pass (train mode). `fresh_process` (default: on the CPU) measures each configuration in a new process so that
     its CPU peak memory is its own; in-process CPU peaks are a lower bound after a larger one.
     `on_record` is called with each record as soon as it is measured.
     """
@@ -424,6 +433,7 @@ def run_bench(
         torch_device,
         channels_last,
         compile,
+        tuple(grad_checkpointing),
         warmup,
         iterations,
     )
@@ -446,6 +456,7 @@ def run_bench(
             "device": ran.device,
             "channels_last": ran.channels_last,
             "compile": ran.compile,
+            "grad_checkpointing": list(ran.grad_checkpointing),
             "params": params,
             "macs": macs,
             **result,
@@ -466,6 +477,9 @@ def bench_table(records: list[dict]) -> Table:
         f"{first.get('device', '')} {first.get('precision', '')}, {first.get('resolution', '')}², "
         f"peak memory = {first.get('peak_mem', '')}"
     )
+    if first.get("grad_checkpointing"):
+        stages = ",".join(map(str, first["grad_checkpointing"]))
+        title += f", DeBiFormer stages {stages} recomputed in backward"
     table = Table(title=title)
     for column in (
         "model",

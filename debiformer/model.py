@@ -2,12 +2,14 @@
 (BRA) with Deformable Bi-level Routing Attention (DBRA).
 
 Reading order: `Mlp`, `BiLevelRoutingAttention`, `DeformableBiLevelRoutingAttention`,
-`Block`, `DeBiFormer`, then the variants and `create_model` at the end. Attention modules
-take and return NHWC maps; blocks and the network work on NCHW maps. Inputs of any size
-work: each attention pads its input on the bottom and right to the region grid and crops
-its output back.
+`Block`, `DeBiFormer`, then the variants and `create_model` at the end. Every module inside
+the network works on NHWC maps: pointwise layers are `nn.Linear` over the channels and
+spatial convolutions run in channels-last memory (`Conv2dNHWC`), so no layout copies are made
+between them. Inputs of any size work: each attention pads its input on the bottom and right
+to the region grid and crops its output back.
 """
 
+from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
 
 import timm
@@ -28,30 +30,75 @@ from debiformer.routing import (
 )
 
 
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of an NCHW map."""
+class Conv2dNHWC(nn.Conv2d):
+    """A `Conv2d` that takes and returns NHWC maps: the NCHW view of an NHWC tensor is
+    channels-last memory, which the convolution keeps, so neither permute copies."""
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.permute(0, 2, 3, 1)
-        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
+        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+def _residual_depthwise_gelu(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """GELU(h + depthwise 3×3 conv(h)) on an NHWC map."""
+    conv = F.conv2d(hidden.permute(0, 3, 1, 2), weight, bias, padding=1, groups=weight.shape[0])
+    return F.gelu(hidden + conv.permute(0, 2, 3, 1))
+
+
+class _MlpTail(torch.autograd.Function):
+    """`linear(GELU(h + dwconv(h)))` that keeps only `h` for the backward pass and recomputes
+    the depthwise convolution and GELU there: one hidden-sized tensor saved instead of three,
+    for two cheap memory-bound ops of recompute. Runs the recompute under the forward pass's
+    autocast settings."""
+
+    @staticmethod
+    def forward(ctx, hidden, conv_weight, conv_bias, weight, bias):
+        device_type = hidden.device.type
+        ctx.autocast = (
+            device_type,
+            torch.get_autocast_dtype(device_type),
+            torch.is_autocast_enabled(device_type),
+        )
+        ctx.save_for_backward(hidden, conv_weight, conv_bias, weight)
+        return F.linear(_residual_depthwise_gelu(hidden, conv_weight, conv_bias), weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        hidden, conv_weight, conv_bias, weight = ctx.saved_tensors
+        device_type, dtype, enabled = ctx.autocast
+        leaves = [t.detach().requires_grad_() for t in (hidden, conv_weight, conv_bias)]
+        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            activated = _residual_depthwise_gelu(*leaves)
+        grad_output = grad_output.to(activated.dtype)
+        flat_grad_output = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_weight = flat_grad_output.mT @ activated.detach().reshape(-1, activated.shape[-1])
+        grad_bias = flat_grad_output.sum(dim=0)
+        grad_activated = grad_output @ weight.to(activated.dtype)
+        grad_hidden, grad_conv_weight, grad_conv_bias = torch.autograd.grad(
+            activated, leaves, grad_activated
+        )
+        return grad_hidden, grad_conv_weight, grad_conv_bias, grad_weight, grad_bias
 
 
 class Mlp(nn.Module):
-    """Pointwise expansion, a depthwise 3×3 residual, GELU, pointwise projection (NCHW)."""
+    """Pointwise expansion, a depthwise 3×3 residual, GELU, pointwise projection. In training
+    the hidden map is stored once (see `_MlpTail`)."""
 
     def __init__(self, dim: int, expansion: float):
         super().__init__()
         hidden = int(dim * expansion)
-        self.fc1 = nn.Conv2d(dim, hidden, 1)
-        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = Conv2dNHWC(hidden, hidden, 3, padding=1, groups=hidden)
         self.act = nn.GELU()
-        self.fc2 = nn.Conv2d(hidden, dim, 1)
+        self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         hidden = self.fc1(x)
-        hidden = self.act(hidden + self.dwconv(hidden))
-        return self.fc2(hidden)
+        if not torch.is_grad_enabled():
+            return self.fc2(self.act(hidden + self.dwconv(hidden)))
+        return _MlpTail.apply(
+            hidden, self.dwconv.weight, self.dwconv.bias, self.fc2.weight, self.fc2.bias
+        )
 
 
 class BiLevelRoutingAttention(nn.Module):
@@ -69,7 +116,7 @@ class BiLevelRoutingAttention(nn.Module):
         self.topk = topk
         self.scale = dim**-0.5
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.lepe = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)
+        self.lepe = Conv2dNHWC(dim, dim, 5, padding=2, groups=dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -91,7 +138,7 @@ class BiLevelRoutingAttention(nn.Module):
             )
             output = from_regions(output, self.n_win, padded_height, padded_width)
         with step("bra/lepe"):
-            output = output + self.lepe(value.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            output = output + self.lepe(value)
         with step("bra/output_projection"):
             return self.proj(output[:, :height, :width])
 
@@ -127,10 +174,10 @@ class DeformableBiLevelRoutingAttention(nn.Module):
         self.offset_groups = offset_groups
         self.scale = dim**-0.5
         group_dim = dim // offset_groups
-        self.qkv = nn.Conv2d(dim, 3 * dim, 1)
-        self.lepe = nn.Conv2d(dim, dim, 5, stride=offset_stride, padding=2, groups=dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.lepe = Conv2dNHWC(dim, dim, 5, stride=offset_stride, padding=2, groups=dim)
         self.offset_net = nn.Sequential(
-            nn.Conv2d(
+            Conv2dNHWC(
                 group_dim,
                 group_dim,
                 offset_kernel,
@@ -139,32 +186,29 @@ class DeformableBiLevelRoutingAttention(nn.Module):
                 groups=group_dim,
                 bias=False,
             ),
-            LayerNorm2d(group_dim, eps=1e-5),
+            nn.LayerNorm(group_dim, eps=1e-5),
             nn.GELU(),
-            nn.Conv2d(group_dim, 2 if two_channel_offsets else 1, 1, bias=False),
+            nn.Linear(group_dim, 2 if two_channel_offsets else 1, bias=False),
         )
-        self.proj_q = nn.Conv2d(dim, dim, 1)
-        self.proj_k = nn.Conv2d(dim, dim, 1)
-        self.proj_v = nn.Conv2d(dim, dim, 1)
-        self.proj_out = nn.Conv2d(dim, dim, 1)
-        self.unify = nn.Conv2d(dim, dim, 1)
-        self.agent_norm1 = LayerNorm2d(dim, eps=1e-6)
+        self.proj_q = nn.Linear(dim, dim)
+        self.proj_k = nn.Linear(dim, dim)
+        self.proj_v = nn.Linear(dim, dim)
+        self.proj_out = nn.Linear(dim, dim)
+        self.unify = nn.Linear(dim, dim)
+        self.agent_norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.agent_mlp = Mlp(dim, agent_mlp_ratio)
-        self.agent_norm2 = LayerNorm2d(dim, eps=1e-6)
+        self.agent_norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.rpe_table = nn.Parameter(torch.zeros(num_heads, 2 * rpe_size - 1, 2 * rpe_size - 1))
 
     def forward(self, x: Tensor) -> Tensor:
         _, height, width, _ = x.shape
         x = pad_to_regions(x, self.n_win)
-        batch, padded_height, padded_width, channels = x.shape
-        x_map = x.permute(0, 3, 1, 2)
         with step("dbra/qkv_projection"):
-            query, key, value = self.qkv(x_map).chunk(3, dim=1)
+            query, key, value = self.qkv(x).chunk(3, dim=-1)
         with step("dbra/offset_network"):
             positions = self._sampling_positions(query)
         with step("dbra/agent_sampling"):
-            agents = self._sample(x_map, positions)
-        agent_height, agent_width = agents.shape[-2:]
+            agents = self._sample(x, positions)
         agent_context = self._routed_agent_attention(agents, key, value)
         with step("dbra/agent_mlp"):
             agents = agents + self.unify(agent_context + self.lepe(value))
@@ -173,16 +217,17 @@ class DeformableBiLevelRoutingAttention(nn.Module):
         with step("dbra/query_agent_attention"):
             output = self._query_agent_attention(query, agents, positions)
         with step("dbra/output_projection"):
-            output = self.proj_out(output).permute(0, 2, 3, 1)
-        return output[:, :height, :width]
+            return self.proj_out(output[:, :height, :width])
+
+    def _groups(self, x: Tensor) -> Tensor:
+        """(N, H, W, C) -> (N·G, H, W, C/G): the channels of each offset group as its own map."""
+        batch, height, width, channels = x.shape
+        grouped = x.reshape(batch, height, width, self.offset_groups, -1).permute(0, 3, 1, 2, 4)
+        return grouped.reshape(batch * self.offset_groups, height, width, -1)
 
     def _sampling_positions(self, query: Tensor) -> Tensor:
         """(N·G, Hk, Wk, 2) sampling points (y, x) in [-1, 1]: grid cell centres plus offsets."""
-        batch, channels, height, width = query.shape
-        grouped = query.reshape(
-            batch * self.offset_groups, channels // self.offset_groups, height, width
-        )
-        offsets = self.offset_net(grouped).permute(0, 2, 3, 1)
+        offsets = self.offset_net(self._groups(query))
         agent_height, agent_width = offsets.shape[1:3]
         ys = (
             torch.arange(agent_height, device=query.device, dtype=offsets.dtype) + 0.5
@@ -193,24 +238,23 @@ class DeformableBiLevelRoutingAttention(nn.Module):
         reference = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1) * 2 - 1
         return (reference + offsets).clamp(-1, 1)
 
-    def _sample(self, x_map: Tensor, positions: Tensor) -> Tensor:
-        """Bilinear samples of the input map at the agent positions, per offset group: (N, C, Hk, Wk)."""
-        batch, channels, height, width = x_map.shape
-        grouped = x_map.reshape(
-            batch * self.offset_groups, channels // self.offset_groups, height, width
-        )
+    def _sample(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Bilinear samples of the input map at the agent positions, per offset group: (N, Hk, Wk, C)."""
+        grouped = self._groups(x).permute(0, 3, 1, 2)
         sampled = F.grid_sample(grouped, positions.flip(-1), mode="bilinear", align_corners=True)
-        return sampled.reshape(batch, channels, *positions.shape[1:3])
+        batch_groups, group_channels, agent_height, agent_width = sampled.shape
+        sampled = sampled.reshape(-1, self.offset_groups, group_channels, agent_height, agent_width)
+        return sampled.permute(0, 3, 4, 1, 2).flatten(3)
 
     def _routed_agent_attention(self, agents: Tensor, key: Tensor, value: Tensor) -> Tensor:
         """Agent queries attend to the full-resolution pixels of their top-k routed regions."""
-        agent_height, agent_width = agents.shape[-2:]
+        agent_height, agent_width = agents.shape[1:3]
         with step("dbra/agent_attention"):
-            agent_queries = pad_to_regions(self.proj_q(agents).permute(0, 2, 3, 1), self.n_win)
+            agent_queries = pad_to_regions(self.proj_q(agents), self.n_win)
             padded_agent_height, padded_agent_width = agent_queries.shape[1:3]
             agent_regions = to_regions(agent_queries, self.n_win)
-            key_regions = to_regions(key.permute(0, 2, 3, 1), self.n_win)
-            value_regions = to_regions(value.permute(0, 2, 3, 1), self.n_win)
+            key_regions = to_regions(key, self.n_win)
+            value_regions = to_regions(value, self.n_win)
         with step("dbra/region_routing"):
             topk = min(self.topk, self.n_win**2)
             region_index = route(agent_regions, key_regions, topk, self.scale)
@@ -219,20 +263,22 @@ class DeformableBiLevelRoutingAttention(nn.Module):
                 agent_regions, key_regions, value_regions, region_index, self.num_heads, self.scale
             )
             context = from_regions(context, self.n_win, padded_agent_height, padded_agent_width)
-            return context[:, :agent_height, :agent_width].permute(0, 3, 1, 2)
+            return context[:, :agent_height, :agent_width]
 
     def _query_agent_attention(self, query: Tensor, agents: Tensor, positions: Tensor) -> Tensor:
-        """Every pixel attends to all agents with a DAT-style relative position bias: (N, C, H, W)."""
-        batch, channels, height, width = query.shape
-        head_dim = channels // self.num_heads
-        num_agents = agents.shape[-2] * agents.shape[-1]
-        queries = query.reshape(batch, self.num_heads, head_dim, height * width).transpose(-1, -2)
-        agent_keys = self.proj_k(agents).reshape(batch, self.num_heads, head_dim, num_agents)
-        agent_values = self.proj_v(agents).reshape(batch, self.num_heads, head_dim, num_agents)
-        logits = (queries @ agent_keys) * self.scale + self._position_bias(positions, height, width)
-        attention = logits.softmax(dim=-1)
-        output = agent_values @ attention.transpose(-1, -2)
-        return output.reshape(batch, channels, height, width)
+        """Every pixel attends to all agents with a DAT-style relative position bias: (N, H, W, C)."""
+        batch, height, width, channels = query.shape
+
+        def heads(x: Tensor) -> Tensor:
+            return x.reshape(batch, -1, self.num_heads, channels // self.num_heads).transpose(1, 2)
+
+        queries = heads(query)
+        agent_keys = heads(self.proj_k(agents))
+        agent_values = heads(self.proj_v(agents))
+        logits = (queries @ agent_keys.transpose(-1, -2)) * self.scale
+        attention = (logits + self._position_bias(positions, height, width)).softmax(dim=-1)
+        output = attention @ agent_values
+        return output.transpose(1, 2).reshape(batch, height, width, channels)
 
     def _position_bias(self, positions: Tensor, height: int, width: int) -> Tensor:
         """(N, M, H·W, agents): `rpe_table` sampled at half the pixel-to-agent displacement."""
@@ -249,21 +295,21 @@ class DeformableBiLevelRoutingAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Two residual attention + MLP pairs, each led by a depthwise-conv position embedding."""
+    """Two residual attention + MLP pairs, each led by a depthwise-conv position embedding (NHWC)."""
 
     def __init__(
         self, dim: int, mlp_ratio: float, drop_path: float, attn1: nn.Module, attn2: nn.Module
     ):
         super().__init__()
-        self.pos_embed1 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.pos_embed1 = Conv2dNHWC(dim, dim, 3, padding=1, groups=dim)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn1 = attn1
-        self.norm2 = LayerNorm2d(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp1 = Mlp(dim, mlp_ratio)
-        self.pos_embed2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.pos_embed2 = Conv2dNHWC(dim, dim, 3, padding=1, groups=dim)
         self.norm3 = nn.LayerNorm(dim, eps=1e-6)
         self.attn2 = attn2
-        self.norm4 = LayerNorm2d(dim, eps=1e-6)
+        self.norm4 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp2 = Mlp(dim, mlp_ratio)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -271,15 +317,13 @@ class Block(nn.Module):
         with step("block/pos_embed1"):
             x = x + self.pos_embed1(x)
         with step("block/attn1"):
-            attended = self.attn1(self.norm1(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
-            x = x + self.drop_path(attended)
+            x = x + self.drop_path(self.attn1(self.norm1(x)))
         with step("block/mlp1"):
             x = x + self.drop_path(self.mlp1(self.norm2(x)))
         with step("block/pos_embed2"):
             x = x + self.pos_embed2(x)
         with step("block/attn2"):
-            attended = self.attn2(self.norm3(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
-            x = x + self.drop_path(attended)
+            x = x + self.drop_path(self.attn2(self.norm3(x)))
         with step("block/mlp2"):
             x = x + self.drop_path(self.mlp2(self.norm4(x)))
         return x
@@ -338,7 +382,7 @@ class DeBiFormer(nn.Module):
             self.stages.append(nn.Sequential(*(self._block(i, rate) for rate in rates)))
         self.norm = nn.BatchNorm2d(dims[-1])
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self.grad_checkpointing = False
+        self.checkpointed_stages: frozenset[int] = frozenset()
         self.apply(_init_weights)
         for module in self.modules():
             if isinstance(module, DeformableBiLevelRoutingAttention):
@@ -373,26 +417,36 @@ class DeBiFormer(nn.Module):
         )
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
-        """The four stage outputs, NCHW, at strides 4, 8, 16 and 32."""
+        """The four stage outputs at strides 4, 8, 16 and 32: NCHW tensors in channels-last memory."""
         features = []
+        x = x.contiguous(memory_format=torch.channels_last)
         for i, stage in enumerate(self.stages):
             with step("model/stem" if i == 0 else f"model/downsample{i + 1}"):
                 x = self.stem(x) if i == 0 else self.downsamples[i - 1](x)
+                x = x.permute(0, 2, 3, 1)
             with step(f"model/stage{i + 1}"):
                 for block in stage:
-                    if self.grad_checkpointing and x.requires_grad:
+                    if i + 1 in self.checkpointed_stages and x.requires_grad:
                         x = checkpoint(block, x, use_reentrant=False)
                     else:
                         x = block(x)
+            x = x.permute(0, 3, 1, 2)
             features.append(x)
         return features
 
     @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in the backward pass instead of storing them
-        (timm's API): training memory falls to about the weights and one block's activations,
-        for about one extra forward pass of compute."""
-        self.grad_checkpointing = enable
+    def set_grad_checkpointing(
+        self, enable: bool = True, stages: Iterable[int] = (1, 2, 3, 4)
+    ) -> None:
+        """Recompute the blocks of `stages` (numbered 1-4) in the backward pass instead of storing
+        their activations (timm's API, plus a choice of stages). With every stage, training
+        memory falls to about the weights and one block's activations, for about one extra
+        forward pass of compute; stages 1 (the highest resolution) and 3 (the deepest) hold
+        most of the activations of the released variants."""
+        stages = frozenset(stages)
+        if not stages <= {1, 2, 3, 4}:
+            raise UserError(f"gradient checkpointing stages must be 1-4, got {sorted(stages)}")
+        self.checkpointed_stages = stages if enable else frozenset()
 
     def forward_head(self, x: Tensor) -> Tensor:
         """Final norm, global average pool and classifier on the last stage map."""

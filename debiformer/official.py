@@ -1,4 +1,7 @@
-"""Load the authors' released DeBiFormer checkpoints (their key names) into `DeBiFormer`."""
+"""Load the authors' released DeBiFormer checkpoints (their key names) into `DeBiFormer`.
+
+The release's 1×1 convolutions are `nn.Linear` layers here: their (out, in, 1, 1) weights load
+as (out, in)."""
 
 import re
 from pathlib import Path
@@ -39,6 +42,9 @@ def load_official_state_dict(model: nn.Module, state_dict: dict[str, torch.Tenso
     """Load a state dict saved by the authors' release into `model`, checking every key and shape."""
     expected = model.state_dict()
     renamed = {official_key(name): (name, tensor) for name, tensor in state_dict.items()}
+    for key, (name, tensor) in renamed.items():
+        if key in expected and expected[key].ndim == 2 and tensor.shape[2:] == (1, 1):
+            renamed[key] = (name, tensor.flatten(1))
     for key, (name, tensor) in renamed.items():
         if key not in expected:
             raise UserError(

@@ -59,7 +59,7 @@ def build_op(
     size = _stage_size(resolution, stage)
     dim = model.arch.dims[stage - 1]
     if op == "block":
-        return block, torch.randn(batch_size, dim, size, size, device=device, requires_grad=True)
+        return block, torch.randn(batch_size, size, size, dim, device=device, requires_grad=True)
     attention = block.attn2 if op == "dbra" else block.attn1
     if op == "bra" and not isinstance(attention, BiLevelRoutingAttention):
         raise UserError(

@@ -118,6 +118,9 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     channels_last: bool = False
     compile: bool = False
+    grad_checkpointing: list[int] = field(
+        default_factory=list
+    )  # stages (1-4) recomputed in backward
     ema: bool = False
     ema_decay: float = 0.9998
     ema_warmup: bool = False
@@ -387,6 +390,11 @@ def _check_values(recipe: Recipe) -> None:
         ("train.accum_steps", recipe.train.accum_steps >= 1, "must be at least 1"),
         ("train.eval_every", recipe.train.eval_every >= 1, "must be at least 1"),
         ("train.ema_decay", 0 < recipe.train.ema_decay < 1, "must be in (0, 1)"),
+        (
+            "train.grad_checkpointing",
+            set(recipe.train.grad_checkpointing) <= {1, 2, 3, 4},
+            "expected a list of stages 1-4, e.g. [1, 3]",
+        ),
         ("output.log_every", recipe.output.log_every >= 1, "must be at least 1"),
         ("output.checkpoint_every", recipe.output.checkpoint_every >= 0, "must be >= 0"),
     ]

@@ -441,6 +441,7 @@ def _train(
     # --- model (same initial weights on every rank), EMA
     seed_everything(cfg.seed)
     model = build_model(recipe, num_classes).to(device)
+    model.set_grad_checkpointing(bool(cfg.grad_checkpointing), stages=cfg.grad_checkpointing)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     num_params = sum(p.numel() for p in model.parameters())

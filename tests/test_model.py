@@ -7,6 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import debiformer
 from debiformer.errors import UserError
+from debiformer.model import Mlp
 from debiformer.routing import implementation
 
 EXACT_PARAMETERS = {
@@ -114,16 +115,48 @@ def test_macs_match_the_release_at_224():
     assert counter.get_total_flops() / 2 == pytest.approx(2.636e9, rel=5e-4)
 
 
-def test_grad_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("stages", [(1, 2, 3, 4), (1, 3)])
+def test_grad_checkpointing_gives_the_same_gradients(stages):
     torch.manual_seed(0)
     model = debiformer.create_model("debiformer_nano", num_classes=10)
     images = torch.randn(2, 3, 40, 40, requires_grad=True)
     gradients = []
     for enable in (False, True):
-        model.set_grad_checkpointing(enable)
+        model.set_grad_checkpointing(enable, stages=stages)
         model.zero_grad()
         images.grad = None
         model(images).square().sum().backward()
         gradients.append([images.grad.clone()] + [p.grad.clone() for p in model.parameters()])
     for plain, recomputed in zip(*gradients, strict=True):
         torch.testing.assert_close(recomputed, plain)
+
+
+def test_grad_checkpointing_rejects_unknown_stages():
+    model = debiformer.create_model("debiformer_nano")
+    with pytest.raises(UserError, match=r"stages must be 1-4, got \[0, 5\]"):
+        model.set_grad_checkpointing(stages=(0, 5))
+
+
+def test_mlp_saves_one_hidden_map_and_matches_the_plain_composition():
+    """The training MLP recomputes its depthwise conv and GELU in the backward pass: same
+    outputs and gradients (input and every parameter) as the plain layers, and only the input
+    and the expanded map are kept for the backward pass."""
+    torch.manual_seed(0)
+    mlp = Mlp(16, 3).double()
+    x = torch.randn(2, 9, 11, 16, dtype=torch.double, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        output = mlp(x)
+    hidden = mlp.fc1(x)
+    plain = mlp.fc2(mlp.act(hidden + mlp.dwconv(hidden)))
+    torch.testing.assert_close(output, plain)
+    upstream = torch.randn_like(output)
+    inputs = [x, *mlp.parameters()]
+    for ours, reference in zip(
+        torch.autograd.grad(output, inputs, upstream),
+        torch.autograd.grad(plain, inputs, upstream),
+        strict=True,
+    ):
+        torch.testing.assert_close(ours, reference)
+    activations = {t.data_ptr(): t.numel() for t in saved if t.numel() >= x.numel()}
+    assert sum(activations.values()) == x.numel() * (1 + 3)

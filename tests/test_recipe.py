@@ -37,6 +37,7 @@ def test_defaults_fill_missing_keys(tmp_path):
         ({"augment": {"scale": 0.5}}, "augment.scale: expected a list of numbers, got 0.5"),
         ({"augment": {"scale": [0.5]}}, "augment.scale: expected two numbers"),
         ({"data": {"image_size": 16}}, "data.image_size: must be at least 32"),
+        ({"train": {"grad_checkpointing": [0, 3]}}, "train.grad_checkpointing: expected a list"),
         ({"optim": 3}, "optim: expected a mapping of keys, got 3"),
     ],
 )

@@ -400,9 +400,14 @@ def test_two_processes_match_one_even_across_a_torchrun_restart(tmp_path):
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_mixed_precision_channels_last_and_accumulation_train(tmp_path, amp):
+def test_mixed_precision_channels_last_checkpointing_and_accumulation_train(tmp_path, amp):
     path = tiny_recipe(tmp_path / "tiny.yaml", schedule={"epochs": 1})
-    overrides = [f"train.amp={amp}", "train.channels_last=true", "train.accum_steps=2"]
+    overrides = [
+        f"train.amp={amp}",
+        "train.channels_last=true",
+        "train.accum_steps=2",
+        "train.grad_checkpointing=[1,3]",
+    ]
     summary = train(load_recipe(path, overrides), out_dir=tmp_path / "run")
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert summary["steps"] == STEPS_PER_EPOCH
