@@ -153,6 +153,22 @@ def test_train_loaders_crop_flip_and_drop_the_partial_batch(photos, photos_ffcv)
         assert len(set(_labels(loader))) == 3
 
 
+def test_ffcv_train_flip_mirrors_the_chosen_images(photos_ffcv):
+    """The in-place flip: with every image chosen, the crops come out mirrored, labels unchanged."""
+    whole_photo = {"scale": (1.0, 1.0), "ratio": (4 / 3, 4 / 3)}
+    plain = _loader("train", "ffcv", photos_ffcv, augment={**whole_photo, "hflip": 0.0})
+    flipped = _loader("train", "ffcv", photos_ffcv, augment={**whole_photo, "hflip": 1.0})
+    batches = 0
+    for (images, labels), (mirrored, same_labels) in zip(
+        plain.uint8_batches(0), flipped.uint8_batches(0), strict=True
+    ):
+        assert torch.equal(same_labels, labels)
+        assert torch.equal(mirrored, images.flip(-1))
+        assert not torch.equal(mirrored, images)
+        batches += 1
+    assert batches == 3
+
+
 @pytest.mark.parametrize("backend", ["torchvision", "ffcv", "synthetic"])
 def test_order_is_a_function_of_seed_and_epoch(backend, photos, photos_ffcv):
     path = {"torchvision": photos, "ffcv": photos_ffcv, "synthetic": None}[backend]

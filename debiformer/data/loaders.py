@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -309,7 +309,9 @@ def _ffcv_order(plan: ShardPlan):
 
 
 class FfcvLoader(Loader):
-    """An FFCV loader: decode, crop and flip in compiled threads, uint8 straight to the device."""
+    """An FFCV loader: decode, crop and flip in compiled threads, uint8 straight to the device.
+    On the CPU the uint8 batches are FFCV's own buffers, reused a few batches later (the
+    normalised batches of `__iter__` are new tensors)."""
 
     def __init__(
         self,
@@ -339,6 +341,40 @@ class FfcvLoader(Loader):
         return iter(self.loader)
 
 
+def _ffcv_in_place_flip(flip_prob: float):
+    """FFCV's RandomHorizontalFlip (same random draws) without its copy of every image: the
+    chosen images are mirrored where they lie, the others are left untouched."""
+    from ffcv.pipeline.compiler import Compiler
+    from ffcv.pipeline.operation import Operation
+
+    class InPlaceHorizontalFlip(Operation):
+        """Mirror each (N, H, W, C) uint8 image with probability `flip_prob`, in place."""
+
+        def generate_code(self) -> Callable:
+            parallel_range = Compiler.get_iterator()
+
+            def flip(images, _):
+                should_flip = np.random.rand(images.shape[0]) < flip_prob
+                height, width, channels = images.shape[1:]
+                for i in parallel_range(images.shape[0]):
+                    if should_flip[i]:
+                        for y in range(height):
+                            for x in range(width // 2):
+                                for c in range(channels):
+                                    left = images[i, y, x, c]
+                                    images[i, y, x, c] = images[i, y, width - 1 - x, c]
+                                    images[i, y, width - 1 - x, c] = left
+                return images
+
+            flip.is_parallel = True
+            return flip
+
+        def declare_state_and_memory(self, previous_state):
+            return replace(previous_state, jit_mode=True), None
+
+    return InPlaceHorizontalFlip()
+
+
 def _ffcv_pipelines(
     train: bool, image_size: int, crop_ratio: float, augment: AugmentOptions, device: torch.device
 ) -> dict:
@@ -348,18 +384,21 @@ def _ffcv_pipelines(
         IntDecoder,
         RandomResizedCropRGBImageDecoder,
     )
-    from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+    from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
     size = (image_size, image_size)
     if train:
         image = [RandomResizedCropRGBImageDecoder(size, scale=augment.scale, ratio=augment.ratio)]
         if augment.hflip > 0:
-            image.append(RandomHorizontalFlip(augment.hflip))
+            image.append(_ffcv_in_place_flip(augment.hflip))
     else:
         image = [CenterCropRGBImageDecoder(size, ratio=crop_ratio)]
-    non_blocking = device.type == "cuda"
-    image += [ToTensor(), ToDevice(device, non_blocking=non_blocking), ToTorchImage()]
-    label = [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=non_blocking)]
+    image += [ToTensor()]
+    label = [IntDecoder(), ToTensor(), Squeeze(1)]
+    if device.type != "cpu":
+        image.append(ToDevice(device, non_blocking=True))
+        label.append(ToDevice(device, non_blocking=True))
+    image.append(ToTorchImage())
     return {"image": image, "label": label}
 
 
