@@ -20,6 +20,10 @@ echo "== fast vs reference routed attention, DeBiFormer-T training"
 time debiformer bench "${cpu[@]}" --models debiformer_tiny --mode train --impl fast,reference \
     --json "$results/bench_impl.json"
 
+echo "== DeBiFormer-T training with stages 1 and 3 recomputed in the backward pass"
+time debiformer bench "${cpu[@]}" --models debiformer_tiny --mode train --grad-checkpointing 1,3 \
+    --json "$results/bench_checkpointing.json"
+
 echo "== DeBiFormer-T next to Swin-T and ConvNeXt-T"
 time debiformer bench "${cpu[@]}" --models debiformer_tiny --mode both \
     --compare swin_tiny_patch4_window7_224,convnext_tiny --json "$results/bench_compare.json"

@@ -39,8 +39,14 @@ class Conv2dNHWC(nn.Conv2d):
 
 
 def _residual_depthwise_gelu(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """GELU(h + depthwise 3×3 conv(h)) on an NHWC map."""
-    conv = F.conv2d(hidden.permute(0, 3, 1, 2), weight, bias, padding=1, groups=weight.shape[0])
+    """GELU(h + depthwise conv(h)) on an NHWC map (odd kernel, same-size output)."""
+    conv = F.conv2d(
+        hidden.permute(0, 3, 1, 2),
+        weight,
+        bias,
+        padding=weight.shape[-1] // 2,
+        groups=weight.shape[0],
+    )
     return F.gelu(hidden + conv.permute(0, 2, 3, 1))
 
 
@@ -89,13 +95,12 @@ class Mlp(nn.Module):
         hidden = int(dim * expansion)
         self.fc1 = nn.Linear(dim, hidden)
         self.dwconv = Conv2dNHWC(hidden, hidden, 3, padding=1, groups=hidden)
-        self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         hidden = self.fc1(x)
         if not torch.is_grad_enabled():
-            return self.fc2(self.act(hidden + self.dwconv(hidden)))
+            return self.fc2(_residual_depthwise_gelu(hidden, self.dwconv.weight, self.dwconv.bias))
         return _MlpTail.apply(
             hidden, self.dwconv.weight, self.dwconv.bias, self.fc2.weight, self.fc2.bias
         )
