@@ -150,7 +150,7 @@ class DeviceBatchTransform:
         images = images.to(self.device, non_blocking=True)
         if self.rand_augment is not None:
             images = self.rand_augment(images, self.generator)
-        images = torch.addcmul(self.shift, images, self.scale)  # one pass: uint8 -> normalised float
+        images = images.float().mul_(self.scale).add_(self.shift)
         if self.random_erasing is not None:
             images = self.random_erasing(images)
         return images
