@@ -19,10 +19,14 @@ def _names(values: list[str]) -> list[str]:
 
 def _stages(values: list[str]) -> tuple[int, ...]:
     """Stage numbers from `--grad-checkpointing` values such as "1,3"."""
-    try:
-        return tuple(int(name) for name in _names(values))
-    except ValueError:
-        raise typer.BadParameter("expected stage numbers 1-4, e.g. 1,3") from None
+    from debiformer.errors import UserError
+
+    names = _names(values)
+    if not all(name.isdigit() for name in names):
+        raise UserError(
+            f"--grad-checkpointing takes stage numbers 1-4, e.g. 1,3; got {','.join(values)!r}"
+        )
+    return tuple(int(name) for name in names)
 
 
 def _write_json(path: Path | None, data: object) -> None:

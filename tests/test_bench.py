@@ -137,6 +137,7 @@ def test_out_of_memory_at_batch_one_is_a_user_error(monkeypatch):
         ({"precision": "fp16"}, "fp16 needs a CUDA device"),
         ({"precision": "int8"}, "unknown precision"),
         ({"device": "tpu"}, "unknown device"),
+        ({"grad_checkpointing": (0, 3)}, "--grad-checkpointing takes stages 1-4"),
     ],
 )
 def test_bench_rejects_bad_input(options, message):

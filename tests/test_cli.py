@@ -39,3 +39,16 @@ def test_bad_input_is_a_one_line_error_not_a_traceback(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith("error:") and "optim.lrr" in lines[0]
+
+
+def test_a_bad_option_value_is_a_one_line_error():
+    result = subprocess.run(
+        [sys.executable, "-m", "cli.main", "bench", "--grad-checkpointing", "one"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: --grad-checkpointing takes stage numbers 1-4, e.g. 1,3; got 'one'"
+    )
