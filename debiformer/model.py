@@ -38,51 +38,59 @@ class Conv2dNHWC(nn.Conv2d):
         return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
-def _residual_depthwise_gelu(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """GELU(h + depthwise conv(h)) on an NHWC map (odd kernel, same-size output)."""
+def _residual_depthwise(hidden: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """h + depthwise conv(h) on an NHWC map (odd kernel, same-size output), in h's dtype."""
     conv = F.conv2d(
         hidden.permute(0, 3, 1, 2),
-        weight,
-        bias,
+        weight.to(hidden.dtype),
+        bias.to(hidden.dtype),
         padding=weight.shape[-1] // 2,
         groups=weight.shape[0],
     )
-    return F.gelu(hidden + conv.permute(0, 2, 3, 1))
+    return hidden + conv.permute(0, 2, 3, 1)
 
 
 class _MlpTail(torch.autograd.Function):
     """`linear(GELU(h + dwconv(h)))` that keeps only `h` for the backward pass and recomputes
     the depthwise convolution and GELU there: one hidden-sized tensor saved instead of three,
-    for two cheap memory-bound ops of recompute. Runs the recompute under the forward pass's
-    autocast settings."""
+    for two cheap memory-bound ops of recompute. Computes in the dtype of `h` (autocast's dtype
+    under autocast); the backward pass is written with aten ops, which torch.compile traces."""
 
     @staticmethod
     def forward(ctx, hidden, conv_weight, conv_bias, weight, bias):
-        device_type = hidden.device.type
-        ctx.autocast = (
-            device_type,
-            torch.get_autocast_dtype(device_type),
-            torch.is_autocast_enabled(device_type),
-        )
         ctx.save_for_backward(hidden, conv_weight, conv_bias, weight)
-        return F.linear(_residual_depthwise_gelu(hidden, conv_weight, conv_bias), weight, bias)
+        activated = F.gelu(_residual_depthwise(hidden, conv_weight, conv_bias))
+        return F.linear(activated, weight.to(hidden.dtype), bias.to(hidden.dtype))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         hidden, conv_weight, conv_bias, weight = ctx.saved_tensors
-        device_type, dtype, enabled = ctx.autocast
-        leaves = [t.detach().requires_grad_() for t in (hidden, conv_weight, conv_bias)]
-        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            activated = _residual_depthwise_gelu(*leaves)
-        grad_output = grad_output.to(activated.dtype)
+        dtype = hidden.dtype
+        pre_activation = _residual_depthwise(hidden, conv_weight, conv_bias)
+        activated = F.gelu(pre_activation)
+        grad_output = grad_output.to(dtype)
         flat_grad_output = grad_output.reshape(-1, grad_output.shape[-1])
-        grad_weight = flat_grad_output.mT @ activated.detach().reshape(-1, activated.shape[-1])
+        grad_weight = flat_grad_output.mT @ activated.reshape(-1, activated.shape[-1])
         grad_bias = flat_grad_output.sum(dim=0)
-        grad_activated = grad_output @ weight.to(activated.dtype)
-        grad_hidden, grad_conv_weight, grad_conv_bias = torch.autograd.grad(
-            activated, leaves, grad_activated
+        grad_pre_activation = torch.ops.aten.gelu_backward(
+            grad_output @ weight.to(dtype), pre_activation
         )
+        channels, _, kernel, _ = conv_weight.shape
+        grad_conv_input, grad_conv_weight, grad_conv_bias = torch.ops.aten.convolution_backward(
+            grad_pre_activation.permute(0, 3, 1, 2),
+            hidden.permute(0, 3, 1, 2),
+            conv_weight.to(dtype),
+            [channels],
+            [1, 1],
+            [kernel // 2, kernel // 2],
+            [1, 1],
+            False,
+            [0, 0],
+            channels,
+            [True, True, True],
+        )
+        grad_hidden = grad_pre_activation + grad_conv_input.permute(0, 2, 3, 1)
         return grad_hidden, grad_conv_weight, grad_conv_bias, grad_weight, grad_bias
 
 
@@ -100,7 +108,9 @@ class Mlp(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         hidden = self.fc1(x)
         if not torch.is_grad_enabled():
-            return self.fc2(_residual_depthwise_gelu(hidden, self.dwconv.weight, self.dwconv.bias))
+            return self.fc2(
+                F.gelu(_residual_depthwise(hidden, self.dwconv.weight, self.dwconv.bias))
+            )
         return _MlpTail.apply(
             hidden, self.dwconv.weight, self.dwconv.bias, self.fc2.weight, self.fc2.bias
         )
