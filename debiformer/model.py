@@ -309,8 +309,15 @@ class DeformableBiLevelRoutingAttention(nn.Module):
         return bias.reshape(batch, self.num_heads, height * width, -1)
 
 
+def _normed(norm: nn.Module, layer: nn.Module, x: Tensor) -> Tensor:
+    """layer(norm(x)): the body of a pre-norm residual branch."""
+    return layer(norm(x))
+
+
 class Block(nn.Module):
-    """Two residual attention + MLP pairs, each led by a depthwise-conv position embedding (NHWC)."""
+    """Two residual attention + MLP pairs, each led by a depthwise-conv position embedding (NHWC).
+    With `grad_checkpointing` on, each attention and MLP branch stores only its input and is
+    recomputed in the backward pass, one branch at a time."""
 
     def __init__(
         self, dim: int, mlp_ratio: float, drop_path: float, attn1: nn.Module, attn2: nn.Module
@@ -327,20 +334,27 @@ class Block(nn.Module):
         self.norm4 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp2 = Mlp(dim, mlp_ratio)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.grad_checkpointing = False
+
+    def _branch(self, norm: nn.Module, layer: nn.Module, x: Tensor) -> Tensor:
+        """drop_path(layer(norm(x))), recomputed in the backward pass when checkpointing."""
+        if self.grad_checkpointing and x.requires_grad:
+            return self.drop_path(checkpoint(_normed, norm, layer, x, use_reentrant=False))
+        return self.drop_path(_normed(norm, layer, x))
 
     def forward(self, x: Tensor) -> Tensor:
         with step("block/pos_embed1"):
             x = x + self.pos_embed1(x)
         with step("block/attn1"):
-            x = x + self.drop_path(self.attn1(self.norm1(x)))
+            x = x + self._branch(self.norm1, self.attn1, x)
         with step("block/mlp1"):
-            x = x + self.drop_path(self.mlp1(self.norm2(x)))
+            x = x + self._branch(self.norm2, self.mlp1, x)
         with step("block/pos_embed2"):
             x = x + self.pos_embed2(x)
         with step("block/attn2"):
-            x = x + self.drop_path(self.attn2(self.norm3(x)))
+            x = x + self._branch(self.norm3, self.attn2, x)
         with step("block/mlp2"):
-            x = x + self.drop_path(self.mlp2(self.norm4(x)))
+            x = x + self._branch(self.norm4, self.mlp2, x)
         return x
 
 
@@ -397,7 +411,6 @@ class DeBiFormer(nn.Module):
             self.stages.append(nn.Sequential(*(self._block(i, rate) for rate in rates)))
         self.norm = nn.BatchNorm2d(dims[-1])
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self.checkpointed_stages: frozenset[int] = frozenset()
         self.apply(_init_weights)
         for module in self.modules():
             if isinstance(module, DeformableBiLevelRoutingAttention):
@@ -440,11 +453,7 @@ class DeBiFormer(nn.Module):
                 x = self.stem(x) if i == 0 else self.downsamples[i - 1](x)
                 x = x.permute(0, 2, 3, 1)
             with step(f"model/stage{i + 1}"):
-                for block in stage:
-                    if i + 1 in self.checkpointed_stages and x.requires_grad:
-                        x = checkpoint(block, x, use_reentrant=False)
-                    else:
-                        x = block(x)
+                x = stage(x)
             x = x.permute(0, 3, 1, 2)
             features.append(x)
         return features
@@ -453,15 +462,18 @@ class DeBiFormer(nn.Module):
     def set_grad_checkpointing(
         self, enable: bool = True, stages: Iterable[int] = (1, 2, 3, 4)
     ) -> None:
-        """Recompute the blocks of `stages` (numbered 1-4) in the backward pass instead of storing
-        their activations (timm's API, plus a choice of stages). With every stage, training
-        memory falls to about the weights and one block's activations, for about one extra
-        forward pass of compute; stages 1 (the highest resolution) and 3 (the deepest) hold
-        most of the activations of the released variants."""
+        """Recompute the attention and MLP branches of the blocks of `stages` (numbered 1-4) in
+        the backward pass instead of storing their activations (timm's API, plus a choice of
+        stages). With every stage, training memory falls to about the weights, the branch
+        inputs and one branch's activations, for about one extra forward pass of compute;
+        stages 1 (the highest resolution) and 3 (the deepest) hold most of the activations of
+        the released variants."""
         stages = frozenset(stages)
         if not stages <= {1, 2, 3, 4}:
             raise UserError(f"gradient checkpointing stages must be 1-4, got {sorted(stages)}")
-        self.checkpointed_stages = stages if enable else frozenset()
+        for number, stage in enumerate(self.stages, start=1):
+            for block in stage:
+                block.grad_checkpointing = enable and number in stages
 
     def forward_head(self, x: Tensor) -> Tensor:
         """Final norm, global average pool and classifier on the last stage map."""
