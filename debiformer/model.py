@@ -21,13 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from debiformer.errors import UserError
 from debiformer.profiling import step
-from debiformer.routing import (
-    from_regions,
-    pad_to_regions,
-    route,
-    routed_attention,
-    to_regions,
-)
+from debiformer.routing import attend_routed_regions, pad_to_regions
 
 
 class Conv2dNHWC(nn.Conv2d):
@@ -137,21 +131,19 @@ class BiLevelRoutingAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         _, height, width, _ = x.shape
         x = pad_to_regions(x, self.n_win)
-        padded_height, padded_width = x.shape[1:3]
         with step("bra/qkv_projection"):
             query, key, value = self.qkv(x).chunk(3, dim=-1)
-        with step("bra/routed_attention"):
-            query_regions = to_regions(query, self.n_win)
-            key_regions = to_regions(key, self.n_win)
-            value_regions = to_regions(value, self.n_win)
-        with step("bra/region_routing"):
-            topk = min(self.topk, self.n_win**2)
-            region_index = route(query_regions, key_regions, topk, self.scale)
-        with step("bra/routed_attention"):
-            output = routed_attention(
-                query_regions, key_regions, value_regions, region_index, self.num_heads, self.scale
-            )
-            output = from_regions(output, self.n_win, padded_height, padded_width)
+        output = attend_routed_regions(
+            query,
+            key,
+            value,
+            self.n_win,
+            self.topk,
+            self.num_heads,
+            self.scale,
+            attention_step="bra/routed_attention",
+            routing_step="bra/region_routing",
+        )
         with step("bra/lepe"):
             output = output + self.lepe(value)
         with step("bra/output_projection"):
@@ -266,19 +258,18 @@ class DeformableBiLevelRoutingAttention(nn.Module):
         agent_height, agent_width = agents.shape[1:3]
         with step("dbra/agent_attention"):
             agent_queries = pad_to_regions(self.proj_q(agents), self.n_win)
-            padded_agent_height, padded_agent_width = agent_queries.shape[1:3]
-            agent_regions = to_regions(agent_queries, self.n_win)
-            key_regions = to_regions(key, self.n_win)
-            value_regions = to_regions(value, self.n_win)
-        with step("dbra/region_routing"):
-            topk = min(self.topk, self.n_win**2)
-            region_index = route(agent_regions, key_regions, topk, self.scale)
-        with step("dbra/agent_attention"):
-            context = routed_attention(
-                agent_regions, key_regions, value_regions, region_index, self.num_heads, self.scale
-            )
-            context = from_regions(context, self.n_win, padded_agent_height, padded_agent_width)
-            return context[:, :agent_height, :agent_width]
+        context = attend_routed_regions(
+            agent_queries,
+            key,
+            value,
+            self.n_win,
+            self.topk,
+            self.num_heads,
+            self.scale,
+            attention_step="dbra/agent_attention",
+            routing_step="dbra/region_routing",
+        )
+        return context[:, :agent_height, :agent_width]
 
     def _query_agent_attention(self, query: Tensor, agents: Tensor, positions: Tensor) -> Tensor:
         """Every pixel attends to all agents with a DAT-style relative position bias: (N, H, W, C)."""

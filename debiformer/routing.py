@@ -2,7 +2,7 @@
 
 A feature map is cut into S×S regions. Each query region picks its top-k key regions
 by the similarity of region means (`route`), then attends only to the pixels of those
-regions (`routed_attention`).
+regions (`routed_attention`). `attend_routed_regions` does all of it on NHWC maps.
 
 The routed attention never builds the (regions × top-k) copy of the keys and values that
 a gather on an expanded tensor makes (nor that copy's gradient, S² times larger). It takes
@@ -195,6 +195,35 @@ def routed_attention(
     slots = (region_index + offsets).flatten(0, 1)
     output = _RoutedAttention.apply(queries, keys, values, slots, scale)
     return merge_heads(output, batch)
+
+
+def attend_routed_regions(
+    query_map: Tensor,
+    key_map: Tensor,
+    value_map: Tensor,
+    regions_per_side: int,
+    topk: int,
+    num_heads: int,
+    scale: float,
+    attention_step: str,
+    routing_step: str,
+) -> Tensor:
+    """Bi-level routing on NHWC maps whose sides divide by S: cut them into S×S regions, route
+    each query region to its top-k key regions (k at most S²), attend to their pixels and stitch
+    the query regions back into a map. The query map may be smaller than the key map (DBRA's
+    agents). The two step names label the work for `debiformer profile`."""
+    height, width = query_map.shape[1:3]
+    with step(attention_step):
+        query_regions = to_regions(query_map, regions_per_side)
+        key_regions = to_regions(key_map, regions_per_side)
+        value_regions = to_regions(value_map, regions_per_side)
+    with step(routing_step):
+        region_index = route(query_regions, key_regions, min(topk, regions_per_side**2), scale)
+    with step(attention_step):
+        output = routed_attention(
+            query_regions, key_regions, value_regions, region_index, num_heads, scale
+        )
+        return from_regions(output, regions_per_side, height, width)
 
 
 def _image_heads(regions: Tensor, num_heads: int) -> Tensor:
