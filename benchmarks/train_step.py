@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument(
         "--grad-checkpointing",
         default="",
-        help="stages (1-4) whose blocks are recomputed in the backward pass, e.g. 1,3",
+        help="stages (1-4) whose attention and MLP branches are recomputed in backward, e.g. 1,3",
     )
     args = parser.parse_args()
     stages = [int(stage) for stage in args.grad_checkpointing.split(",") if stage]

@@ -416,9 +416,10 @@ def run_bench(
     """Benchmark DeBiFormer `models` (default: tiny, small, base) in each of `impls` and the
     timm `compare` models, in each of `modes`; returns one record per configuration.
 
-    `grad_checkpointing` names the DeBiFormer stages whose blocks are recomputed in the backward
-    pass (train mode). `fresh_process` (default: on the CPU) measures each configuration in a new process so that
-    its CPU peak memory is its own; in-process CPU peaks are a lower bound after a larger one.
+    `grad_checkpointing` names the DeBiFormer stages whose attention and MLP branches are
+    recomputed in the backward pass (train mode). `fresh_process` (default: on the CPU) measures
+    each configuration in a new process so that its CPU peak memory is its own; in-process CPU
+    peaks are a lower bound after a larger one.
     `on_record` is called with each record as soon as it is measured.
     """
     torch_device = resolve_device(device)
