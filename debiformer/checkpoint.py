@@ -1,9 +1,17 @@
-"""Checkpoint files: atomic writes, readable load errors, and the RNG states exact resume needs."""
+"""Checkpoint files: safe loading, atomic writes, and the RNG states exact resume needs.
+
+Loading never runs code from the file. Every file goes through `torch.load(weights_only=True)`,
+which rebuilds only tensors and plain containers; the few other types this tool's older
+checkpoints and the authors' release hold (numpy RNG arrays, argparse namespaces) are
+allow-listed by name. A file that needs anything else is refused with one line naming the type.
+"""
 
 from __future__ import annotations
 
-import os
+import argparse
 import random
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,37 +19,60 @@ import numpy as np
 import torch
 
 from debiformer.errors import UserError
+from debiformer.runtime import atomic_writer
 
 FORMAT = "debiformer-train/1"
 
 
+def _numpy_array_globals() -> list:
+    """What a pickled numpy array refers to: older checkpoints kept numpy's RNG state as one."""
+    multiarray = getattr(np, "_core", None) or np.core
+    dtypes = [type(np.dtype(kind)) for kind in ("uint32", "float64", "int64")]
+    return [multiarray.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]
+
+
+SAFE_GLOBALS = [*_numpy_array_globals(), argparse.Namespace]
+
+
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Writes `state` to `path` atomically: a temporary file in the same folder, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as file:
-            torch.save({"format": FORMAT, **state}, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_writer(path, "wb") as file:
+        torch.save({"format": FORMAT, **state}, file)
+
+
+def _refusal(path: Path, error: Exception) -> UserError:
+    """The one-line error for a file that `torch.load(weights_only=True)` would not rebuild."""
+    message = str(error)
+    fix = "save its state dict (tensors only) or a .safetensors file"
+    named_global = re.search(r"GLOBAL ([\w.]+)", message)
+    if message.startswith("Weights only load failed") and named_global:
+        return UserError(
+            f"checkpoint {path} holds Python objects that are not weights "
+            f"({named_global.group(1)}): refused, because loading them could run code; {fix}"
+        )
+    if message.startswith("Weights only load failed"):
+        return UserError(
+            f"checkpoint {path} is not a readable checkpoint: it is damaged or holds pickled "
+            f"Python objects (refused, because loading them could run code); {fix}"
+        )
+    reason = message.splitlines()[0] if message else type(error).__name__
+    return UserError(
+        f"checkpoint {path} is not a readable checkpoint ({type(error).__name__}): {reason}"
+    )
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Reads a checkpoint onto the CPU; an unreadable file is a `UserError` naming it."""
+    """Reads a checkpoint onto the CPU without running code from it; an unreadable or unsafe file
+    is a `UserError` naming it."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch.load raises many types for a damaged file
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(
-            f"checkpoint {path} is not a readable checkpoint ({type(error).__name__}): {reason}"
-        ) from None
+        with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many types for a damaged or unsafe file
+        raise _refusal(path, error) from None
     if not isinstance(state, dict):
         raise UserError(
             f"checkpoint {path} is not a readable checkpoint: it holds a {type(state).__name__}"
@@ -55,10 +86,18 @@ def is_training_checkpoint(state: dict[str, Any]) -> bool:
 
 
 def rng_state() -> dict[str, Any]:
-    """The states of every random generator a training step may draw from."""
+    """The states of every random generator a training step may draw from, as tensors and plain
+    Python values (loadable with `weights_only=True`)."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": [
+            kind,
+            torch.from_numpy(keys.astype(np.int64)),
+            position,
+            has_gauss,
+            cached_gaussian,
+        ],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -67,9 +106,11 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restores generator states saved by `rng_state`."""
+    """Restores generator states saved by `rng_state` (or by older checkpoints, as numpy arrays)."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    keys = np.asarray(keys.numpy() if isinstance(keys, torch.Tensor) else keys, dtype=np.uint32)
+    np.random.set_state((kind, keys, position, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

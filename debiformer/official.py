@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from debiformer.checkpoint import load_checkpoint
 from debiformer.errors import UserError
 
 # (pattern in a released key, replacement in this project's key), applied in order.
@@ -65,14 +66,7 @@ def load_official_state_dict(model: nn.Module, state_dict: dict[str, torch.Tenso
 
 def load_official_checkpoint(model: nn.Module, path: str | Path) -> None:
     """Load a released checkpoint file (a raw state dict or `{'model': state_dict}`) into `model`."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(f"checkpoint {path} is not a readable PyTorch file ({reason})") from None
+    checkpoint = load_checkpoint(path)
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
         checkpoint = checkpoint["model"]
     if not isinstance(checkpoint, dict) or not all(

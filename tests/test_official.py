@@ -3,10 +3,10 @@ checkpoint files load through `load_official_checkpoint` with one-line errors.""
 
 import pytest
 import torch
-from official_fixture import load_fixture, official_input, official_state_dict
 
 import debiformer
 from debiformer.errors import UserError
+from tests.helpers.official_fixture import load_fixture, official_input, official_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_corrupt_and_missing_files_are_one_line_errors(tmp_path):
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"not a checkpoint")
     for path, message in (
-        (corrupt, "not a readable PyTorch file"),
+        (corrupt, "not a readable checkpoint"),
         (tmp_path / "absent.pth", "does not exist"),
     ):
         with pytest.raises(UserError, match=message) as error:

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from reference_attention import masked_dense_attention
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from debiformer.routing import (
@@ -14,6 +13,7 @@ from debiformer.routing import (
     routed_attention,
     to_regions,
 )
+from tests.helpers.reference_attention import masked_dense_attention
 
 CASES = [
     # batch, regions per side, query len, key len, channels, heads, top-k

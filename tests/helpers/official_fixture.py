@@ -1,4 +1,4 @@
-"""Rebuild the state dict and input of `shared/fixtures/official_tiny_224.json` as its README specifies."""
+"""Rebuild the state dict and input of `tests/fixtures/official_tiny_224.json` as its README specifies."""
 
 import json
 import math
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official_tiny_224.json"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "official_tiny_224.json"
 
 
 @cache

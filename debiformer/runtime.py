@@ -1,0 +1,262 @@
+"""Where code runs and how: device choice, precision, synchronisation, peak memory, collectives
+across torchrun processes, and atomic file writes. Each of these lives here and nowhere else.
+
+Precision has one vocabulary everywhere (recipes, `train`, `eval`, `bench`, `profile`):
+`fp32` (no autocast), `bf16` or `fp16` (autocast to that type; fp16 only on CUDA).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+import torch.distributed as dist
+
+from debiformer.errors import UserError
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEVICES = ("auto", "cpu", "cuda")
+
+
+# ----------------------------------------------------------------------------- device, precision
+
+
+def select_device(choice: str | None = "auto", *, option: str = "--device") -> torch.device:
+    """This process's device: `cuda:LOCAL_RANK` for "cuda", or "auto"/None when CUDA is present,
+    else the CPU. `option` names the setting in the error for "cuda" without a GPU."""
+    choice = choice or "auto"
+    if choice not in DEVICES:
+        raise UserError(f"{option}: unknown device {choice!r}; choose one of {', '.join(DEVICES)}")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{option}: cuda requested but no CUDA device is available; use cpu")
+    if choice in ("auto", "cuda") and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def check_precision(precision: str, device: torch.device, *, option: str = "--precision") -> None:
+    """Rejects a precision that does not exist or that `device` cannot autocast to."""
+    if precision not in PRECISIONS:
+        raise UserError(
+            f"{option}: unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}"
+        )
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError(f"{option}: fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+
+
+def autocast(device: torch.device, precision: str) -> AbstractContextManager:
+    """Mixed precision for bf16/fp16 on `device`; nothing for fp32."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+
+
+def synchronize(device: torch.device) -> None:
+    """Waits for queued device work, so wall-clock times cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- peak memory
+
+
+def _proc_status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status ("VmRSS", "VmHWM") in MB; None off Linux."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_cpu_peak() -> bool:
+    """Resets this process's peak RSS (VmHWM) to its current RSS; False where Linux can't."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return False
+    return _proc_status_mb("VmHWM") is not None
+
+
+def _ru_maxrss_mb() -> float:
+    """Process-lifetime peak RSS in MB (`ru_maxrss` is kB on Linux, bytes on macOS)."""
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024
+
+
+@contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
+    """Yields a dict whose "mb" is set on exit to the peak memory the block added.
+
+    CUDA: the allocator's maximum minus what was allocated before. CPU: the peak resident set
+    size minus the RSS before, after resetting the peak (Linux); elsewhere the rise of the
+    lifetime peak `ru_maxrss`, which stays 0 until an earlier, higher peak is passed.
+    """
+    result: dict[str, float] = {}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device) / 2**20
+        yield result
+        result["mb"] = torch.cuda.max_memory_allocated(device) / 2**20 - start
+    elif _reset_cpu_peak():
+        start = _proc_status_mb("VmRSS")
+        yield result
+        result["mb"] = _proc_status_mb("VmHWM") - start
+    else:
+        start = _ru_maxrss_mb()
+        yield result
+        result["mb"] = _ru_maxrss_mb() - start
+
+
+# ----------------------------------------------------------------------------- collectives
+
+
+def is_distributed() -> bool:
+    """True inside a torchrun job of more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_process_group(device: torch.device) -> None:
+    """Joins the torchrun job (NCCL on GPUs, gloo on the CPU), keying the rendezvous by restart
+    attempt: torchrun keeps its store across `--max-restarts` restarts, and restarted workers
+    must not read the dead ones' addresses."""
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"debiformer/attempt_{attempt}", store)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+
+
+def barrier() -> None:
+    """Waits for every rank (nothing outside a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def gather(value: Any) -> list[Any]:
+    """`value` from every rank, in rank order."""
+    if rank_and_world()[1] == 1:
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def broadcast(value: Any) -> Any:
+    """Rank 0's `value`, on every rank."""
+    if rank_and_world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def mean_over_ranks(value: torch.Tensor) -> float:
+    """The mean of a scalar tensor over ranks, as a Python float (a host sync)."""
+    if rank_and_world()[1] > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return float(value)
+
+
+def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """`values` summed element-wise over ranks (in place)."""
+    if rank_and_world()[1] > 1:
+        dist.all_reduce(values)
+    return values
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True if `flag` is set on any rank (every rank gets the same answer)."""
+    if rank_and_world()[1] == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+# ----------------------------------------------------------------------------- files
+
+
+TEMP_MARK = ".tmp-"
+
+
+@contextmanager
+def atomic_writer(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """Opens a temporary file beside `path` for writing; on success it is flushed, synced and
+    renamed to `path`, so readers see the old file or the whole new one, never a part.
+    On failure the temporary file is removed and `path` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
+    try:
+        with open(tmp, mode) as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes `text` to `path` atomically."""
+    with atomic_writer(path) as file:
+        file.write(text)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Writes `data` as indented JSON to `path` atomically."""
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Removes temporary files that killed atomic writes left in `folder`; returns them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if p.name.startswith(".") and TEMP_MARK in p.name]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def check_writable(path: str | os.PathLike, option: str) -> Path:
+    """`path` as a file that can be written (its folder exists or can be made, and is writable;
+    the path is not a directory), checked before any work; a `UserError` naming `option` if not."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {path}: is a directory; give a file name")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"{option} {path}: cannot create {folder} ({error.strerror})") from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".probe{TEMP_MARK}"):
+            pass
+    except OSError as error:
+        raise UserError(f"{option} {path}: {folder} is not writable ({error.strerror})") from None
+    return path

@@ -1,0 +1,113 @@
+"""Loading never runs code hidden in a checkpoint: a malicious pickle, saved with torch.save or as a
+plain pickle, at the top level or nested in a dict, is refused by every way in with one line."""
+
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import debiformer
+from debiformer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from debiformer.errors import UserError
+
+
+class Payload:
+    """Unpickling this runs `touch MARKER`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def malicious_files(folder: Path) -> list[Path]:
+    """The payload as torch.save and plain pickle files, at the top level and inside a dict."""
+    marker = folder / "PWNED"
+    payload = Payload(marker)
+    nested = {"model": {"stem.0.weight": torch.zeros(1)}, "extra": payload}
+    files = []
+    for name, obj in (("top", payload), ("nested", nested)):
+        torch.save(obj, folder / f"{name}.pt")
+        with open(folder / f"{name}.pkl", "wb") as file:
+            pickle.dump(obj, file)
+        files += [folder / f"{name}.pt", folder / f"{name}.pkl"]
+    return files
+
+
+def synthetic_recipe(path: Path) -> Path:
+    recipe = {
+        "model": {"name": "debiformer_nano", "arch": {"dims": [32] * 4, "depths": [1] * 4}},
+        "data": {"backend": "synthetic", "image_size": 32, "num_classes": 4,
+                 "synthetic_samples": 16, "num_workers": 0},
+        "schedule": {"epochs": 1},
+        "train": {"batch_size": 8, "device": "cpu"},
+        "output": {"progress": False},
+    }  # fmt: skip
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """Runs the `debiformer` command in this process; returns (exit code, stderr)."""
+    from cli.main import main
+
+    monkeypatch.setattr(sys, "argv", ["debiformer", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.fixture
+def recipe(tmp_path) -> Path:
+    return synthetic_recipe(tmp_path / "recipe.yaml")
+
+
+@pytest.mark.parametrize("way", ["eval", "eval --official", "train --resume"])
+def test_the_cli_never_runs_a_payload(way, recipe, tmp_path, monkeypatch, capsys):
+    for file in malicious_files(tmp_path):
+        command, *flags = way.split()
+        if command == "eval":
+            args = ["eval", str(recipe), "--checkpoint", str(file), *flags]
+        else:
+            args = ["train", str(recipe), "--resume", str(file), "--out", str(tmp_path / "run")]
+        code, err = run_main(monkeypatch, capsys, *args)
+        assert not (tmp_path / "PWNED").exists(), f"{way} {file.name} ran the payload"
+        assert code == 2, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "refused" in lines[0] and file.name in lines[0], err
+
+
+def test_the_library_loaders_never_run_a_payload(tmp_path):
+    for file in malicious_files(tmp_path):
+        with pytest.raises(UserError, match="refused") as error:
+            load_checkpoint(file)
+        if file.suffix == ".pt":
+            assert "posix.system" in str(error.value)
+        with pytest.raises(UserError, match="refused"):
+            debiformer.load_official_checkpoint(debiformer.create_model("debiformer_nano"), file)
+        assert not (tmp_path / "PWNED").exists()
+
+
+def test_rng_states_survive_a_safe_round_trip(tmp_path):
+    torch.manual_seed(5)
+    state = rng_state()
+    expected = (torch.rand(3), __import__("numpy").random.rand(3), __import__("random").random())
+    save_checkpoint({"rng": state}, tmp_path / "c.pt")
+    set_rng_state(load_checkpoint(tmp_path / "c.pt")["rng"])
+    again = (torch.rand(3), __import__("numpy").random.rand(3), __import__("random").random())
+    assert torch.equal(expected[0], again[0])
+    assert (expected[1] == again[1]).all() and expected[2] == again[2]
+
+
+def test_older_checkpoints_with_numpy_rng_arrays_still_load(tmp_path):
+    import numpy as np
+
+    old_style = {"format": "debiformer-train/1", "rng": {"numpy": np.random.get_state()}}
+    torch.save(old_style, tmp_path / "old.pt")
+    state = load_checkpoint(tmp_path / "old.pt")
+    assert (state["rng"]["numpy"][1] == np.random.get_state()[1]).all()
