@@ -1,1 +1,1 @@
-"""The `debiformer` command line."""
+"""The `debiformer` command line, installed as the package `debiformer.cli`."""

@@ -1,19 +1,19 @@
-"""`debiformer bench` and `debiformer profile`: parse options, call the library, print the table
-and write JSON."""
+"""`debiformer bench`: parses the options into a `BenchOptions` (checked before any work),
+runs the benchmark, prints the table and writes the JSON records."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
 LIST_HELP = "comma-separated or repeated"
+MODE_CHOICES = {"infer": ("infer",), "train": ("train",), "both": ("infer", "train")}
 
 
 def _names(values: list[str]) -> list[str]:
-    """Flatten repeated and comma-separated option values: ["a,b", "c"] -> ["a", "b", "c"]."""
+    """Flattens repeated and comma-separated option values: ["a,b", "c"] -> ["a", "b", "c"]."""
     return [name.strip() for value in values for name in value.split(",") if name.strip()]
 
 
@@ -29,18 +29,20 @@ def _stages(values: list[str]) -> tuple[int, ...]:
     return tuple(int(name) for name in names)
 
 
-def _write_json(path: Path | None, data: object) -> None:
-    """Write `data` as indented JSON to `path`, if one was given."""
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=2) + "\n")
+def _modes(mode: str) -> tuple[str, ...]:
+    """The modes `--mode` names."""
+    from debiformer.errors import UserError
+
+    if mode not in MODE_CHOICES:
+        raise UserError(f"--mode: unknown mode {mode!r}; choose infer, train or both")
+    return MODE_CHOICES[mode]
 
 
 def bench(
     models: list[str] = typer.Option(
         [], "--models", help=f"DeBiFormer variants ({LIST_HELP}); default: tiny, small, base."
     ),
-    resolution: int = typer.Option(224, "--resolution", help="Image side in pixels."),
+    resolution: int = typer.Option(224, "--resolution", help="Image side in pixels (32 or more)."),
     batch_size: int = typer.Option(
         32, "--batch-size", help="Images per step (halved on out-of-memory)."
     ),
@@ -50,8 +52,8 @@ def bench(
         help="infer (eval, no grad), train (forward + backward + AdamW step) or both.",
     ),
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (CUDA only)."),
-    device: str | None = typer.Option(
-        None, "--device", help="cpu or cuda (default: cuda if present)."
+    device: str = typer.Option(
+        "auto", "--device", help="auto (cuda if present, else cpu), cpu or cuda."
     ),
     channels_last: bool = typer.Option(False, "--channels-last", help="NHWC memory format."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
@@ -71,14 +73,14 @@ def bench(
     json_path: Path | None = typer.Option(None, "--json", help="Also write the records here."),
 ) -> None:
     """Images/s, ms per batch, peak memory, parameters and MACs, as a table."""
-    from debiformer.bench import bench_table, run_bench
+    from debiformer.runtime import check_writable, write_json
+    from debiformer.tools.bench import DEFAULT_MODELS, BenchOptions, bench_table, run_bench
 
-    console = Console()
-    records = run_bench(
-        models=_names(models) or None,
-        compare=_names(compare),
-        impls=_names(impl),
-        modes=["infer", "train"] if mode == "both" else [mode],
+    options = BenchOptions(
+        models=tuple(_names(models)) or DEFAULT_MODELS,
+        compare=tuple(_names(compare)),
+        impls=tuple(_names(impl)),
+        modes=_modes(mode),
         resolution=resolution,
         batch_size=batch_size,
         precision=precision,
@@ -88,6 +90,12 @@ def bench(
         grad_checkpointing=_stages(grad_checkpointing),
         warmup=warmup,
         iterations=iterations,
+    )
+    if json_path is not None:
+        check_writable(json_path, "--json")
+    console = Console()
+    records = run_bench(
+        options,
         on_record=lambda record: console.print(
             f"{record['model']} {record['impl']} {record['mode']}: "
             f"{record['images_per_s']:.1f} images/s {record['note']}",
@@ -95,42 +103,5 @@ def bench(
         ),
     )
     console.print(bench_table(records))
-    _write_json(json_path, records)
-
-
-def profile(
-    op: str = typer.Option("dbra", "--op", help="dbra, bra, block or model."),
-    stage: int = typer.Option(1, "--stage", help="Stage 1-4 whose first block holds the op."),
-    variant: str = typer.Option("debiformer_tiny", "--variant", help="DeBiFormer variant."),
-    resolution: int = typer.Option(224, "--resolution", help="Image side in pixels."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Images per iteration."),
-    device: str | None = typer.Option(
-        None, "--device", help="cpu or cuda (default: cuda if present)."
-    ),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (CUDA only)."),
-    impl: str = typer.Option("fast", "--impl", help="Routed attention: fast or reference."),
-    warmup: int = typer.Option(2, "--warmup", help="Unprofiled iterations first (at least 1)."),
-    iterations: int = typer.Option(5, "--iterations", help="Profiled iterations (averaged)."),
-    trace: Path | None = typer.Option(None, "--trace", help="Write a Chrome trace here."),
-    json_path: Path | None = typer.Option(None, "--json", help="Also write the profile here."),
-) -> None:
-    """Forward and backward time and memory of each named step of an op, with its share."""
-    from debiformer.profile import profile_table, run_profile
-
-    if trace is not None:
-        trace.parent.mkdir(parents=True, exist_ok=True)
-    result = run_profile(
-        op=op,
-        stage=stage,
-        variant=variant,
-        resolution=resolution,
-        batch_size=batch_size,
-        device=device,
-        precision=precision,
-        impl=impl,
-        warmup=warmup,
-        iterations=iterations,
-        trace_path=trace,
-    )
-    Console().print(profile_table(result))
-    _write_json(json_path, result)
+    if json_path is not None:
+        write_json(json_path, records)

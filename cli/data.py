@@ -4,7 +4,10 @@ from pathlib import Path
 
 import typer
 
-from debiformer.data import WriterOptions, bench_loaders, convert_to_ffcv, inspect_ffcv_file
+from debiformer.data import WriterOptions, convert_to_ffcv, inspect_ffcv_file
+from debiformer.tools.loader_bench import bench_loaders
+
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 app = typer.Typer(help="Convert, inspect and benchmark image data.", no_args_is_help=True)
 
@@ -31,7 +34,10 @@ def convert(
         False, "--skip-bad", help="Skip unreadable images with a warning instead of stopping."
     ),
 ) -> None:
-    """Write an FFCV file from an ImageFolder tree or the Fashion-MNIST idx files."""
+    """Write an FFCV file from an ImageFolder tree or the Fashion-MNIST idx files.
+
+    Ctrl-C stops the conversion and all its processes (exit code 130; SIGTERM: 143) and leaves no
+    file behind."""
     options = WriterOptions(
         max_resolution=max_resolution,
         write_mode=write_mode,
@@ -43,12 +49,16 @@ def convert(
         on_bad_image="skip" if skip_bad else "stop",
         split=split,
     )
-    convert_to_ffcv(source, out, options)
+    try:
+        convert_to_ffcv(source, out, options)
+    except KeyboardInterrupt:
+        raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
 
 
 @app.command()
 def inspect(file: Path = typer.Argument(..., help="FFCV file.")) -> None:
-    """Print the samples, classes, per-class counts and image-size range of an FFCV file."""
+    """Print the samples, classes (names where stored), per-class counts and image-size range of
+    an FFCV file."""
     inspect_ffcv_file(file)
 
 

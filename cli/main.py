@@ -1,13 +1,22 @@
-"""The `debiformer` command: parses arguments and calls one library function per subcommand."""
+"""The `debiformer` command: parses arguments and calls one library function per subcommand.
+
+Installed as `debiformer.cli.main` (the source folder cli/ maps to the package debiformer.cli),
+so sibling modules are imported as `debiformer.cli.<module>`, never as `cli.<module>`.
+"""
 
 import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 import debiformer
-from cli import bench, data, train
+from debiformer.cli import bench, data, profile, recipes, train
+from debiformer.cli import eval as eval_command
 from debiformer.errors import UserError
+
+# Click's exception base class, whether Typer uses click or its own copy of it.
+CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 app = typer.Typer(
     name="debiformer",
@@ -38,19 +47,40 @@ def _root(
 
 
 app.command("train")(train.train)
-app.command("eval")(train.evaluate)
+app.command("eval")(eval_command.evaluate)
 app.command("bench")(bench.bench)
-app.command("profile")(bench.profile)
+app.command("profile")(profile.profile)
 app.add_typer(data.app, name="data")
+app.add_typer(recipes.app, name="recipes")
 
 
 def main() -> None:
-    """Entry point: runs the app and turns a `UserError` into a one-line message and exit code 2."""
+    """Entry point: a `UserError`, a usage error or a bad option value becomes one `error:` line
+    on stderr (exit code 2) instead of a traceback or a boxed usage message."""
     try:
-        app()
+        code = app(prog_name="debiformer", standalone_mode=False)
     except UserError as error:
-        Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(str(error), 2)
+    except CLICK_ERROR as error:
+        if type(error).__name__ == "NoArgsIsHelpError":  # no arguments: the help, already shown
+            if error.format_message().strip():
+                error.show()
+            sys.exit(error.exit_code)
+        ctx = getattr(error, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        _fail(f"{error.format_message()}{hint}", error.exit_code)
+    except typer.Abort:
+        _fail("aborted", 1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, exit_code: int) -> None:
+    """Prints `error: <message>` as one line on stderr and exits."""
+    message = " ".join(message.split())
+    Console(stderr=True).print(
+        f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True
+    )
+    sys.exit(exit_code)
 
 
 if __name__ == "__main__":

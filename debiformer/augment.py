@@ -313,3 +313,65 @@ class DeviceRandAugment:
                 if len(chosen):
                     images[chosen] = op(images[chosen], level[chosen], sign[chosen])
         return images
+
+
+def random_horizontal_flip(
+    images: torch.Tensor, probability: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Mirror each image of an (N, C, H, W) batch with probability `probability` (a new tensor)."""
+    chosen = torch.rand(len(images), generator=generator, device=images.device) < probability
+    return torch.where(_per_image(chosen), images.flip(-1), images)
+
+
+@dataclass(frozen=True)
+class DeviceRandomErasing:
+    """timm's `RandomErasing(probability, mode="pixel")` for a normalised float batch, drawing from a
+    given generator: each image, with probability `probability`, gets one rectangle of Gaussian
+    noise covering `scale` of its area with an aspect ratio log-uniform in `ratio` (the first of
+    `attempts` draws that fits; none if none fits)."""
+
+    probability: float
+    scale: tuple[float, float] = (0.02, 1 / 3)
+    ratio: tuple[float, float] = (0.3, 1 / 0.3)
+    attempts: int = 10
+
+    def _boxes(
+        self, n: int, height: int, width: int, generator: torch.Generator | None, device
+    ) -> tuple[torch.Tensor, ...]:
+        """Per image: (erase?, top, left, box height, box width) as (N,) tensors."""
+        draws = torch.rand(n, self.attempts, 2, generator=generator, device=device)
+        area = height * width * (self.scale[0] + (self.scale[1] - self.scale[0]) * draws[..., 0])
+        log_low, log_high = math.log(self.ratio[0]), math.log(self.ratio[1])
+        aspect = torch.exp(log_low + (log_high - log_low) * draws[..., 1])
+        box_h = torch.sqrt(area * aspect).round().long()
+        box_w = torch.sqrt(area / aspect).round().long()
+        fits = (box_h < height) & (box_w < width)
+        first = fits.int().argmax(1, keepdim=True)
+        box_h, box_w = box_h.gather(1, first).squeeze(1), box_w.gather(1, first).squeeze(1)
+        chosen = torch.rand(n, generator=generator, device=device) < self.probability
+        corner = torch.rand(n, 2, generator=generator, device=device)
+        top = (corner[:, 0] * (height - box_h + 1)).long()
+        left = (corner[:, 1] * (width - box_w + 1)).long()
+        return chosen & fits.any(1), top, left, box_h, box_w
+
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        n, channels, height, width = images.shape
+        erase, top, left, box_h, box_w = self._boxes(n, height, width, generator, images.device)
+        rows = torch.arange(height, device=images.device).view(1, height, 1)
+        cols = torch.arange(width, device=images.device).view(1, 1, width)
+        inside = (
+            (rows >= _column(top)) & (rows < _column(top + box_h))
+            & (cols >= _column(left)) & (cols < _column(left + box_w))
+        )  # fmt: skip
+        mask = (inside & _column(erase)).unsqueeze(1)
+        noise = torch.randn(
+            images.shape, generator=generator, device=images.device, dtype=images.dtype
+        )
+        return torch.where(mask, noise, images)
+
+
+def _column(values: torch.Tensor) -> torch.Tensor:
+    """(N,) -> (N, 1, 1) for broadcasting over rows and columns."""
+    return values.view(-1, 1, 1)

@@ -21,7 +21,8 @@ import torch
 from debiformer.errors import UserError
 from debiformer.runtime import atomic_writer
 
-FORMAT = "debiformer-train/1"
+# the layout of training checkpoints; /1 files (RNG states as numpy arrays) load for evaluation
+FORMAT = "debiformer-train/2"
 
 
 def _numpy_array_globals() -> list:
@@ -82,7 +83,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def is_training_checkpoint(state: dict[str, Any]) -> bool:
     """True for files written by this tool's training loop (not a bare or released state dict)."""
-    return state.get("format") == FORMAT
+    return str(state.get("format", "")).startswith("debiformer-train/")
 
 
 def rng_state() -> dict[str, Any]:

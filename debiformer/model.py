@@ -11,6 +11,7 @@ to the region grid and crops its output back.
 
 from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 import timm
 import torch
@@ -20,8 +21,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from debiformer.errors import UserError
-from debiformer.profiling import step
+from debiformer.regions import step
 from debiformer.routing import attend_routed_regions, pad_to_regions
+from debiformer.weights import load_weights_file
 
 
 class Conv2dNHWC(nn.Conv2d):
@@ -525,30 +527,81 @@ def list_models() -> list[str]:
     return list(VARIANTS)
 
 
+def resolve_architecture(
+    name: str, drop_path_rate: float | None = None, overrides: dict | None = None, prefix: str = ""
+) -> Architecture:
+    """The `Architecture` of variant `name` with `overrides` (field name -> value) applied,
+    checked; a `UserError` naming `prefix` + the field for anything a model cannot be built from."""
+    if name not in VARIANTS:
+        raise UserError(f"unknown model {name!r}; choose one of {', '.join(VARIANTS)}")
+    known = {field.name for field in fields(Architecture)}
+    unknown = sorted(set(overrides or {}) - known)
+    if unknown:
+        raise UserError(
+            f"unknown key '{prefix}{unknown[0]}'; known options: {', '.join(sorted(known))}"
+        )
+    values = {
+        key: tuple(value) if isinstance(value, (list, tuple)) else value
+        for key, value in (overrides or {}).items()
+    }
+    if drop_path_rate is not None:
+        values["drop_path_rate"] = drop_path_rate
+    arch = replace(VARIANTS[name], **values)
+    _check_architecture(arch, prefix)
+    return arch
+
+
+def _check_architecture(arch: Architecture, prefix: str) -> None:
+    """Raises for the first field of `arch` that no model could be built from."""
+
+    def fail(key: str, expected: str) -> UserError:
+        return UserError(f"{prefix}{key}: expected {expected}, got {getattr(arch, key)!r}")
+
+    for spec in fields(Architecture):
+        value = getattr(arch, spec.name)
+        if isinstance(spec.default, tuple):
+            if not isinstance(value, tuple) or len(value) != 4:
+                raise fail(spec.name, "4 values (one per stage)")
+            if not all(isinstance(v, (int, float)) and v >= 0 for v in value):
+                raise fail(spec.name, "non-negative numbers")
+    positive = ("dims", "mlp_ratios", "attn1_topks", "attn2_topks", "offset_groups",
+                "offset_kernels", "offset_strides", "agent_mlp_ratios", "rpe_sizes")  # fmt: skip
+    for key in positive:
+        if not all(v > 0 for v in getattr(arch, key)):
+            raise fail(key, "positive values")
+    if not isinstance(arch.head_dim, int) or arch.head_dim < 1:
+        raise fail("head_dim", "a positive integer")
+    if not isinstance(arch.n_win, int) or arch.n_win < 1:
+        raise fail("n_win", "a positive integer")
+    if any(dim % arch.head_dim for dim in arch.dims):
+        raise fail("dims", f"multiples of head_dim ({arch.head_dim})")
+    if any(dim % groups for dim, groups in zip(arch.dims, arch.offset_groups, strict=True)):
+        raise fail("offset_groups", f"divisors of dims {arch.dims}")
+    regions = arch.n_win**2
+    for key in ("attn1_topks", "attn2_topks"):
+        if any(k > regions for k in getattr(arch, key)):
+            raise fail(key, f"at most n_win² = {regions} regions per stage")
+    if not 0 <= arch.drop_path_rate < 1:
+        raise fail("drop_path_rate", "a rate in [0, 1)")
+
+
 def create_model(
     name: str,
     num_classes: int = 1000,
     in_chans: int = 3,
     drop_path_rate: float | None = None,
+    pretrained: str | Path | None = None,
     **overrides,
 ) -> DeBiFormer:
-    """Build a DeBiFormer variant; `overrides` replace fields of its `Architecture`."""
-    if name not in VARIANTS:
-        raise UserError(f"unknown model {name!r}; choose one of {', '.join(VARIANTS)}")
-    known = {field.name for field in fields(Architecture)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise UserError(
-            f"unknown architecture option {unknown[0]!r}; known options: {', '.join(sorted(known))}"
-        )
-    overrides = {
-        key: tuple(value) if isinstance(value, list) else value for key, value in overrides.items()
-    }
-    if drop_path_rate is not None:
-        overrides["drop_path_rate"] = drop_path_rate
-    return DeBiFormer(
-        replace(VARIANTS[name], **overrides), num_classes=num_classes, in_chans=in_chans
-    )
+    """Build a DeBiFormer variant; `overrides` replace fields of its `Architecture`.
+
+    `pretrained` is a checkpoint file to load the weights from: this tool's training checkpoint,
+    a state dict, or one of the authors' released files (read without running code from it)."""
+    arch = resolve_architecture(name, drop_path_rate, overrides)
+    model = DeBiFormer(arch, num_classes=num_classes, in_chans=in_chans)
+    if pretrained is not None:
+        load_weights_file(model, pretrained)
+    return model
 
 
 def _register_with_timm(name: str) -> None:

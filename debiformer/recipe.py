@@ -8,7 +8,7 @@ A recipe file has the sections below (every key optional, defaults in the datacl
     optim:    {lr, lr_base_batch, weight_decay, betas, eps, clip_grad}
     schedule: {epochs, warmup_epochs, warmup_lr, min_lr}
     augment:  {hflip, scale, ratio, randaugment, random_erasing, mixup, cutmix, label_smoothing}
-    train:    {batch_size, accum_steps, amp, device, channels_last, compile, ema, seed, ...}
+    train:    {batch_size, accum_steps, precision, device, channels_last, compile, ema, ...}
     output:   {dir, log_every, checkpoint_every, progress}
 
 Any mistake (unknown key, wrong type, out-of-range value) raises `UserError` naming the key path.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,8 +28,10 @@ from typing import Any, Literal
 import yaml
 
 from debiformer.errors import UserError
+from debiformer.model import resolve_architecture
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# The shipped recipes: the package `debiformer.recipes` (the top-level recipes/ folder of a clone).
+RECIPES_DIR = Path(str(importlib.resources.files("debiformer.recipes")))
 
 
 @dataclass
@@ -36,10 +39,10 @@ class ModelConfig:
     """Which network to build."""
 
     name: str = "debiformer_tiny"
-    drop_path: float | None = None  # stochastic depth rate; None keeps the variant's default
-    arch: dict = field(
-        default_factory=dict
-    )  # architecture overrides for create_model (dims, depths, n_win, ...)
+    # stochastic depth rate; None keeps the variant's default
+    drop_path: float | None = None
+    # architecture overrides for create_model (dims, depths, n_win, ...)
+    arch: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -47,22 +50,21 @@ class DataConfig:
     """Where images come from and at which size."""
 
     backend: Literal["ffcv", "torchvision", "synthetic"] = "ffcv"
-    train_path: str | None = (
-        None  # .beton (ffcv), ImageFolder root or fashion-mnist:<dir> (torchvision)
-    )
+    # .beton (ffcv), ImageFolder root or fashion-mnist:<dir> (torchvision)
+    train_path: str | None = None
     val_path: str | None = None
-    train_source: str | None = (
-        None  # ffcv only: converted into train_path when that file is missing
-    )
+    # ffcv only: sources converted into train_path/val_path when those files are missing
+    train_source: str | None = None
     val_source: str | None = None
-    ffcv_writer: dict = field(
-        default_factory=dict
-    )  # options for that conversion (max_resolution, ...)
+    # options for that conversion (max_resolution, write_mode, ...)
+    ffcv_writer: dict = field(default_factory=dict)
     image_size: int = 224
-    val_image_size: int | None = None  # None: same as image_size
+    # None: same as image_size
+    val_image_size: int | None = None
     crop_ratio: float = 0.875
     num_workers: int = 8
-    num_classes: int | None = None  # None: taken from the data set
+    # None: taken from the data set
+    num_classes: int | None = None
     synthetic_samples: int = 1024
 
 
@@ -71,13 +73,13 @@ class OptimConfig:
     """AdamW; no weight decay on norms, biases and position-bias tables."""
 
     lr: float = 5e-4
-    lr_base_batch: int | None = (
-        512  # lr is for this many images per step, scaled by the global batch
-    )
+    # lr is for this many images per step, scaled by the global batch (None: not scaled)
+    lr_base_batch: int | None = 512
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    clip_grad: float | None = None  # max gradient norm
+    # max gradient norm (None: no clipping)
+    clip_grad: float | None = None
 
 
 @dataclass
@@ -97,13 +99,16 @@ class AugmentConfig:
     hflip: bool = True
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333])
-    randaugment: str | None = None  # timm string, e.g. rand-m9-mstd0.5-inc1
+    # timm string, e.g. rand-m9-mstd0.5-inc1
+    randaugment: str | None = None
     random_erasing: float = 0.0
-    mixup: float = 0.0  # mixup alpha (0: off)
-    cutmix: float = 0.0  # cutmix alpha (0: off)
+    # mixup and cutmix alphas (0: off)
+    mixup: float = 0.0
+    cutmix: float = 0.0
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
-    mixup_off_epoch: int | None = None  # epoch from which mixup/cutmix stop
+    # epoch from which mixup/cutmix stop
+    mixup_off_epoch: int | None = None
     label_smoothing: float = 0.0
 
 
@@ -111,30 +116,36 @@ class AugmentConfig:
 class TrainConfig:
     """How the optimisation runs."""
 
-    batch_size: int = 2048  # global: over all processes and accumulation steps
+    # global: over all processes and accumulation steps
+    batch_size: int = 2048
     accum_steps: int = 1
-    eval_batch_size: int | None = None  # per process; None: the training batch per process
-    amp: Literal["off", "bf16", "fp16"] = "off"
+    # per process; None: the training batch per process
+    eval_batch_size: int | None = None
+    # fp32, or autocast to bf16 or fp16 (fp16 only on CUDA)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     channels_last: bool = False
     compile: bool = False
-    grad_checkpointing: list[int] = field(
-        default_factory=list
-    )  # stages (1-4) recomputed in backward
+    # stages (1-4) recomputed in the backward pass
+    grad_checkpointing: list[int] = field(default_factory=list)
     ema: bool = False
     ema_decay: float = 0.9998
     ema_warmup: bool = False
     seed: int = 0
-    eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
+    # epochs between evaluations (the last epoch is always evaluated)
+    eval_every: int = 1
 
 
 @dataclass
 class OutputConfig:
     """What is written and where."""
 
-    dir: str | None = None  # None: runs/<recipe name>
-    log_every: int = 50  # optimizer steps between metrics.jsonl lines
-    checkpoint_every: int = 0  # optimizer steps between checkpoints (0: at epoch ends only)
+    # None: runs/<recipe name>
+    dir: str | None = None
+    # optimizer steps between metrics.jsonl lines
+    log_every: int = 50
+    # optimizer steps between checkpoints (0: at epoch ends only)
+    checkpoint_every: int = 0
     progress: bool = True
 
 
@@ -159,19 +170,32 @@ SECTIONS: dict[str, type] = {
     if f.name not in ("name", "description")
 }
 TOP_LEVEL_KEYS = ("base", "name", "description", *SECTIONS)
+RENAMED_KEYS = {"train.amp": "train.precision (fp32, bf16 or fp16)"}
+# what a resumed run cannot change: the model, the data and the batch (`fixed_on_resume`)
+FIXED_ON_RESUME = ("model", "data", "train.batch_size")
 
 
 def find_recipe(name_or_path: str) -> Path:
-    """Resolves a recipe argument: an existing file, or the name of a file in the recipes folder."""
-    path = Path(name_or_path)
-    candidates = [path, path.with_suffix(".yaml")]
-    for folder in (RECIPES_DIR, Path("recipes")):
-        candidates += [folder / path.name, folder / f"{path.name}.yaml"]
+    """Resolves a recipe argument: a YAML file (relative to the working directory, `.yaml`
+    optional), or the bare name of a shipped recipe (`tiny`)."""
+    path = Path(name_or_path).expanduser()
+    candidates = [path, Path(f"{path}.yaml")]
+    if len(path.parts) == 1 and not path.is_absolute():
+        candidates += [RECIPES_DIR / path.name, RECIPES_DIR / f"{path.name}.yaml"]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    available = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("[!_]*.yaml")))
+    available = ", ".join(name for name, _ in list_recipes())
     raise UserError(f"recipe '{name_or_path}' not found (a YAML file, or one of: {available})")
+
+
+def list_recipes() -> list[tuple[str, str]]:
+    """The shipped recipes as (name, description), by name; names starting with `_` are bases."""
+    recipes = []
+    for path in sorted(RECIPES_DIR.glob("[!_]*.yaml")):
+        description = _read_with_bases(path, seen=()).get("description") or ""
+        recipes.append((path.stem, str(description)))
+    return recipes
 
 
 def load_recipe(name_or_path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
@@ -207,13 +231,23 @@ def recipe_to_dict(recipe: Recipe) -> dict:
     return dataclasses.asdict(recipe)
 
 
-def save_recipe(recipe: Recipe, path: Path) -> None:
-    """Writes the resolved recipe as YAML (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-    tmp.replace(path)
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML that `load_recipe` reads back into an equal recipe."""
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
+
+
+def fixed_on_resume(recipe: dict) -> dict[str, Any]:
+    """The values of a recipe (as plain data) that a resumed run must keep, by key path; the
+    data loader's worker count may change."""
+    values: dict[str, Any] = {}
+    for key in FIXED_ON_RESUME:
+        section, _, name = key.partition(".")
+        content = recipe.get(section, {})
+        if name:
+            values[key] = content.get(name)
+        else:
+            values.update({f"{section}.{k}": v for k, v in content.items() if k != "num_workers"})
+    return values
 
 
 def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict:
@@ -291,6 +325,8 @@ def _check_keys(mapping: dict, allowed: typing.Iterable[str], prefix: str) -> No
     """Raises for the first key of `mapping` not in `allowed`, suggesting the closest one."""
     allowed = list(allowed)
     for key in mapping:
+        if f"{prefix}{key}" in RENAMED_KEYS:
+            raise UserError(f"'{prefix}{key}' is now {RENAMED_KEYS[f'{prefix}{key}']}")
         if key not in allowed:
             close = difflib.get_close_matches(str(key), allowed, n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
@@ -403,3 +439,6 @@ def _check_values(recipe: Recipe) -> None:
             raise UserError(f"{key}: {message}")
     if recipe.optim.clip_grad is not None and recipe.optim.clip_grad <= 0:
         raise UserError("optim.clip_grad: must be positive (or null for no clipping)")
+    resolve_architecture(
+        recipe.model.name, recipe.model.drop_path, recipe.model.arch, prefix="model.arch."
+    )

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from debiformer.profiling import step
+from debiformer.regions import step
 
 
 def pad_to_regions(x: Tensor, regions_per_side: int) -> Tensor:

@@ -237,7 +237,12 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    stale = [p for p in folder.iterdir() if p.name.startswith(".") and TEMP_MARK in p.name]
+    # hidden files named by `atomic_writer`, or `.NAME.PID.tmp` as earlier versions named them
+    stale = [
+        path
+        for path in folder.iterdir()
+        if path.name.startswith(".") and (TEMP_MARK in path.name or path.name.endswith(".tmp"))
+    ]
     for path in stale:
         path.unlink(missing_ok=True)
     return stale

@@ -54,7 +54,7 @@ def synthetic_recipe(path: Path) -> Path:
 
 def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     """Runs the `debiformer` command in this process; returns (exit code, stderr)."""
-    from cli.main import main
+    from debiformer.cli.main import main
 
     monkeypatch.setattr(sys, "argv", ["debiformer", *args])
     with pytest.raises(SystemExit) as exit_info:
@@ -90,6 +90,8 @@ def test_the_library_loaders_never_run_a_payload(tmp_path):
             assert "posix.system" in str(error.value)
         with pytest.raises(UserError, match="refused"):
             debiformer.load_official_checkpoint(debiformer.create_model("debiformer_nano"), file)
+        with pytest.raises(UserError, match="refused"):
+            debiformer.create_model("debiformer_nano", pretrained=file)
         assert not (tmp_path / "PWNED").exists()
 
 

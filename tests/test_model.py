@@ -52,8 +52,10 @@ def test_timm_builds_the_variants():
 def test_unknown_names_are_one_line_errors():
     with pytest.raises(UserError, match="unknown model 'debiformer_huge'"):
         debiformer.create_model("debiformer_huge")
-    with pytest.raises(UserError, match="unknown architecture option 'dimz'"):
+    with pytest.raises(UserError, match="unknown key 'dimz'"):
         debiformer.create_model("debiformer_nano", dimz=(1, 2, 3, 4))
+    with pytest.raises(UserError, match=r"depths: expected 4 values \(one per stage\)"):
+        debiformer.create_model("debiformer_nano", depths=(1, 1))
 
 
 def test_forward_features_gives_four_strided_maps():

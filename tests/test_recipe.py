@@ -6,7 +6,14 @@ import pytest
 import yaml
 
 from debiformer.errors import UserError
-from debiformer.recipe import RECIPES_DIR, load_recipe, recipe_from_dict, save_recipe
+from debiformer.recipe import (
+    RECIPES_DIR,
+    fixed_on_resume,
+    load_recipe,
+    recipe_from_dict,
+    recipe_to_dict,
+    recipe_to_yaml,
+)
 
 
 def write(path: Path, data: dict) -> Path:
@@ -19,7 +26,7 @@ def test_defaults_fill_missing_keys(tmp_path):
     assert recipe.name == "r"
     assert recipe.optim.lr == 0.01
     assert recipe.optim.betas == [0.9, 0.999]
-    assert recipe.train.amp == "off"
+    assert recipe.train.precision == "fp32"
 
 
 @pytest.mark.parametrize(
@@ -31,8 +38,8 @@ def test_defaults_fill_missing_keys(tmp_path):
         ({"train": {"batch_size": 1.5}}, "train.batch_size: expected an integer, got 1.5"),
         ({"train": {"ema": "yes"}}, "train.ema: expected true or false, got 'yes'"),
         (
-            {"train": {"amp": "fp32"}},
-            "train.amp: expected one of 'off', 'bf16', 'fp16', got 'fp32'",
+            {"train": {"precision": "off"}},
+            "train.precision: expected one of 'fp32', 'bf16', 'fp16', got 'off'",
         ),
         ({"augment": {"scale": 0.5}}, "augment.scale: expected a list of numbers, got 0.5"),
         ({"augment": {"scale": [0.5]}}, "augment.scale: expected two numbers"),
@@ -129,5 +136,32 @@ def test_imagenet_recipes_carry_the_release_hyperparameters():
 
 def test_saved_recipe_reloads_identically(tmp_path):
     recipe = load_recipe(RECIPES_DIR / "quickstart.yaml", ["optim.lr=0.005"])
-    save_recipe(recipe, tmp_path / "saved.yaml")
+    (tmp_path / "saved.yaml").write_text(recipe_to_yaml(recipe))
     assert recipe_from_dict(yaml.safe_load((tmp_path / "saved.yaml").read_text())) == recipe
+    assert load_recipe(tmp_path / "saved.yaml").optim.lr == 0.005
+
+
+def test_the_old_amp_key_says_what_replaced_it(tmp_path):
+    with pytest.raises(UserError, match=r"'train.amp' is now train.precision"):
+        load_recipe(write(tmp_path / "r.yaml", {"train": {"amp": "bf16"}}))
+
+
+def test_resume_keeps_model_data_and_batch_but_not_lr_or_workers():
+    recipe = recipe_to_dict(load_recipe("quickstart"))
+    fixed = fixed_on_resume(recipe)
+    assert fixed["model.name"] == "debiformer_nano" and fixed["train.batch_size"] == 512
+    assert "data.train_path" in fixed and "data.num_workers" not in fixed
+    assert not any(key.startswith(("optim", "schedule", "output")) for key in fixed)
+
+
+@pytest.mark.parametrize(
+    ("arch", "message"),
+    [
+        ("{depths: [1, 1]}", "model.arch.depths: expected 4 values"),
+        ("{n_win: 0}", "model.arch.n_win"),
+        ("{widths: [1]}", "unknown key 'model.arch.widths'"),
+    ],
+)
+def test_architecture_overrides_are_checked_when_the_recipe_loads(arch, message):
+    with pytest.raises(UserError, match=message):
+        load_recipe("quickstart", [f"model.arch={arch}"])

@@ -1,17 +1,17 @@
-"""Image data for training and evaluation: sources, FFCV files, device loaders, benchmark."""
+"""Image data for training and evaluation: sources, FFCV files, device loaders."""
 
-from debiformer.data.bench import bench_loaders
 from debiformer.data.ffcv_files import (
     Conversion,
     FileSummary,
     WriterOptions,
+    classes_path,
     convert_to_ffcv,
     ensure_ffcv_file,
     fashion_mnist_paths,
     ffcv_summary,
     inspect_ffcv_file,
 )
-from debiformer.data.loaders import Loader, ShardPlan, build_loader
+from debiformer.data.loaders import Loader, ShardPlan, build_loader, check_labels
 from debiformer.data.sources import (
     FASHION_MNIST_DIR,
     FASHION_MNIST_PREFIX,
@@ -31,8 +31,9 @@ __all__ = [
     "Loader",
     "ShardPlan",
     "WriterOptions",
-    "bench_loaders",
     "build_loader",
+    "check_labels",
+    "classes_path",
     "convert_to_ffcv",
     "ensure_ffcv_file",
     "fashion_mnist_paths",
@@ -41,3 +42,13 @@ __all__ = [
     "make_photo_folder",
     "read_fashion_mnist",
 ]
+
+
+def __getattr__(name: str):
+    """`bench_loaders`, imported from `debiformer.tools.loader_bench` on first use (training code
+    imports this package and never the tools)."""
+    if name == "bench_loaders":
+        from debiformer.tools.loader_bench import bench_loaders
+
+        return bench_loaders
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from multiprocessing import Pool
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,12 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+from debiformer.data.processes import (
+    die_with_parent,
+    one_line,
+    report_failure,
+    run_in_process_group,
+)
 from debiformer.data.sources import (
     FASHION_MNIST_DIR,
     FASHION_MNIST_PREFIX,
@@ -21,6 +30,7 @@ from debiformer.data.sources import (
     open_source,
 )
 from debiformer.errors import UserError
+from debiformer.runtime import TEMP_MARK, check_writable, write_json
 
 WRITE_MODES = ("raw", "jpg", "proportion", "smart")
 ON_BAD_IMAGE = ("stop", "skip")
@@ -69,17 +79,25 @@ class WriterOptions:
         if self.split not in ("train", "test"):
             raise UserError(f"unknown Fashion-MNIST split {self.split!r}: use train or test")
         if self.subset is not None and self.subset < 1:
-            raise UserError(f"subset must be a positive number of images, got {self.subset}")
+            raise UserError(f"--subset must be a positive number of images, got {self.subset}")
+        if self.max_resolution is not None and self.max_resolution < 1:
+            raise UserError(f"--max-resolution must be at least 1 pixel, got {self.max_resolution}")
+        if self.num_workers < 1:
+            raise UserError(f"--workers (num_workers) must be at least 1, got {self.num_workers}")
+        if self.chunk_size < 1:
+            raise UserError(f"--chunk-size must be at least 1 image, got {self.chunk_size}")
 
 
 @dataclass
 class Conversion:
-    """What a conversion wrote: the file, each sample's source index, images left out, seconds."""
+    """What a conversion wrote: the file, each sample's source index, images left out, seconds,
+    and the class names (stored beside the file, see `classes_path`)."""
 
     path: Path
     indices: np.ndarray
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    classes: list[str] = field(default_factory=list)
 
 
 class _ArrayDataset:
@@ -107,63 +125,58 @@ def _check_image(path: str) -> str | None:
     return None
 
 
-def _readable_indices(
-    dataset: ImageFolder, indices: np.ndarray, options: WriterOptions, console: Console
-) -> tuple[np.ndarray, list[str]]:
-    """The indices whose images decode, and the paths of those that do not (or a UserError)."""
+def _unreadable_images(
+    dataset: ImageFolder, indices: np.ndarray, options: WriterOptions
+) -> list[tuple[int, str]]:
+    """(index, error) of the images of `indices` that do not decode (or a UserError naming the
+    first one unless `options` skips them)."""
     paths = [dataset.samples[i][0] for i in indices]
     if options.num_workers > 1:
-        with Pool(options.num_workers) as pool:
+        with Pool(options.num_workers, die_with_parent, (os.getpid(),)) as pool:
             errors = pool.map(_check_image, paths, chunksize=64)
     else:
         errors = [_check_image(path) for path in paths]
-    bad = [(path, error) for path, error in zip(paths, errors, strict=True) if error]
+    bad = [(int(i), error) for i, error in zip(indices, errors, strict=True) if error]
     if bad and options.on_bad_image == "stop":
-        path, error = bad[0]
+        index, error = bad[0]
         raise UserError(
-            f"cannot read image {path} ({error}): fix or remove it, or pass --skip-bad to skip it"
+            f"cannot read image {dataset.samples[index][0]} ({error}): fix or remove it, "
+            "or pass --skip-bad to skip it"
             + (f" ({len(bad) - 1} more unreadable)" if len(bad) > 1 else "")
         )
-    for path, error in bad:
-        console.print(
-            f"[yellow]warning:[/] skipping unreadable image {path} ({error})",
-            highlight=False,
-            soft_wrap=True,
-        )
-    keep = np.array(
-        [i for i, error in zip(indices, errors, strict=True) if not error], dtype=np.int64
-    )
-    return keep, [path for path, _ in bad]
+    return bad
 
 
-def convert_to_ffcv(
-    source: str,
-    out_path: str | os.PathLike,
-    options: WriterOptions | None = None,
-    console: Console | None = None,
-) -> Conversion:
-    """Write `source` (an ImageFolder tree or Fashion-MNIST) to the FFCV file `out_path`.
+def _writer_worker(report: Connection, parent_pid: int, *worker_args) -> None:
+    """One FFCV writer process: dies with the conversion process; a failure is reported to the
+    parent, which stops the whole conversion, instead of leaving FFCV waiting for its samples."""
+    from ffcv.writer import worker_job_indexed_dataset
 
-    The file is written under a temporary name and renamed when complete, so an interrupted
-    conversion never leaves a file at `out_path`. `options.subset` keeps a random subset (seed 0).
-    """
-    options = options or WriterOptions()
-    options.check()
-    console = console or Console(stderr=True)
+    die_with_parent(parent_pid)
+    try:
+        worker_job_indexed_dataset(*worker_args)
+    except BaseException as error:
+        report_failure(report, f"an FFCV writer process failed ({one_line(error)})")
+        os._exit(1)
+
+
+def _write_ffcv_file(
+    report: Connection,
+    dataset,
+    indices: np.ndarray,
+    partial_path: Path,
+    options: WriterOptions,
+) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """In the conversion process: check the images of an ImageFolder, then write the readable ones
+    of `indices` to `partial_path`. Returns the written indices and the (index, error) left out."""
     ffcv = import_ffcv()
-    start = time.perf_counter()
-    out_path = Path(out_path)
-    dataset = open_source(source, options.split)
-    indices = np.arange(len(dataset))
-    if options.subset is not None and options.subset < len(indices):
-        indices = np.sort(np.random.default_rng(0).choice(indices, options.subset, replace=False))
-    skipped: list[str] = []
-    if isinstance(dataset, ImageFolder):
-        indices, skipped = _readable_indices(dataset, indices, options, console)
+    from ffcv.utils import chunks
+
+    bad = _unreadable_images(dataset, indices, options) if isinstance(dataset, ImageFolder) else []
+    if bad:
+        indices = np.setdiff1d(indices, [index for index, _ in bad])
     if len(indices) == 0:
-        raise UserError(f"no readable images in {source}")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_path.with_name(f"{out_path.name}.partial-{os.getpid()}")
+        raise UserError("no readable images to write")
     fields = {
         "image": ffcv.fields.RGBImageField(
             write_mode=options.write_mode,
@@ -173,18 +186,119 @@ def convert_to_ffcv(
         ),
         "label": ffcv.fields.IntField(),
     }
-    try:
-        writer = ffcv.writer.DatasetWriter(str(partial), fields, num_workers=options.num_workers)
-        writer.from_indexed_dataset(
-            _ArrayDataset(dataset), indices=indices.tolist(), chunksize=options.chunk_size
+    writer = ffcv.writer.DatasetWriter(str(partial_path), fields, num_workers=options.num_workers)
+    work = chunks(list(enumerate(indices.tolist())), options.chunk_size)
+    worker = partial(_writer_worker, report, os.getpid())
+    writer._write_common(len(indices), work, worker, (_ArrayDataset(dataset),))
+    return indices, bad
+
+
+def classes_path(path: str | os.PathLike) -> Path:
+    """The JSON file beside the FFCV file `path` that holds its class names: `<path>.json`."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def _check_labels_fit_classes(dataset, source: str) -> None:
+    """UserError if a label of `dataset` is not one of its classes."""
+    labels = np.asarray(dataset.targets)
+    if labels.min() < 0 or labels.max() >= len(dataset.classes):
+        raise UserError(
+            f"{source}: labels run from {labels.min()} to {labels.max()} but there are "
+            f"{len(dataset.classes)} classes: fix the labels"
         )
-        os.replace(partial, out_path)
+
+
+def _warn_empty_classes(dataset, console: Console) -> None:
+    """Warn about class folders without images: they stay classes (with no samples)."""
+    empty = dataset.empty_classes if isinstance(dataset, ImageFolder) else []
+    if empty:
+        console.print(
+            f"[yellow]warning:[/] class folder(s) without images kept as classes with no "
+            f"samples: {', '.join(empty)}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def _remove_stale_files(out_path: Path) -> None:
+    """Remove the partial FFCV files and class-file temporaries that conversions into `out_path`
+    by processes no longer running left behind."""
+    stale = [
+        *out_path.parent.glob(f"{out_path.name}.partial-*"),
+        *out_path.parent.glob(f".{classes_path(out_path).name}{TEMP_MARK}*"),
+    ]
+    for path in stale:
+        pid = path.name.rpartition("-")[2]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def _process_exists(pid: int) -> bool:
+    """True if a process `pid` is running."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def convert_to_ffcv(
+    source: str,
+    out_path: str | os.PathLike,
+    options: WriterOptions | None = None,
+    console: Console | None = None,
+) -> Conversion:
+    """Write `source` (an ImageFolder tree or Fashion-MNIST) to the FFCV file `out_path`, and its
+    class names to `classes_path(out_path)`.
+
+    Options, source and `out_path` are checked before any work. The writing runs in a process
+    group of its own that is killed as a whole on Ctrl-C, SIGTERM, the death of this process or a
+    failing writer process, and the file is written under a temporary name and renamed when
+    complete, so an interrupted conversion never leaves a file at `out_path` (nor, unless this
+    process is killed, a temporary one; the next conversion into `out_path` removes those).
+    `options.subset` keeps a random subset (seed 0).
+    """
+    options = options or WriterOptions()
+    options.check()
+    import_ffcv()
+    out_path = check_writable(out_path, "output file")
+    console = console or Console(stderr=True)
+    start = time.perf_counter()
+    dataset = open_source(source, options.split)
+    _check_labels_fit_classes(dataset, source)
+    _warn_empty_classes(dataset, console)
+    indices = np.arange(len(dataset))
+    if options.subset is not None and options.subset < len(indices):
+        indices = np.sort(np.random.default_rng(0).choice(indices, options.subset, replace=False))
+    _remove_stale_files(out_path)
+    partial_path = out_path.with_name(f"{out_path.name}.partial-{os.getpid()}")
+    try:
+        indices, bad = run_in_process_group(
+            _write_ffcv_file, dataset, indices, partial_path, options
+        )
+        write_json(classes_path(out_path), {"classes": dataset.classes, "samples": len(indices)})
+        os.replace(partial_path, out_path)
+    except UserError as error:
+        raise UserError(f"cannot convert {source}: {error}") from None
     finally:
-        partial.unlink(missing_ok=True)
-    conversion = Conversion(out_path, indices, skipped, time.perf_counter() - start)
+        partial_path.unlink(missing_ok=True)
+    skipped = [dataset.samples[index][0] for index, _ in bad]
+    for index, error in bad:
+        console.print(
+            f"[yellow]warning:[/] skipping unreadable image {dataset.samples[index][0]} ({error})",
+            highlight=False,
+            soft_wrap=True,
+        )
+    conversion = Conversion(
+        out_path, indices, skipped, time.perf_counter() - start, list(dataset.classes)
+    )
     dropped = f", {len(skipped)} unreadable images skipped" if skipped else ""
     console.print(
-        f"wrote {out_path}: {len(indices)} samples in {conversion.seconds:.1f} s{dropped}",
+        f"wrote {out_path}: {len(indices)} samples of {len(dataset.classes)} classes in "
+        f"{conversion.seconds:.1f} s{dropped}",
         highlight=False,
         soft_wrap=True,
     )
@@ -211,6 +325,11 @@ def ensure_ffcv_file(source: str, out_path: str | os.PathLike, **writer_options)
     `writer_options` are `WriterOptions` fields.
     """
     import_ffcv()
+    unknown = set(writer_options) - set(WriterOptions.__dataclass_fields__)
+    if unknown:
+        raise UserError(f"unknown FFCV writer option(s): {', '.join(sorted(unknown))}")
+    options = WriterOptions(**writer_options)
+    options.check()
     out_path = Path(out_path)
     if out_path.exists():
         if not _is_ffcv_file(out_path):
@@ -218,10 +337,7 @@ def ensure_ffcv_file(source: str, out_path: str | os.PathLike, **writer_options)
                 f"{out_path} exists but is not an FFCV image file: delete it or choose another path"
             )
         return out_path
-    unknown = set(writer_options) - set(WriterOptions.__dataclass_fields__)
-    if unknown:
-        raise UserError(f"unknown FFCV writer option(s): {', '.join(sorted(unknown))}")
-    return convert_to_ffcv(source, out_path, WriterOptions(**writer_options)).path
+    return convert_to_ffcv(source, out_path, options).path
 
 
 def fashion_mnist_paths(
@@ -248,7 +364,12 @@ def fashion_mnist_paths(
 
 @dataclass
 class FileSummary:
-    """Contents of an FFCV file: sample and class counts, image sizes and storage modes."""
+    """Contents of an FFCV file: sample and class counts, image sizes and storage modes.
+
+    `class_names` are those stored beside the file (None for files written without them, whose
+    class count is then one more than their highest label); `label_range` is the lowest and
+    highest label in the file.
+    """
 
     path: Path
     num_samples: int
@@ -257,6 +378,34 @@ class FileSummary:
     width_range: tuple[int, int]
     height_range: tuple[int, int]
     jpeg_fraction: float
+    class_names: list[str] | None
+    label_range: tuple[int, int]
+
+    @property
+    def source(self) -> str:
+        """What the summary describes, for messages (as `Loader.source`)."""
+        return str(self.path)
+
+
+def _stored_classes(path: Path, num_samples: int) -> list[str] | None:
+    """The class names stored beside the FFCV file `path`; None if there are none."""
+    stored_path = classes_path(path)
+    if not stored_path.is_file():
+        return None
+    try:
+        stored = json.loads(stored_path.read_text())
+        classes, samples = stored["classes"], stored["samples"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(
+            f"{stored_path} is not the class list of {path} ({one_line(error)}): "
+            "delete it or convert again"
+        ) from None
+    if not isinstance(classes, list) or samples != num_samples:
+        raise UserError(
+            f"{stored_path} does not describe {path} ({num_samples} samples): "
+            "delete it or convert again"
+        )
+    return [str(name) for name in classes]
 
 
 def ffcv_summary(path: str | os.PathLike) -> FileSummary:
@@ -275,20 +424,26 @@ def ffcv_summary(path: str | os.PathLike) -> FileSummary:
     names = reader.metadata.dtype.names
     images = reader.metadata[names[reader.field_names.index("image")]]
     labels = np.asarray(reader.metadata[names[reader.field_names.index("label")]]).astype(np.int64)
-    counts = np.bincount(labels) if len(labels) else np.zeros(0, dtype=np.int64)
+    class_names = _stored_classes(path, int(reader.num_samples))
+    label_range = (int(labels.min()), int(labels.max())) if len(labels) else (0, -1)
+    num_classes = len(class_names) if class_names is not None else max(label_range[1] + 1, 0)
+    counts = np.bincount(labels[labels >= 0], minlength=num_classes)
     return FileSummary(
         path=path,
         num_samples=int(reader.num_samples),
-        num_classes=len(counts),
+        num_classes=num_classes,
         class_counts=counts.tolist(),
         width_range=(int(images["width"].min()), int(images["width"].max())),
         height_range=(int(images["height"].min()), int(images["height"].max())),
         jpeg_fraction=float(np.mean(images["mode"] == 0)) if len(images) else 0.0,
+        class_names=class_names,
+        label_range=label_range,
     )
 
 
 def inspect_ffcv_file(path: str | os.PathLike, console: Console | None = None) -> FileSummary:
-    """Print an FFCV file's sample count, classes, per-class counts and image-size range."""
+    """Print an FFCV file's sample count, classes (with their names where stored), per-class
+    counts and image-size range."""
     summary = ffcv_summary(path)
     console = console or Console()
     console.print(
@@ -299,8 +454,10 @@ def inspect_ffcv_file(path: str | os.PathLike, console: Console | None = None) -
         highlight=False,
         soft_wrap=True,
     )
-    table = Table("class", "samples")
+    names = summary.class_names
+    table = Table("class", "name", "samples") if names is not None else Table("class", "samples")
     for label, count in enumerate(summary.class_counts):
-        table.add_row(str(label), str(count))
+        name = [names[label] if label < len(names) else "?"] if names is not None else []
+        table.add_row(str(label), *name, str(count))
     console.print(table)
     return summary

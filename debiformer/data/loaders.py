@@ -1,9 +1,10 @@
 """Loaders yielding normalised image batches on the device, from FFCV files, torchvision or noise.
 
 Every loader yields `(images, labels)` on the target device: images float32 (N, 3, S, S)
-normalised with the ImageNet mean/std, labels int64 (N,). Workers produce uint8; the move to the
-device, normalisation and batch augmentations (RandAugment, random erasing) happen on the device.
-Sample order is a pure function of (seed, epoch) and the shard of each torch.distributed rank.
+normalised with the ImageNet mean/std, labels int64 (N,). Workers produce uint8 crops; the move to
+the device, normalisation and batch augmentations (flip, RandAugment, random erasing) happen on the
+device. Every random draw is a pure function of the seed, the epoch and a sample or batch index
+(see `debiformer.data.draws`), so an epoch can start at any batch (`set_epoch(epoch, start_batch)`).
 """
 
 from __future__ import annotations
@@ -11,20 +12,26 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision import transforms
+from torchvision.transforms import functional as TF
 
-from debiformer.augment import DeviceRandAugment
-from debiformer.data.ffcv_files import ffcv_summary, import_ffcv
+from debiformer.augment import DeviceRandAugment, DeviceRandomErasing, random_horizontal_flip
+from debiformer.data.draws import AUGMENT_STREAM, batch_generator, crop_uniforms, random_crop_box
+from debiformer.data.ffcv_files import FileSummary, ffcv_summary, import_ffcv
 from debiformer.data.sources import FASHION_MNIST_PREFIX, open_source
 from debiformer.errors import UserError
+
+if TYPE_CHECKING:
+    from debiformer.data.ffcv_ops import SeededRandomResizedCrop
 
 BACKENDS = ("ffcv", "torchvision", "synthetic")
 
@@ -63,11 +70,6 @@ class ShardPlan:
         return len(range(self.rank, self.num_samples, self.world_size))
 
 
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """A 32-bit seed for the random streams of one rank in one epoch."""
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
-
-
 def _rank_and_world(distributed: bool) -> tuple[int, int]:
     """(rank, world size) of this process; (0, 1) unless distributed and torch.distributed is up."""
     if distributed and dist.is_available() and dist.is_initialized():
@@ -75,29 +77,12 @@ def _rank_and_world(distributed: bool) -> tuple[int, int]:
     return 0, 1
 
 
-class _ShardSampler(Sampler):
-    """A torch Sampler reading a ShardPlan at the epoch set by `set_epoch`."""
-
-    def __init__(self, plan: ShardPlan):
-        self.plan = plan
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.plan.indices(self.epoch).tolist())
-
-    def __len__(self) -> int:
-        return len(self.plan)
-
-
 # ----------------------------------------------------------------------------- device transforms
 
 
 @dataclass(frozen=True)
 class AugmentOptions:
-    """Train-time augmentations: crop and flip in the workers, the rest on the device per batch."""
+    """Train-time augmentations: crop in the workers, the rest on the device per batch."""
 
     hflip: float = 0.5
     scale: tuple[float, float] = (0.08, 1.0)
@@ -122,7 +107,11 @@ class AugmentOptions:
 
 
 class DeviceBatchTransform:
-    """uint8 batch on the device -> [RandAugment] -> float normalised -> [random erasing]."""
+    """uint8 batch on the device -> [flip] -> [RandAugment] -> float normalised -> [erasing].
+
+    The random ops of batch b of epoch e draw, in that order, from one generator: the augment
+    stream of (seed, e, rank, b) (see `draws`).
+    """
 
     def __init__(self, device: torch.device, augment: AugmentOptions | None, seed: int, rank: int):
         self.device = device
@@ -130,29 +119,32 @@ class DeviceBatchTransform:
         std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1) * 255
         self.scale, self.shift = 1 / std, -mean / std
         self.seed, self.rank = seed, rank
+        augment = augment or AugmentOptions(hflip=0.0)
+        self.hflip = augment.hflip
         self.rand_augment = None
         self.random_erasing = None
-        if augment is not None and augment.randaugment:
+        if augment.randaugment:
             self.rand_augment = DeviceRandAugment.from_spec(augment.randaugment)
-        if augment is not None and augment.random_erasing > 0:
-            from timm.data.random_erasing import RandomErasing
+        if augment.random_erasing > 0:
+            self.random_erasing = DeviceRandomErasing(augment.random_erasing)
 
-            self.random_erasing = RandomErasing(augment.random_erasing, mode="pixel", device=device)
-        self.generator: torch.Generator | None = None
+    def _generator(self, epoch: int, batch: int) -> torch.Generator | None:
+        """The generator of this batch's random ops; None if there are none."""
+        if self.hflip > 0 or self.rand_augment is not None or self.random_erasing is not None:
+            return batch_generator(self.seed, epoch, self.rank, batch, self.device, AUGMENT_STREAM)
+        return None
 
-    def start_epoch(self, epoch: int) -> None:
-        """Reseed the batch augmentations from (seed, epoch, rank)."""
-        if self.rand_augment is not None:
-            self.generator = torch.Generator(device=self.device)
-            self.generator.manual_seed(epoch_seed(self.seed, epoch, self.rank))
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, epoch: int, batch: int) -> torch.Tensor:
+        """The normalised, augmented float batch of uint8 `images`, batch `batch` of `epoch`."""
         images = images.to(self.device, non_blocking=True)
+        generator = self._generator(epoch, batch)
+        if self.hflip > 0:
+            images = random_horizontal_flip(images, self.hflip, generator)
         if self.rand_augment is not None:
-            images = self.rand_augment(images, self.generator)
+            images = self.rand_augment(images, generator)
         images = images.float().mul_(self.scale).add_(self.shift)
         if self.random_erasing is not None:
-            images = self.random_erasing(images)
+            images = self.random_erasing(images, generator)
         return images
 
 
@@ -160,10 +152,16 @@ class DeviceBatchTransform:
 
 
 class Loader(ABC):
-    """Batches of (normalised float images, int64 labels) on the device; see `build_loader`."""
+    """Batches of (normalised float images, int64 labels) on the device; see `build_loader`.
 
+    `source` names what it reads, `num_classes` is the class count of the data (stored with an
+    FFCV file; an ImageFolder's class folders), `label_range` the lowest and highest label in it.
+    """
+
+    source: str
     num_samples: int
     num_classes: int
+    label_range: tuple[int, int]
 
     def __init__(
         self, plan: ShardPlan, batch_size: int, drop_last: bool, transform: DeviceBatchTransform
@@ -174,28 +172,79 @@ class Loader(ABC):
         self.transform = transform
         self.num_samples = plan.num_samples
         self.epoch = 0
+        self.start_batch = 0
 
     def __len__(self) -> int:
+        """Batches in a whole epoch."""
         if self.drop_last:
             return len(self.plan) // self.batch_size
         return math.ceil(len(self.plan) / self.batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Read epoch `epoch` next: order and batch augmentations depend only on (seed, epoch)."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Make the next pass read epoch `epoch` from its batch `start_batch` on: the batches
+        `start_batch`, ..., `len(self) - 1` that a whole pass over `epoch` yields, without reading
+        the ones before (to resume in the middle of an epoch)."""
+        self._check_start(start_batch)
+        self.epoch, self.start_batch = epoch, start_batch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        self.transform.start_epoch(epoch)
-        return self._device_batches(epoch)
+        """The batches chosen by `set_epoch`; without it, the next epoch from its first batch."""
+        epoch, start_batch = self.epoch, self.start_batch
+        self.epoch, self.start_batch = epoch + 1, 0
+        return self.batches(epoch, start_batch)
 
-    def _device_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in self.uint8_batches(epoch):
-            yield self.transform(images), labels.to(self.transform.device, non_blocking=True).long()
+    def batches(
+        self, epoch: int, start_batch: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches `start_batch`, `start_batch + 1`, ... of `epoch` on the device."""
+        self._check_start(start_batch)
+        return self._device_batches(epoch, start_batch)
+
+    def _check_start(self, start_batch: int) -> None:
+        """UserError unless 0 <= start_batch <= len(self)."""
+        if not 0 <= start_batch <= len(self):
+            raise UserError(
+                f"start batch {start_batch} is outside the {len(self)} batches of an epoch of "
+                f"{self.source}"
+            )
+
+    def _device_batches(
+        self, epoch: int, start_batch: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        batches = self.uint8_batches(epoch, start_batch)
+        for batch, (images, labels) in enumerate(batches, start_batch):
+            labels = labels.to(self.transform.device, non_blocking=True).long()
+            yield self.transform(images, epoch, batch), labels
+
+    def epoch_indices(self, epoch: int, start_batch: int = 0) -> np.ndarray:
+        """The sample indices of batches `start_batch`, ... of `epoch`, in reading order."""
+        stop = len(self) * self.batch_size if self.drop_last else None
+        return self.plan.indices(epoch)[start_batch * self.batch_size : stop]
 
     @abstractmethod
-    def uint8_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """uint8 (N, 3, S, S) images and labels of `epoch` as the workers deliver them."""
+    def uint8_batches(
+        self, epoch: int, start_batch: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """uint8 (N, 3, S, S) crops and labels of batches `start_batch`, ... of `epoch`, as the
+        workers deliver them (not yet flipped or augmented)."""
+
+
+def check_labels(data: Loader | FileSummary, num_classes: int, split: str) -> None:
+    """UserError naming `split` and the data unless every label of `data` (a loader or an FFCV
+    file's summary) is a class of a model with `num_classes` classes. Call it before training."""
+    source = data.source
+    low, high = data.label_range
+    if low < 0 or high >= num_classes:
+        raise UserError(
+            f"{split} data {source}: labels run from {low} to {high}, outside the model's "
+            f"{num_classes} classes (0..{num_classes - 1}): use data with the training classes "
+            "or set model.num_classes"
+        )
+    if data.num_classes > num_classes:
+        raise UserError(
+            f"{split} data {source}: has {data.num_classes} classes, the model {num_classes}: "
+            "use data with the training classes or set model.num_classes"
+        )
 
 
 class SyntheticLoader(Loader):
@@ -213,6 +262,7 @@ class SyntheticLoader(Loader):
         num_classes: int,
     ):
         super().__init__(plan, batch_size, drop_last, transform)
+        self.source = "synthetic data"
         self.num_classes = num_classes
         generator = torch.Generator().manual_seed(plan.seed)
         pool = min(self.pool_size, plan.num_samples)
@@ -221,10 +271,13 @@ class SyntheticLoader(Loader):
         )
         self.images = images.to(transform.device)
         self.labels = torch.randint(0, num_classes, (plan.num_samples,), generator=generator)
+        self.label_range = (int(self.labels.min()), int(self.labels.max()))
 
-    def uint8_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        indices = torch.from_numpy(self.plan.indices(epoch))
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+    def uint8_batches(
+        self, epoch: int, start_batch: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        indices = torch.from_numpy(self.epoch_indices(epoch, start_batch))
+        for start in range(0, len(indices), self.batch_size):
             batch = indices[start : start + self.batch_size]
             yield self.images[(batch % len(self.images)).to(self.images.device)], self.labels[batch]
 
@@ -236,161 +289,190 @@ def _collate_uint8(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tenso
     return images, labels
 
 
+class _EpochSampler(Sampler):
+    """A torch Sampler yielding the `(epoch, sample index)` keys of the samples set by `select`."""
+
+    def __init__(self):
+        self.epoch = 0
+        self.indices = np.zeros(0, dtype=np.int64)
+
+    def select(self, epoch: int, indices: np.ndarray) -> None:
+        """Read the samples `indices` of `epoch` on the next pass."""
+        self.epoch, self.indices = epoch, indices
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, index) for index in self.indices.tolist())
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class _EpochSamples(Dataset):
+    """A source read by `(epoch, index)` keys: `transform(image, epoch, index)` and the label."""
+
+    def __init__(
+        self, dataset: Dataset, transform: Callable[[Image.Image, int, int], torch.Tensor]
+    ):
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, index = key
+        image, label = self.dataset[index]
+        return self.transform(image, epoch, index), label
+
+
+@dataclass(frozen=True)
+class _SeededRandomResizedCrop:
+    """PIL -> uint8 tensor: a random resized crop drawn from (seed, epoch, sample index)."""
+
+    size: int
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    seed: int
+
+    def __call__(self, image: Image.Image, epoch: int, index: int) -> torch.Tensor:
+        uniforms = crop_uniforms(self.seed, epoch, index)
+        top, left, height, width = random_crop_box(
+            image.height, image.width, self.scale, self.ratio, uniforms
+        )
+        crop = TF.resized_crop(image, top, left, height, width, [self.size, self.size])
+        return TF.pil_to_tensor(crop)
+
+
+@dataclass(frozen=True)
+class _CentreCrop:
+    """PIL -> uint8 tensor: resize the shorter side to size / crop_ratio, crop the centre."""
+
+    size: int
+    crop_ratio: float
+
+    def __call__(self, image: Image.Image, epoch: int, index: int) -> torch.Tensor:
+        image = TF.resize(image, round(self.size / self.crop_ratio))
+        return TF.pil_to_tensor(TF.center_crop(image, self.size))
+
+
 class TorchvisionLoader(Loader):
-    """A torch DataLoader over an ImageFolder or Fashion-MNIST, PIL transforms in the workers."""
+    """A torch DataLoader over an ImageFolder or Fashion-MNIST, PIL crops in the workers."""
 
     def __init__(
         self,
+        source: str,
         dataset: Dataset,
         plan: ShardPlan,
         batch_size: int,
         drop_last: bool,
         transform: DeviceBatchTransform,
+        crop: Callable[[Image.Image, int, int], torch.Tensor],
         num_workers: int,
     ):
         super().__init__(plan, batch_size, drop_last, transform)
+        self.source = source
         self.num_classes = len(dataset.classes)
-        self.sampler = _ShardSampler(plan)
-        self.generator = torch.Generator()
+        self.label_range = (int(min(dataset.targets)), int(max(dataset.targets)))
+        self.sampler = _EpochSampler()
         self.loader = DataLoader(
-            dataset,
+            _EpochSamples(dataset, crop),
             batch_size=batch_size,
             sampler=self.sampler,
             num_workers=num_workers,
             collate_fn=_collate_uint8,
             pin_memory=transform.device.type == "cuda",
-            drop_last=drop_last,
-            generator=self.generator,
+            # its own generator: starting the workers then draws nothing from the global one
+            generator=torch.Generator().manual_seed(plan.seed),
         )
 
-    def uint8_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self.sampler.set_epoch(epoch)
-        self.generator.manual_seed(epoch_seed(self.plan.seed, epoch, self.plan.rank))
+    def uint8_batches(
+        self, epoch: int, start_batch: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.sampler.select(epoch, self.epoch_indices(epoch, start_batch))
         return iter(self.loader)
 
 
-def _torchvision_transform(
-    train: bool, image_size: int, crop_ratio: float, augment: AugmentOptions
-) -> Callable:
-    """PIL -> uint8 tensor: random resized crop and flip (train) or resize and centre crop (val)."""
-    if train:
-        steps = [
-            transforms.RandomResizedCrop(
-                image_size, scale=augment.scale, ratio=augment.ratio, antialias=True
-            ),
-            transforms.RandomHorizontalFlip(augment.hflip),
-        ]
-    else:
-        steps = [
-            transforms.Resize(round(image_size / crop_ratio)),
-            transforms.CenterCrop(image_size),
-        ]
-    return transforms.Compose([*steps, transforms.PILToTensor()])
-
-
-def _ffcv_order(plan: ShardPlan):
-    """An FFCV traversal order reading `plan` (FFCV's own distributed order repeats samples to
-    even out the ranks, which would count some twice in evaluation)."""
+def _ffcv_order(indices: np.ndarray):
+    """An FFCV traversal order reading the samples in its `indices` attribute, set before each pass
+    (FFCV's own distributed order repeats samples to even out the ranks, which would count some
+    twice in evaluation)."""
     from ffcv.traversal_order.base import TraversalOrder
 
     class ShardOrder(TraversalOrder):
         """FFCV calls the order it is given with the loader; this one needs nothing from it."""
 
         def __init__(self):
-            pass
+            self.indices = indices.astype(np.uint64)
 
         def __call__(self, loader) -> ShardOrder:
             return self
 
         def sample_order(self, epoch: int) -> np.ndarray:
-            return plan.indices(epoch).astype(np.uint64)
+            return self.indices
 
     return ShardOrder()
 
 
 class FfcvLoader(Loader):
-    """An FFCV loader: decode, crop and flip in compiled threads, uint8 straight to the device.
+    """An FFCV loader: decode and crop in compiled threads, uint8 straight to the device.
     On the CPU the uint8 batches are FFCV's own buffers, reused a few batches later (the
     normalised batches of `__iter__` are new tensors)."""
 
     def __init__(
         self,
-        path: Path,
+        summary: FileSummary,
         plan: ShardPlan,
         batch_size: int,
         drop_last: bool,
         transform: DeviceBatchTransform,
         num_workers: int,
         pipelines: dict,
+        crop: SeededRandomResizedCrop | None,
     ):
         super().__init__(plan, batch_size, drop_last, transform)
         ffcv = import_ffcv()
-        self.num_classes = ffcv_summary(path).num_classes
+        self.source = str(summary.path)
+        self.num_classes = summary.num_classes
+        self.label_range = summary.label_range
+        self.order = _ffcv_order(plan.indices(0))
+        self.crop = crop
         self.loader = ffcv.loader.Loader(
-            str(path),
+            str(summary.path),
             batch_size=batch_size,
             num_workers=max(num_workers, 1),
-            order=_ffcv_order(plan),
+            order=self.order,
             drop_last=drop_last,
             pipelines=pipelines,
             seed=plan.seed,
         )
 
-    def uint8_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self.loader.next_epoch = epoch
+    def uint8_batches(
+        self, epoch: int, start_batch: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        indices = self.epoch_indices(epoch, start_batch)
+        if len(indices) == 0:
+            return iter(())
+        self.order.indices = indices.astype(np.uint64)
+        if self.crop is not None:
+            self.crop.set_epoch(self.plan.seed, epoch)
         return iter(self.loader)
-
-
-def _ffcv_in_place_flip(flip_prob: float):
-    """FFCV's RandomHorizontalFlip (same random draws) without its copy of every image: the
-    chosen images are mirrored where they lie, the others are left untouched."""
-    from ffcv.pipeline.compiler import Compiler
-    from ffcv.pipeline.operation import Operation
-
-    class InPlaceHorizontalFlip(Operation):
-        """Mirror each (N, H, W, C) uint8 image with probability `flip_prob`, in place."""
-
-        def generate_code(self) -> Callable:
-            parallel_range = Compiler.get_iterator()
-
-            def flip(images, _):
-                should_flip = np.random.rand(images.shape[0]) < flip_prob
-                height, width, channels = images.shape[1:]
-                for i in parallel_range(images.shape[0]):
-                    if should_flip[i]:
-                        for y in range(height):
-                            for x in range(width // 2):
-                                for c in range(channels):
-                                    left = images[i, y, x, c]
-                                    images[i, y, x, c] = images[i, y, width - 1 - x, c]
-                                    images[i, y, width - 1 - x, c] = left
-                return images
-
-            flip.is_parallel = True
-            return flip
-
-        def declare_state_and_memory(self, previous_state):
-            return replace(previous_state, jit_mode=True), None
-
-    return InPlaceHorizontalFlip()
 
 
 def _ffcv_pipelines(
     train: bool, image_size: int, crop_ratio: float, augment: AugmentOptions, device: torch.device
-) -> dict:
-    """Fresh FFCV image and label pipelines (decoder objects cannot be shared between loaders)."""
-    from ffcv.fields.decoders import (
-        CenterCropRGBImageDecoder,
-        IntDecoder,
-        RandomResizedCropRGBImageDecoder,
-    )
+) -> tuple[dict, SeededRandomResizedCrop | None]:
+    """Fresh FFCV image and label pipelines (decoder objects cannot be shared between loaders),
+    and their random crop decoder (train) whose epoch the loader sets."""
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
     from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
+    from debiformer.data.ffcv_ops import SeededRandomResizedCrop
+
     size = (image_size, image_size)
+    crop = None
     if train:
-        image = [RandomResizedCropRGBImageDecoder(size, scale=augment.scale, ratio=augment.ratio)]
-        if augment.hflip > 0:
-            image.append(_ffcv_in_place_flip(augment.hflip))
+        crop = SeededRandomResizedCrop(size, scale=augment.scale, ratio=augment.ratio)
+        image = [crop]
     else:
         image = [CenterCropRGBImageDecoder(size, ratio=crop_ratio)]
     image += [ToTensor()]
@@ -399,7 +481,7 @@ def _ffcv_pipelines(
         image.append(ToDevice(device, non_blocking=True))
         label.append(ToDevice(device, non_blocking=True))
     image.append(ToTorchImage())
-    return {"image": image, "label": label}
+    return {"image": image, "label": label}, crop
 
 
 def build_loader(
@@ -422,8 +504,8 @@ def build_loader(
 
     `path`: an FFCV file (ffcv), an ImageFolder root or "fashion-mnist:<dir>" (torchvision;
     train reads the Fashion-MNIST train split, val the test split), None (synthetic).
-    Train: random resized crop to `image_size`, flip, `augment` on the device, last partial
-    batch dropped. Val: resize to image_size/crop_ratio, centre crop, every sample once.
+    Train: random resized crop to `image_size`, then on the device flip and `augment`; the last
+    partial batch is dropped. Val: resize to image_size/crop_ratio, centre crop, every sample once.
     """
     if split not in ("train", "val"):
         raise UserError(f"unknown split {split!r}: use train or val")
@@ -455,11 +537,15 @@ def build_loader(
             f"the {backend} backend needs a data path (data.{split}_path in the recipe)"
         )
     if backend == "torchvision":
-        pil_transform = _torchvision_transform(train, image_size, crop_ratio, options)
-        dataset = open_source(path, "train" if train else "test", pil_transform)
+        dataset = open_source(path, "train" if train else "test")
+        if train:
+            crop = _SeededRandomResizedCrop(image_size, options.scale, options.ratio, seed)
+        else:
+            crop = _CentreCrop(image_size, crop_ratio)
         return TorchvisionLoader(
-            dataset, plan_for(len(dataset)), batch_size, train, transform, num_workers
-        )
+            str(path), dataset, plan_for(len(dataset)), batch_size, train, transform, crop,
+            num_workers,
+        )  # fmt: skip
     import_ffcv()
     file = Path(path)
     if file.is_dir() or str(path).startswith(FASHION_MNIST_PREFIX):
@@ -467,6 +553,7 @@ def build_loader(
             f"the ffcv backend reads a .beton file, not {path}: convert it with "
             f"`debiformer data convert {path} OUT.beton` or set data.backend: torchvision"
         )
-    pipelines = _ffcv_pipelines(train, image_size, crop_ratio, options, device)
-    plan = plan_for(ffcv_summary(file).num_samples)
-    return FfcvLoader(file, plan, batch_size, train, transform, num_workers, pipelines)
+    summary = ffcv_summary(file)
+    pipelines, crop = _ffcv_pipelines(train, image_size, crop_ratio, options, device)
+    plan = plan_for(summary.num_samples)
+    return FfcvLoader(summary, plan, batch_size, train, transform, num_workers, pipelines, crop)

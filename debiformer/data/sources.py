@@ -119,6 +119,12 @@ class ImageFolder(Dataset):
         self.targets = [label for _, label in self.samples]
         self.transform = transform
 
+    @property
+    def empty_classes(self) -> list[str]:
+        """The class folders without images (classes all the same, with no samples)."""
+        present = set(self.targets)
+        return [name for label, name in enumerate(self.classes) if label not in present]
+
     def __len__(self) -> int:
         return len(self.samples)
 

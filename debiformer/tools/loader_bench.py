@@ -1,8 +1,8 @@
-"""Images/s of the FFCV train pipeline against the torchvision one on the same images."""
+"""`debiformer data bench`: images/s of the FFCV train pipeline against the torchvision one on
+the same images (`bench_loaders`, also importable from `debiformer.data`)."""
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.table import Table
 
 from debiformer.data.ffcv_files import WriterOptions, convert_to_ffcv, ffcv_summary
 from debiformer.data.loaders import Loader, build_loader
 from debiformer.errors import UserError
+from debiformer.runtime import check_writable, write_json
+from debiformer.tools.common import check_at_least, fitting_table
 
 
 @dataclass
@@ -88,8 +89,15 @@ def bench_loaders(
 
     The FFCV file is `ffcv_file` if it exists, else `source` converted with `writer` into it (or a
     temporary file). After a warm-up epoch, full epochs are timed as uint8 batches on the device
-    and as normalised batches; each figure is the best of `repeats` epochs.
+    and as normalised batches; each figure is the best of `repeats` epochs. The settings and
+    `json_path` are checked before any work.
     """
+    check_at_least("--image-size", image_size, 1)
+    check_at_least("--batch-size", batch_size, 1)
+    check_at_least("--workers", num_workers, 0)
+    check_at_least("--repeats", repeats, 1)
+    if json_path:
+        check_writable(json_path, "--json")
     console = console or Console()
     device = torch.device(device)
     writer = writer or WriterOptions(num_workers=num_workers)
@@ -132,11 +140,11 @@ def bench_loaders(
         cpu_count=os.cpu_count() or 0,
         date=time.strftime("%Y-%m-%d"),
     )
-    table = Table(
-        "pipeline",
-        "uint8 on device, images/s",
-        "normalised, images/s",
-        title=f"train pipeline, {image_size}² output, device {device}",
+    table = fitting_table(
+        f"train pipeline, {image_size}² output, device {device}",
+        "uint8: batches delivered to the device; normalised: also converted to float and "
+        "normalised there; both in images/s",
+        (("pipeline", "left"), ("uint8", "right"), ("normalised", "right")),
     )
     table.add_row(
         "torchvision",
@@ -155,5 +163,5 @@ def bench_loaders(
         soft_wrap=True,
     )
     if json_path:
-        Path(json_path).write_text(json.dumps(asdict(result), indent=2) + "\n")
+        write_json(json_path, asdict(result))
     return result

@@ -1,7 +1,7 @@
 """`debiformer profile`: forward and backward time and memory of each named step of one op
 (a DBRA or BRA attention, a block, or the whole model) under the PyTorch profiler.
 
-The steps are the `debiformer.profiling.step` regions in the model code. A step's forward time
+The steps are the `debiformer.regions.step` regions in the model code. A step's forward time
 is the time of its regions. Its backward time is that of the autograd nodes its forward ops
 created: the profiler tags each forward op and each backward node with the autograd sequence
 number, which links them. Steps can nest (`routed_gather` inside the attention that runs it);
@@ -10,6 +10,7 @@ the coverage is the share of the op's measured time that its outermost steps acc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,16 +21,69 @@ from torch.profiler import ProfilerActivity, record_function
 from torch.profiler import profile as torch_profile
 
 import debiformer
-from debiformer.bench import autocast, check_precision, peak_memory, resolve_device, synchronize
 from debiformer.errors import UserError
 from debiformer.model import BiLevelRoutingAttention
 from debiformer.routing import IMPLEMENTATIONS, implementation
+from debiformer.runtime import (
+    atomic_writer,
+    autocast,
+    check_precision,
+    peak_memory,
+    select_device,
+    synchronize,
+)
+from debiformer.tools.common import MIN_RESOLUTION, check_at_least, fitting_table, memory_kind
 
 OPS = ("dbra", "bra", "block", "model")
 FORWARD = "profile/forward"
 BACKWARD = "profile/backward"
 BACKWARD_NODE = "autograd::engine::evaluate_function"
 ROUTED_GATHER = "routed_gather"
+
+
+@dataclass(frozen=True)
+class ProfileOptions:
+    """What `debiformer profile` measures and how. Checked when made: a bad name or value is a
+    one-line `UserError` before any work.
+
+    `op` of the first block of `stage` (ignored for "model") of DeBiFormer `variant`, fed the
+    input it gets in the model at `resolution`. `warmup` iterations (at least one: peak memory
+    is measured over them) run outside the profiler, `iterations` inside; `trace` is where to
+    write a Chrome trace of the profiled iterations, if anywhere.
+    """
+
+    op: str = "dbra"
+    stage: int = 1
+    variant: str = "debiformer_tiny"
+    resolution: int = 224
+    batch_size: int = 8
+    device: str = "auto"
+    precision: str = "fp32"
+    impl: str = "fast"
+    warmup: int = 2
+    iterations: int = 5
+    trace: Path | None = None
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision, select_device(self.device))
+        if self.op not in OPS:
+            raise UserError(f"--op: unknown op {self.op!r}; choose one of {', '.join(OPS)}")
+        if not 1 <= self.stage <= 4:
+            raise UserError(f"--stage must be 1 to 4, got {self.stage}")
+        if self.variant not in debiformer.list_models():
+            raise UserError(
+                f"--variant: unknown model {self.variant!r}; "
+                f"choose from {', '.join(debiformer.list_models())}"
+            )
+        if self.impl not in IMPLEMENTATIONS:
+            raise UserError(
+                f"--impl: unknown implementation {self.impl!r}; "
+                f"choose from {', '.join(IMPLEMENTATIONS)}"
+            )
+        check_at_least("--resolution", self.resolution, MIN_RESOLUTION)
+        check_at_least("--batch-size", self.batch_size, 1)
+        check_at_least("--warmup", self.warmup, 1)
+        check_at_least("--iterations", self.iterations, 1)
 
 
 def _stage_size(resolution: int, stage: int) -> int:
@@ -46,12 +100,9 @@ def build_op(
     """The module to profile and a random input for it, as the model would feed it.
 
     dbra: the second attention of the stage's first block; bra: its first attention, where
-    that is a BRA; block: that block; model: the whole network on images.
+    that is a BRA; block: that block; model: the whole network on images. `op` and `stage` are
+    those of a `ProfileOptions`.
     """
-    if op not in OPS:
-        raise UserError(f"unknown op {op!r}; choose one of {', '.join(OPS)}")
-    if not 1 <= stage <= 4:
-        raise UserError(f"--stage must be 1 to 4, got {stage}")
     model = debiformer.create_model(variant).to(device).train()
     if op == "model":
         return model, torch.randn(batch_size, 3, resolution, resolution, device=device)
@@ -154,70 +205,62 @@ def _step_filter(op: str):
     return lambda name: name.startswith(prefix)
 
 
-def run_profile(
-    op: str = "dbra",
-    stage: int = 1,
-    variant: str = "debiformer_tiny",
-    resolution: int = 224,
-    batch_size: int = 8,
-    device: str | None = None,
-    precision: str = "fp32",
-    impl: str = "fast",
-    warmup: int = 2,
-    iterations: int = 5,
-    trace_path: Path | None = None,
-) -> dict:
-    """Profile forward + backward of `op`; per-step times (ms per iteration), shares and memory.
+def run_profile(options: ProfileOptions) -> dict:
+    """Profiles forward + backward of the op of `options`: per-step times (ms per iteration),
+    shares and memory, and the Chrome trace if `options.trace` names a file.
 
-    Peak memory is measured over the warm-up iterations (at least one), outside the profiler.
+    Peak memory is measured over the warm-up iterations, outside the profiler.
     """
-    torch_device = resolve_device(device)
-    check_precision(precision, torch_device)
-    if impl not in IMPLEMENTATIONS:
-        raise UserError(
-            f"unknown implementation {impl!r}; choose from {', '.join(IMPLEMENTATIONS)}"
-        )
-    if warmup < 1 or iterations < 1 or batch_size < 1 or resolution < 32:
-        raise UserError(
-            "need --warmup >= 1, --iterations >= 1, --batch-size >= 1, --resolution >= 32"
-        )
+    device = select_device(options.device)
     torch.manual_seed(0)
 
     def forward_backward() -> None:
-        with record_function(FORWARD), autocast(precision, torch_device):
+        with record_function(FORWARD), autocast(device, options.precision):
             output = module(inputs)
         with record_function(BACKWARD):
             output.float().mean().backward()
         module.zero_grad(set_to_none=True)
         inputs.grad = None
-        synchronize(torch_device)
+        synchronize(device)
 
-    with implementation(impl):
-        with peak_memory(torch_device) as peak:
-            module, inputs = build_op(op, variant, stage, resolution, batch_size, torch_device)
-            for _ in range(warmup):
+    with implementation(options.impl):
+        with peak_memory(device) as peak:
+            module, inputs = build_op(
+                options.op,
+                options.variant,
+                options.stage,
+                options.resolution,
+                options.batch_size,
+                device,
+            )
+            for _ in range(options.warmup):
                 forward_backward()
         activities = [ProfilerActivity.CPU]
-        if torch_device.type == "cuda":
+        if device.type == "cuda":
             activities.append(ProfilerActivity.CUDA)
         with torch_profile(activities=activities, profile_memory=True) as profiler:
-            for _ in range(iterations):
+            for _ in range(options.iterations):
                 forward_backward()
-    if trace_path is not None:
-        profiler.export_chrome_trace(str(trace_path))
-    steps = attribute_steps(list(profiler.events()), _step_filter(op), torch_device)
-    return _profile_record(steps, iterations, peak["mb"]) | {
-        "op": op,
-        "stage": None if op == "model" else stage,
-        "variant": variant,
-        "impl": impl,
-        "resolution": resolution,
-        "batch_size": batch_size,
+    if options.trace is not None:
+        # The profiler writes to a file name: that of the atomic writer's temporary file, which
+        # replaces `options.trace` once written.
+        with atomic_writer(options.trace) as file:
+            profiler.export_chrome_trace(file.name)
+    steps = attribute_steps(list(profiler.events()), _step_filter(options.op), device)
+    return _profile_record(steps, options.iterations, peak["mb"]) | {
+        "op": options.op,
+        "stage": None if options.op == "model" else options.stage,
+        "variant": options.variant,
+        "impl": options.impl,
+        "resolution": options.resolution,
+        "batch_size": options.batch_size,
         "input_shape": list(inputs.shape),
-        "device": torch_device.type,
-        "precision": precision,
-        "iterations": iterations,
-        "trace": str(trace_path) if trace_path is not None else None,
+        "device": device.type,
+        "precision": options.precision,
+        "peak_mem": memory_kind(device),
+        "warmup": options.warmup,
+        "iterations": options.iterations,
+        "trace": str(options.trace) if options.trace is not None else None,
     }
 
 
@@ -253,19 +296,36 @@ def _profile_record(steps: _StepTimes, iterations: int, peak_mb: float) -> dict:
     }
 
 
+PROFILE_COLUMNS = (
+    ("step", "left"),
+    ("fwd ms", "right"),
+    ("bwd ms", "right"),
+    ("share", "right"),
+    ("fwd MB", "right"),
+    ("bwd MB", "right"),
+)
+
+
 def profile_table(result: dict) -> Table:
-    """The profile as a rich table: one row per step (nested steps indented), then the totals."""
+    """The profile as a table: one row per step (nested steps indented, names without the op's
+    prefix), then the op's totals, with the units in its caption."""
     where = "" if result["stage"] is None else f" stage {result['stage']}"
     title = (
         f"{result['op']}{where} of {result['variant']} ({result['impl']}), input "
-        f"{'×'.join(map(str, result['input_shape']))}, {result['device']} {result['precision']}, "
-        f"ms per iteration"
+        f"{'×'.join(map(str, result['input_shape']))}, {result['device']} {result['precision']}"
     )
-    table = Table(title=title)
-    for column in ("step", "forward ms", "backward ms", "share", "fwd MB", "bwd MB"):
-        table.add_column(column, justify="left" if column == "step" else "right")
+    caption = (
+        "fwd/bwd ms: milliseconds per iteration in the forward/backward pass; share: of the op's "
+        "forward + backward time; fwd/bwd MB: net memory the step's forward/backward leaves "
+        f"allocated. Peak memory {result['peak_mem_mb']:.0f} MB "
+        f"({result['peak_mem']}, over the warm-up)"
+    )
+    table = fitting_table(title, caption, PROFILE_COLUMNS)
+    prefix = f"{result['op']}/"
     for row in result["steps"]:
-        name = row["name"] if row["parent"] is None else f"  └ {row['name']} (in {row['parent']})"
+        name = row["name"].removeprefix(prefix)
+        if row["parent"] is not None:
+            name = f"└ {name} (in {row['parent'].removeprefix(prefix)})"
         table.add_row(
             name,
             f"{row['forward_ms']:.2f}",
@@ -281,6 +341,6 @@ def profile_table(result: dict) -> Table:
         f"{result['backward_ms']:.2f}",
         "100%",
         "",
-        f"peak {result['peak_mem_mb']:.0f}",
+        "",
     )
     return table

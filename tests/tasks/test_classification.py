@@ -1,5 +1,6 @@
-"""Training and evaluation on a tiny DeBiFormer with synthetic 32x32 data: outputs, exact resume
-after SIGKILL, SIGTERM, non-finite loss, DDP equivalence and restarts, checkpoint evaluation."""
+"""Classification through the engine, on a tiny DeBiFormer with synthetic 32x32 data: outputs,
+exact resume after SIGKILL, SIGTERM, non-finite loss, DDP equivalence and restarts, checkpoint
+evaluation."""
 
 import importlib.util
 import json
@@ -12,56 +13,26 @@ from pathlib import Path
 
 import pytest
 import torch
-import typer
 import yaml
 from rich.console import Console
 from typer.testing import CliRunner
 
 import debiformer
-from cli import train as commands
-from debiformer import train as train_module
 from debiformer.checkpoint import load_checkpoint
+from debiformer.cli.main import app
+from debiformer.engine import NonFiniteLossError
 from debiformer.errors import UserError
-from debiformer.evaluate import evaluate_checkpoint, load_weights
 from debiformer.recipe import load_recipe
-from debiformer.train import (
-    NonFiniteLossError,
-    StopRequest,
+from debiformer.tasks import classification
+from debiformer.tasks.classification import (
+    evaluate_checkpoint,
     fall_back_without_ffcv,
-    lr_factor,
-    param_groups,
     train,
 )
+from tests.helpers.cli_entry import CLI_ENTRY
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 STEPS_PER_EPOCH = 8  # 64 synthetic images, global batch 8
-
-# A command-line entry for subprocesses: the train/eval commands, with checkpoint saving wrapped so
-# that the process can SIGKILL itself right after its KILL_AT_SAVE-th checkpoint write (first
-# torchrun attempt only): an interruption at a known point, through the real signal.
-CLI_SCRIPT = """
-import os, signal
-import typer
-import debiformer.train
-from cli import train as commands
-
-kill_at = int(os.environ.get("KILL_AT_SAVE", "0"))
-saves = 0
-save = debiformer.train.save_checkpoint
-
-def save_then_maybe_die(state, path):
-    global saves
-    save(state, path)
-    saves += 1
-    if saves == kill_at and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-debiformer.train.save_checkpoint = save_then_maybe_die
-app = typer.Typer(add_completion=False)
-app.command("train")(commands.train)
-app.command("eval")(commands.evaluate)
-app()
-"""
 
 
 def tiny_recipe(path: Path, **sections: dict) -> Path:
@@ -93,12 +64,6 @@ def tiny_recipe(path: Path, **sections: dict) -> Path:
     return path
 
 
-def cli_script(tmp_path: Path) -> Path:
-    script = tmp_path / "cli_entry.py"
-    script.write_text(CLI_SCRIPT)
-    return script
-
-
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment for child processes: this repository importable, the same thread count."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
@@ -107,7 +72,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 def run_cli(tmp_path: Path, *args: str, env: dict | None = None, torchrun: list[str] | None = None):
     """Runs the train/eval commands in a child process (under torchrun when given its options)."""
-    script = str(cli_script(tmp_path))
+    script = str(CLI_ENTRY)
     launcher = (
         [sys.executable, "-m", "torch.distributed.run", "--standalone", *torchrun]
         if torchrun
@@ -143,37 +108,6 @@ def metric_lines(run_dir: Path, kind: str) -> list[dict]:
 # ----------------------------------------------------------------------------- units
 
 
-def test_lr_schedule_warms_up_then_follows_a_cosine():
-    def factor(step: int) -> float:
-        return lr_factor(step, warmup_steps=10, total_steps=110, warmup_ratio=0.1, min_ratio=0.01)
-
-    assert factor(0) == pytest.approx(0.1)
-    assert factor(5) == pytest.approx(0.55)
-    assert factor(10) == pytest.approx(1.0)
-    assert factor(60) == pytest.approx(0.505)
-    assert factor(110) == pytest.approx(0.01)
-
-
-def test_no_weight_decay_on_norms_biases_and_position_bias_tables():
-    model = debiformer.create_model("debiformer_nano", num_classes=4)
-    decay, no_decay = param_groups(model, 0.05)
-    names = {id(p): name for name, p in model.named_parameters()}
-    skipped = {names[id(p)] for p in no_decay["params"]}
-    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    assert any(name.endswith("rpe_table") for name in skipped)
-    assert all(names[id(p)].endswith("weight") and p.ndim > 1 for p in decay["params"])
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
-
-
-def test_stop_request_turns_signals_into_a_flag_and_a_second_ctrl_c_aborts():
-    with StopRequest() as stop:
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.signal_name == "SIGTERM"
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGTERM) is not stop._handle
-
-
 # ----------------------------------------------------------------------------- training runs
 
 
@@ -182,7 +116,7 @@ def finished_run(tmp_path_factory):
     """One complete 2-epoch run with EMA: (recipe path, run directory, summary)."""
     tmp_path = tmp_path_factory.mktemp("finished")
     path = tiny_recipe(tmp_path / "tiny.yaml", train={"ema": True, "ema_decay": 0.9})
-    summary = train(load_recipe(path), out_dir=tmp_path / "run")
+    summary = train(load_recipe(path), run_dir=tmp_path / "run")
     return path, tmp_path / "run", summary
 
 
@@ -217,9 +151,6 @@ def test_eval_of_a_saved_checkpoint_reproduces_the_run_metrics(finished_run, tmp
 def test_eval_cli_prints_metrics_and_writes_json(finished_run, tmp_path):
     path, run_dir, _ = finished_run
     out = tmp_path / "eval.json"
-    app = typer.Typer(add_completion=False)
-    app.command("train")(commands.train)
-    app.command("eval")(commands.evaluate)
     args = [
         "eval",
         str(path),
@@ -234,24 +165,6 @@ def test_eval_cli_prints_metrics_and_writes_json(finished_run, tmp_path):
     assert set(json.loads(out.read_text())) >= {"top1", "top5", "loss", "images_per_s"}
 
 
-def test_released_checkpoints_are_detected_by_key_names(monkeypatch, tmp_path):
-    calls = []
-    monkeypatch.setattr(
-        debiformer, "load_official_state_dict", lambda model, state: calls.append(state)
-    )
-    model = debiformer.create_model("debiformer_nano", num_classes=4)
-    released = {"model": {"downsample_layers.0.0.weight": torch.zeros(1)}}
-    assert (
-        load_weights(model, released, tmp_path / "x.pth", use_ema=False, official=None)
-        == "official"
-    )
-    assert calls == [released["model"]]
-    bare = model.state_dict()
-    assert (
-        load_weights(model, bare, tmp_path / "y.pth", use_ema=False, official=None) == "state_dict"
-    )
-
-
 def test_unreadable_checkpoint_is_a_one_line_user_error(finished_run, tmp_path):
     path, run_dir, _ = finished_run
     damaged = tmp_path / "damaged.pt"
@@ -262,15 +175,15 @@ def test_unreadable_checkpoint_is_a_one_line_user_error(finished_run, tmp_path):
         evaluate_checkpoint(load_recipe(path), damaged)
     assert "\n" not in str(error.value)
     with pytest.raises(UserError, match="is not a readable checkpoint"):
-        train(load_recipe(path), out_dir=tmp_path / "run", resume=damaged)
+        train(load_recipe(path), run_dir=tmp_path / "run", resume=damaged)
 
 
 def test_missing_ffcv_path_and_bad_batch_are_user_errors(tmp_path):
     path = tiny_recipe(tmp_path / "r.yaml")
     with pytest.raises(UserError, match="data.train_path: not set"):
-        train(load_recipe(path, ["data.backend=ffcv"]), out_dir=tmp_path / "a")
+        train(load_recipe(path, ["data.backend=ffcv"]), run_dir=tmp_path / "a")
     with pytest.raises(UserError, match="train.batch_size: 8 does not divide into 1 processes x 3"):
-        train(load_recipe(path, ["train.accum_steps=3"]), out_dir=tmp_path / "b")
+        train(load_recipe(path, ["train.accum_steps=3"]), run_dir=tmp_path / "b")
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
@@ -284,22 +197,23 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
         augment={"mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1, "random_erasing": 0.5},
         train={"ema": True, "ema_decay": 0.9},
     )
-    train(load_recipe(path), out_dir=tmp_path / "full")
+    train(load_recipe(path), run_dir=tmp_path / "full")
 
     run_dir = tmp_path / "interrupted"
     killed = run_cli(
-        tmp_path, "train", str(path), "--out", str(run_dir), env=subprocess_env(KILL_AT_SAVE="5")
+        tmp_path, "train", str(path), "--out", str(run_dir), env=subprocess_env(KILL_AT_SAVE="6")
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     at_kill = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert (at_kill["epoch"], at_kill["batch"], at_kill["step"]) == (1, 1, 9)
+    position = at_kill["train_state"][0]
+    assert (position["epoch"], position["batch"], position["step"]) == (1, 1, 9)
 
     resumed = run_cli(tmp_path, "train", str(path), "--out", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr
     full = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
     done = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert done["step"] == 3 * STEPS_PER_EPOCH
+    assert done["train_state"][0]["step"] == 3 * STEPS_PER_EPOCH
     assert_same_tensors(full["model"], done["model"])
     assert_same_tensors(full["ema"], done["ema"])
     assert_same_tensors(full["optimizer"]["state"][0], done["optimizer"]["state"][0])
@@ -308,13 +222,51 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     ]
 
 
+def test_ffcv_runs_with_flips_and_randaugment_are_bit_identical_and_resume_exactly(tmp_path):
+    """Real photographs through FFCV with random resized crops, flips, RandAugment and random
+    erasing: two runs of one recipe give the same weights bit for bit, and so does a run killed
+    with SIGKILL mid-epoch (right after its checkpoint at step 4) and resumed."""
+    pytest.importorskip("ffcv")
+    from debiformer.data import WriterOptions, convert_to_ffcv, make_photo_folder
+
+    photos = make_photo_folder(tmp_path / "photos", 24, size=(48, 36), num_classes=3)
+    options = WriterOptions(write_mode="jpg", num_workers=1)
+    ffcv_file = convert_to_ffcv(str(photos), tmp_path / "photos.beton", options).path
+    data = {"backend": "ffcv", "train_path": str(ffcv_file), "val_path": str(ffcv_file)}
+    path = tiny_recipe(
+        tmp_path / "ffcv.yaml",
+        data={**data, "num_classes": 3, "num_workers": 2},
+        augment={"hflip": True, "randaugment": "rand-m9-mstd0.5-inc1", "random_erasing": 0.5},
+        output={"checkpoint_every": 2},
+    )
+    first = train(load_recipe(path), run_dir=tmp_path / "first")
+    second = train(load_recipe(path), run_dir=tmp_path / "second")
+    assert first["steps"] == second["steps"] == 6
+    runs = ["first", "second"]
+    final = {run: load_checkpoint(tmp_path / run / "checkpoints" / "last.pt") for run in runs}
+    assert_same_tensors(final["first"]["model"], final["second"]["model"])
+
+    run_dir = tmp_path / "killed"
+    # saves: step 2; epoch 1's end (before and after its evaluation, with best.pt); step 4
+    env = subprocess_env(KILL_AT_SAVE="5")
+    killed = run_cli(tmp_path, "train", str(path), "--out", str(run_dir), env=env)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    position = load_checkpoint(run_dir / "checkpoints" / "last.pt")["train_state"][0]
+    assert (position["epoch"], position["batch"], position["step"]) == (1, 1, 4)
+    resumed = run_cli(tmp_path, "train", str(path), "--out", str(run_dir))
+    assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr
+    done = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert_same_tensors(final["first"]["model"], done["model"])
+    assert_same_tensors(final["first"]["optimizer"]["state"][0], done["optimizer"]["state"][0])
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     path = tiny_recipe(
         tmp_path / "tiny.yaml", schedule={"epochs": 200}, output={"checkpoint_every": 2}
     )
     run_dir = tmp_path / "run"
     process = subprocess.Popen(
-        [sys.executable, str(cli_script(tmp_path)), "train", str(path), "--out", str(run_dir)],
+        [sys.executable, str(CLI_ENTRY), "train", str(path), "--out", str(run_dir)],
         env=subprocess_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -323,13 +275,13 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     last = run_dir / "checkpoints" / "last.pt"
     while not last.exists() and process.poll() is None:
         time.sleep(0.05)
-    step_before = load_checkpoint(last)["step"]
+    step_before = load_checkpoint(last)["train_state"][0]["step"]
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
     assert "stopped by SIGTERM" in stderr
     state = load_checkpoint(last)
-    assert step_before <= state["step"] < 200 * STEPS_PER_EPOCH
+    assert step_before <= state["train_state"][0]["step"] < 200 * STEPS_PER_EPOCH
     assert not (run_dir / "summary.json").exists()
 
 
@@ -338,31 +290,33 @@ class PoisonedLoader:
 
     def __init__(self, loader, from_batch: int):
         self.loader, self.from_batch, self.seen = loader, from_batch, 0
-        self.num_classes, self.num_samples = loader.num_classes, loader.num_samples
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
 
     def __len__(self) -> int:
         return len(self.loader)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
-
-    def __iter__(self):
-        for images, labels in self.loader:
+    def batches(self, epoch: int, start_batch: int = 0):
+        for images, labels in self.loader.batches(epoch, start_batch):
             self.seen += 1
             yield (images * float("nan") if self.seen >= self.from_batch else images), labels
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    build = train_module.build_train_loader
-    monkeypatch.setattr(
-        train_module, "build_train_loader", lambda *a, **k: PoisonedLoader(build(*a, **k), 5)
-    )
+    build = classification.build_split_loader
+
+    def poisoned(recipe, split, *args):
+        loader = build(recipe, split, *args)
+        return PoisonedLoader(loader, 5) if split == "train" else loader
+
+    monkeypatch.setattr(classification, "build_split_loader", poisoned)
     path = tiny_recipe(tmp_path / "tiny.yaml", output={"log_every": 4, "checkpoint_every": 3})
     with pytest.raises(NonFiniteLossError, match="training loss is nan") as error:
-        train(load_recipe(path), out_dir=tmp_path / "run")
+        train(load_recipe(path), run_dir=tmp_path / "run")
     assert "last good checkpoint" in str(error.value)
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
-    assert state["step"] == 3
+    assert state["train_state"][0]["step"] == 3
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
 
 
@@ -370,9 +324,10 @@ def test_two_processes_match_one_even_across_a_torchrun_restart(tmp_path):
     """2 DDP processes with 4 images each compute what 1 process accumulating 2 micro-batches of 4
     does (batch norm sees the same 4 images per forward either way): same losses, same weights.
     Rank 0 is SIGKILLed after its second checkpoint; torchrun --max-restarts 1 restarts both
-    workers, which resume from that checkpoint and finish the same run."""
-    path = tiny_recipe(tmp_path / "tiny.yaml")
-    single = train(load_recipe(path, ["train.accum_steps=2"]), out_dir=tmp_path / "one")
+    workers, which resume from that checkpoint and finish the same run. Flips are off: each rank
+    draws its batch's augmentations from its own stream, so only unaugmented runs coincide."""
+    path = tiny_recipe(tmp_path / "tiny.yaml", augment={"hflip": False})
+    single = train(load_recipe(path, ["train.accum_steps=2"]), run_dir=tmp_path / "one")
     done = run_cli(
         tmp_path,
         "train",
@@ -399,20 +354,27 @@ def test_two_processes_match_one_even_across_a_torchrun_restart(tmp_path):
     )
 
 
-@pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_mixed_precision_channels_last_checkpointing_and_accumulation_train(tmp_path, amp):
+def test_fp16_on_the_cpu_is_refused_before_any_work(tmp_path):
+    path = tiny_recipe(tmp_path / "tiny.yaml")
+    with pytest.raises(UserError, match="train.precision: fp16 needs a CUDA device"):
+        train(load_recipe(path, ["train.precision=fp16"]), run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_bf16_channels_last_checkpointing_and_accumulation_train(tmp_path):
+    precision = "bf16"
     path = tiny_recipe(tmp_path / "tiny.yaml", schedule={"epochs": 1})
     overrides = [
-        f"train.amp={amp}",
+        f"train.precision={precision}",
         "train.channels_last=true",
         "train.accum_steps=2",
         "train.grad_checkpointing=[1,3]",
     ]
-    summary = train(load_recipe(path, overrides), out_dir=tmp_path / "run")
+    summary = train(load_recipe(path, overrides), run_dir=tmp_path / "run")
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert summary["steps"] == STEPS_PER_EPOCH
     assert all(line["loss"] > 0 for line in metric_lines(tmp_path / "run", "train"))
-    assert bool(state["scaler"]) == (amp == "fp16")
+    assert bool(state["scaler"]) == (precision == "fp16")
 
 
 def test_without_ffcv_the_quick_start_reads_its_sources_with_torchvision(monkeypatch):
@@ -448,7 +410,7 @@ def test_fashion_mnist_subset_through_ffcv_conversion(tmp_path):
         "model.arch={dims: [32, 32, 32, 32], depths: [1, 1, 1, 1], offset_groups: [1, 1, 1, 1]}",
     ]
     recipe = load_recipe("quickstart", overrides)
-    summary = train(recipe, out_dir=tmp_path / "run")
+    summary = train(recipe, run_dir=tmp_path / "run")
     assert (tmp_path / "train.beton").is_file() and (tmp_path / "val.beton").is_file()
     assert summary["steps"] == 256 // 32
     assert 0 <= summary["top1"] <= 100

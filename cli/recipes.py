@@ -1,0 +1,39 @@
+"""`debiformer recipes`: list the shipped recipes and print one fully resolved."""
+
+import typer
+import yaml
+
+from debiformer.recipe import list_recipes, load_recipe, recipe_to_dict
+
+app = typer.Typer(
+    help="List the shipped recipes, or print one fully resolved (`recipes show NAME`).",
+    invoke_without_command=True,
+)
+
+
+@app.callback()
+def recipes(ctx: typer.Context) -> None:
+    """List the shipped recipes with their descriptions (use one by name: `debiformer train tiny`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    shipped = list_recipes()
+    width = max((len(name) for name, _ in shipped), default=0)
+    for name, description in shipped:
+        typer.echo(f"{name:<{width}}  {description}".rstrip())
+
+
+@app.command()
+def show(
+    recipe: str = typer.Argument(
+        ..., help="Recipe YAML file, or the name of a shipped one (see `debiformer recipes`)."
+    ),
+    overrides: list[str] = typer.Option(
+        [],
+        "--set",
+        help="Override a recipe value: section.key=value (repeatable), e.g. --set optim.lr=1e-3.",
+        metavar="SECTION.KEY=VALUE",
+    ),
+) -> None:
+    """Print RECIPE fully resolved (bases merged, defaults filled) as YAML `debiformer train` accepts."""
+    resolved = load_recipe(recipe, overrides)
+    typer.echo(yaml.safe_dump(recipe_to_dict(resolved), sort_keys=False), nl=False)

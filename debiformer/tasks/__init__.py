@@ -1,0 +1,1 @@
+"""Tasks the training engine runs (`debiformer.engine.Task`): what differs between them."""

@@ -1,0 +1,308 @@
+"""Image classification: the engine's first task, and the `eval` command's library side.
+
+ClassificationTask     model, loaders, loss (mixup/cutmix, label smoothing), top-1/top-5
+train                  `debiformer train`: fit(recipe, ClassificationTask(recipe))
+evaluate_checkpoint    `debiformer eval`: a checkpoint's metrics on the validation set
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch import nn
+
+import debiformer
+from debiformer import runtime
+from debiformer.checkpoint import load_checkpoint
+from debiformer.data import build_loader, ensure_ffcv_file
+from debiformer.data.loaders import check_labels
+from debiformer.engine import Task, fit
+from debiformer.errors import UserError
+from debiformer.recipe import Recipe
+from debiformer.weights import load_weights
+
+# ----------------------------------------------------------------------------- recipe -> parts
+
+
+def fall_back_without_ffcv(recipe: Recipe, console: Console) -> Recipe:
+    """The recipe to run: an FFCV recipe with `*_source`s reads them through torchvision when FFCV
+    is not installed (installs without the OpenCV headers it builds against)."""
+    data = recipe.data
+    if data.backend != "ffcv" or importlib.util.find_spec("ffcv") is not None:
+        return recipe
+    if data.train_source is None or data.val_source is None:
+        return recipe  # the data module's import error says how to install FFCV
+    console.print(
+        "[yellow]warning:[/] FFCV is not installed: reading data.train_source and "
+        "data.val_source with the torchvision backend",
+        highlight=False,
+    )
+    fallback = dataclasses.replace(
+        data, backend="torchvision", train_path=data.train_source, val_path=data.val_source
+    )
+    return dataclasses.replace(recipe, data=fallback)
+
+
+def prepare_ffcv_files(recipe: Recipe, splits: tuple[str, ...] = ("train", "val")) -> None:
+    """Converts `data.<split>_source` to the FFCV file `data.<split>_path` where that is missing."""
+    data = recipe.data
+    if data.backend != "ffcv":
+        return
+    for split in splits:
+        path, source = getattr(data, f"{split}_path"), getattr(data, f"{split}_source")
+        if path is None:
+            raise UserError(
+                f"data.{split}_path: not set; add --set data.{split}_path=/path/to/{split}.beton"
+            )
+        if not Path(path).exists() and source is None:
+            raise UserError(
+                f"data.{split}_path: FFCV file {path} does not exist (set data.{split}_source "
+                "to convert one, or make it with `debiformer data convert`)"
+            )
+        if source is not None:
+            options = {"split": "train" if split == "train" else "test", **data.ffcv_writer}
+            ensure_ffcv_file(source, path, **options)
+
+
+def build_model(recipe: Recipe, num_classes: int) -> nn.Module:
+    """The recipe's network with `num_classes` outputs, its drop path and architecture overrides."""
+    return debiformer.create_model(
+        recipe.model.name,
+        num_classes=num_classes,
+        drop_path_rate=recipe.model.drop_path,
+        **recipe.model.arch,
+    )
+
+
+def build_split_loader(recipe: Recipe, split: str, device: torch.device, batch_size: int):
+    """The loader of `split` ("train" or "val") that the recipe's `data` and `augment` describe."""
+    data, aug = recipe.data, recipe.augment
+    path = getattr(data, f"{split}_path")
+    if data.backend != "synthetic" and not path:
+        raise UserError(
+            f"data.{split}_path: not set; add --set data.{split}_path=... ({data.backend} backend)"
+        )
+    train = split == "train"
+    augment = {
+        "hflip": 0.5 if aug.hflip else 0.0,
+        "scale": tuple(aug.scale),
+        "ratio": tuple(aug.ratio),
+        "randaugment": aug.randaugment,
+        "random_erasing": aug.random_erasing,
+    }
+    return build_loader(
+        split,
+        backend=data.backend,
+        path=path,
+        image_size=data.image_size if train else data.val_image_size or data.image_size,
+        batch_size=batch_size,
+        num_workers=data.num_workers,
+        seed=recipe.train.seed,
+        device=device,
+        distributed=runtime.rank_and_world()[1] > 1,
+        augment=augment if train else None,
+        crop_ratio=data.crop_ratio,
+        num_classes=data.num_classes,
+        synthetic_samples=data.synthetic_samples,
+    )
+
+
+def build_criterion(recipe: Recipe, num_classes: int) -> tuple[nn.Module, Mixup | None]:
+    """The loss, and the mixup/cutmix transform when enabled (it then applies label smoothing)."""
+    aug = recipe.augment
+    if aug.mixup > 0 or aug.cutmix > 0:
+        mixup = Mixup(
+            mixup_alpha=aug.mixup,
+            cutmix_alpha=aug.cutmix,
+            prob=aug.mixup_prob,
+            switch_prob=aug.mixup_switch_prob,
+            label_smoothing=aug.label_smoothing,
+            num_classes=num_classes,
+        )
+        return SoftTargetCrossEntropy(), mixup
+    if aug.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(aug.label_smoothing), None
+    return nn.CrossEntropyLoss(), None
+
+
+@contextmanager
+def numpy_seeded(generator: torch.Generator) -> Iterator[None]:
+    """numpy's global generator seeded from `generator` for the block, then put back: timm's
+    Mixup draws from it, and its draws must depend on the batch alone."""
+    saved = np.random.get_state()
+    np.random.seed(int(torch.randint(2**31, (1,), generator=generator)))
+    try:
+        yield
+    finally:
+        np.random.set_state(saved)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, *, channels_last: bool = False) -> dict[str, float]:
+    """Top-1/top-5 accuracy (%), mean cross-entropy and images/s of `model` over `loader`.
+
+    Under torch.distributed each rank reads its shard and the counts are summed over ranks.
+    Autocast, if any, is the caller's.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-5, images
+    start = time.perf_counter()
+    for images, labels in loader:
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        logits = model(images).float()
+        k = min(5, logits.shape[1])
+        hits = logits.topk(k, dim=1).indices == labels[:, None]
+        totals += torch.stack(
+            [
+                F.cross_entropy(logits, labels, reduction="sum").double(),
+                hits[:, 0].sum().double(),
+                hits.any(dim=1).sum().double(),
+                torch.tensor(float(len(labels)), dtype=torch.float64, device=device),
+            ]
+        )
+    runtime.synchronize(device)
+    elapsed = time.perf_counter() - start
+    runtime.sum_over_ranks(totals)
+    model.train(was_training)
+    loss_sum, top1, top5, count = totals.tolist()
+    if count == 0:
+        raise UserError("the validation set is empty")
+    return {
+        "top1": 100.0 * top1 / count,
+        "top5": 100.0 * top5 / count,
+        "loss": loss_sum / count,
+        "images": int(count),
+        "images_per_s": count / elapsed,
+    }
+
+
+# ----------------------------------------------------------------------------- the task
+
+
+class ClassificationTask(Task):
+    """Classification on the recipe's images: cross-entropy (with mixup/cutmix and label
+    smoothing as the recipe says), top-1/top-5 accuracy; best.pt follows top-1."""
+
+    best_metric = "top1"
+
+    def __init__(self, recipe: Recipe, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self.recipe = fall_back_without_ffcv(recipe, self.console)
+        self.num_classes: int | None = recipe.data.num_classes
+        self.criterion: nn.Module | None = None
+        self.mixup: Mixup | None = None
+
+    def build_loaders(self, device: torch.device, batch_size: int, eval_batch_size: int):
+        """Train and validation loaders (rank 0 converts missing FFCV files first); their labels
+        are checked against the class count before any training."""
+        if runtime.rank_and_world()[0] == 0:
+            prepare_ffcv_files(self.recipe)
+        runtime.barrier()
+        train_loader = build_split_loader(self.recipe, "train", device, batch_size)
+        val_loader = build_split_loader(self.recipe, "val", device, eval_batch_size)
+        self.num_classes = self.num_classes or train_loader.num_classes
+        check_labels(train_loader, self.num_classes, "train")
+        check_labels(val_loader, self.num_classes, "val")
+        self.criterion, self.mixup = build_criterion(self.recipe, self.num_classes)
+        return train_loader, val_loader
+
+    def build_model(self) -> nn.Module:
+        return build_model(self.recipe, self.num_classes)
+
+    def start_epoch(self, epoch: int) -> None:
+        """Switches mixup/cutmix off from `augment.mixup_off_epoch` on."""
+        if self.mixup is not None and self.recipe.augment.mixup_off_epoch is not None:
+            self.mixup.mixup_enabled = epoch < self.recipe.augment.mixup_off_epoch
+
+    def prepare_batch(self, batch: Any, generator: torch.Generator) -> Any:
+        """Mixes the batch up (mixup/cutmix), drawing from `generator` only."""
+        if self.mixup is None:
+            return batch
+        with numpy_seeded(generator):
+            return self.mixup(*batch)
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        images, targets = batch
+        if self.recipe.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.criterion(model(images), targets)
+
+    def evaluate(self, model: nn.Module, loader) -> dict[str, float]:
+        return evaluate(model, loader, channels_last=self.recipe.train.channels_last)
+
+    def describe(self, metrics: dict[str, float]) -> str:
+        return (
+            f"top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%, "
+            f"loss {metrics['loss']:.4f}"
+        )
+
+
+def train(
+    recipe: Recipe,
+    *,
+    run_dir: str | Path,
+    resume: str | Path | None = None,
+    fresh: bool = False,
+) -> dict[str, Any]:
+    """Trains the recipe's classifier (`debiformer train`); returns the run's summary."""
+    return fit(recipe, ClassificationTask(recipe), run_dir=run_dir, resume=resume, fresh=fresh)
+
+
+# ----------------------------------------------------------------------------- eval command
+
+
+def evaluate_checkpoint(
+    recipe: Recipe,
+    checkpoint: str | Path,
+    *,
+    use_ema: bool = False,
+    official: bool | None = None,
+    json_path: str | Path | None = None,
+) -> dict[str, Any]:
+    """Evaluates a checkpoint (this tool's, a bare state dict, or a released one) on the recipe's
+    validation set; writes the result as JSON to `json_path` when given."""
+    if json_path is not None:
+        runtime.check_writable(json_path, "--json")
+    state = load_checkpoint(checkpoint)
+    recipe = fall_back_without_ffcv(recipe, Console(stderr=True))
+    device = runtime.select_device(recipe.train.device, option="train.device")
+    runtime.check_precision(recipe.train.precision, device, option="train.precision")
+    prepare_ffcv_files(recipe, splits=("val",))
+    batch_size = recipe.train.eval_batch_size or recipe.train.batch_size // recipe.train.accum_steps
+    loader = build_split_loader(recipe, "val", device, batch_size)
+    model = build_model(recipe, recipe.data.num_classes or loader.num_classes)
+    weights = load_weights(model, state, Path(checkpoint), use_ema=use_ema, official=official)
+    model.to(device)
+    if recipe.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    with runtime.autocast(device, recipe.train.precision):
+        metrics = evaluate(model, loader, channels_last=recipe.train.channels_last)
+    result = {
+        "checkpoint": str(checkpoint),
+        "weights": weights,
+        "model": recipe.model.name,
+        "image_size": recipe.data.val_image_size or recipe.data.image_size,
+        "device": str(device),
+        **metrics,
+    }
+    if json_path is not None:
+        runtime.write_json(json_path, result)
+    return result

@@ -1,0 +1,450 @@
+"""`debiformer bench`: images/s, ms per batch, peak memory, parameters and MACs of DeBiFormer
+variants (and timm models to compare with), in inference or training, as records and a table.
+
+Each row (model × routed-attention implementation × mode) is warmed up, then timed over several
+iterations with the device synchronised around every step; the median step time gives images/s.
+Peak memory is what the row (model, optimizer state, data, activations) adds: over what was
+allocated before, the CUDA allocator's maximum on a GPU, the process's peak resident set size on
+the CPU (`debiformer.runtime.peak_memory`). Memory freed by one row stays in the CPU process for
+the next to reuse unseen, so each CPU row runs in a fresh Python process
+(`python -m debiformer.tools.bench`) by default.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from rich.table import Table
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import debiformer
+from debiformer.errors import UserError
+from debiformer.routing import IMPLEMENTATIONS, implementation
+from debiformer.runtime import (
+    autocast,
+    check_precision,
+    peak_memory,
+    select_device,
+    synchronize,
+    write_json,
+)
+from debiformer.tools.common import (
+    MIN_RESOLUTION,
+    check_at_least,
+    figure,
+    fitting_table,
+    memory_kind,
+)
+
+MODES = ("infer", "train")
+DEFAULT_MODELS = ("debiformer_tiny", "debiformer_small", "debiformer_base")
+NO_IMPL = "-"
+WORKER = "debiformer.tools.bench"
+
+
+class OutOfMemory(Exception):
+    """A row did not fit in memory at the batch size it was tried with."""
+
+
+def is_debiformer(name: str) -> bool:
+    """Whether `name` is one of this package's variants (others are built by timm)."""
+    return name in debiformer.list_models()
+
+
+def check_timm_model(name: str) -> None:
+    """Rejects a name that timm does not know."""
+    if not timm.list_models(name):
+        raise UserError(f"--compare: unknown timm model {name!r} (see timm.list_models())")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What `debiformer bench` measures and how. Checked when made: a bad name or value is a
+    one-line `UserError` before any work.
+
+    `models`: DeBiFormer variants, each run with every routed-attention implementation in
+    `impls`; `compare`: timm models, built without weights. `grad_checkpointing`: DeBiFormer
+    stages whose attention and MLP branches are recomputed in the backward pass (train mode).
+    `fresh_process` (None: on the CPU) measures each row in a new process so that its CPU peak
+    memory is its own; in-process CPU peaks are a lower bound after a larger one.
+    """
+
+    models: tuple[str, ...] = DEFAULT_MODELS
+    compare: tuple[str, ...] = ()
+    impls: tuple[str, ...] = ("fast",)
+    modes: tuple[str, ...] = ("infer",)
+    resolution: int = 224
+    batch_size: int = 32
+    precision: str = "fp32"
+    device: str = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    grad_checkpointing: tuple[int, ...] = ()
+    warmup: int = 2
+    iterations: int = 10
+    fresh_process: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("models", "compare", "impls", "modes", "grad_checkpointing"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        check_precision(self.precision, select_device(self.device))
+        if not self.models and not self.compare:
+            raise UserError("--models: nothing to measure; name a DeBiFormer variant or --compare")
+        if not self.impls or not self.modes:
+            raise UserError(f"--{'impl' if not self.impls else 'mode'}: give at least one")
+        for name in self.models:
+            if not is_debiformer(name):
+                raise UserError(
+                    f"--models: unknown model {name!r}; choose from "
+                    f"{', '.join(debiformer.list_models())} (timm models go in --compare)"
+                )
+        for impl in self.impls:
+            if impl not in IMPLEMENTATIONS:
+                raise UserError(
+                    f"--impl: unknown implementation {impl!r}; "
+                    f"choose from {', '.join(IMPLEMENTATIONS)}"
+                )
+        for mode in self.modes:
+            if mode not in MODES:
+                raise UserError(f"--mode: unknown mode {mode!r}; choose infer, train or both")
+        check_at_least("--resolution", self.resolution, MIN_RESOLUTION)
+        check_at_least("--batch-size", self.batch_size, 1)
+        check_at_least("--warmup", self.warmup, 0)
+        check_at_least("--iterations", self.iterations, 1)
+        if not set(self.grad_checkpointing) <= {1, 2, 3, 4}:
+            raise UserError(
+                f"--grad-checkpointing takes stages 1-4, got {list(self.grad_checkpointing)}"
+            )
+        for name in self.compare:
+            check_timm_model(name)
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """One row of the benchmark: one model, implementation and mode, and how to run it."""
+
+    model: str
+    impl: str
+    mode: str
+    resolution: int
+    batch_size: int
+    precision: str
+    device: str
+    channels_last: bool = False
+    compile: bool = False
+    grad_checkpointing: tuple[int, ...] = ()
+    warmup: int = 2
+    iterations: int = 10
+
+
+def bench_rows(options: BenchOptions, device: torch.device) -> list[BenchRow]:
+    """Every row to measure: each mode, then each DeBiFormer model × implementation, then each
+    timm model."""
+    names = [(name, impl) for name in options.models for impl in options.impls]
+    names += [(name, NO_IMPL) for name in options.compare]
+    settings = dict(
+        resolution=options.resolution,
+        batch_size=options.batch_size,
+        precision=options.precision,
+        device=device.type,
+        channels_last=options.channels_last,
+        compile=options.compile,
+        grad_checkpointing=options.grad_checkpointing,
+        warmup=options.warmup,
+        iterations=options.iterations,
+    )
+    return [
+        BenchRow(model=name, impl=impl, mode=mode, **settings)
+        for mode in options.modes
+        for name, impl in names
+    ]
+
+
+def build_benchmark_model(name: str) -> nn.Module:
+    """A DeBiFormer variant or a timm model, randomly initialised, 1000 classes."""
+    if is_debiformer(name):
+        return debiformer.create_model(name)
+    check_timm_model(name)
+    return timm.create_model(name, pretrained=False)
+
+
+def count_macs(model: nn.Module, resolution: int) -> int:
+    """Multiply-accumulates (matmuls and convolutions) of one image's forward pass at fp32.
+
+    DeBiFormer is counted with the reference routed attention, which computes exactly the
+    routed products; the fast path sometimes runs a masked dense product instead (a few % more).
+    """
+    images = torch.randn(1, 3, resolution, resolution)
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), implementation("reference"), counter:
+        model.eval()(images)
+    return counter.get_total_flops() // 2
+
+
+def model_size(name: str, resolution: int) -> tuple[int, int]:
+    """Parameters and MACs per image of model `name`."""
+    model = build_benchmark_model(name)
+    params = sum(parameter.numel() for parameter in model.parameters())
+    return params, count_macs(model, resolution)
+
+
+def make_step(
+    model: nn.Module, mode: str, images: torch.Tensor, labels: torch.Tensor, precision: str
+) -> Callable[[], None]:
+    """One benchmark step: an inference forward, or forward + backward + AdamW step."""
+    device = images.device
+    if mode == "infer":
+        model.eval()
+
+        def infer() -> None:
+            with torch.inference_mode(), autocast(device, precision):
+                model(images)
+
+        return infer
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def train() -> None:
+        with autocast(device, precision):
+            loss = F.cross_entropy(model(images), labels)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    return train
+
+
+def time_steps(
+    run_step: Callable[[], None], warmup: int, iterations: int, device: torch.device
+) -> list[float]:
+    """Seconds of each of `iterations` synchronised steps after `warmup` untimed ones."""
+    for _ in range(warmup):
+        run_step()
+    synchronize(device)
+    seconds = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        run_step()
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OOM error, or the CPU allocator's failure to allocate."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    message = str(error)
+    return isinstance(error, RuntimeError) and (
+        "can't allocate memory" in message or "not enough memory" in message
+    )
+
+
+def _timed_steps(row: BenchRow) -> tuple[list[float], float]:
+    """Builds the model and data of `row` and times its steps; seconds per step and peak MB."""
+    device = torch.device(row.device)
+    torch.manual_seed(0)
+    memory_format = torch.channels_last if row.channels_last else torch.contiguous_format
+    size = (row.batch_size, 3, row.resolution, row.resolution)
+    with peak_memory(device) as peak:
+        model = build_benchmark_model(row.model).to(device, memory_format=memory_format)
+        if row.grad_checkpointing and is_debiformer(row.model):
+            model.set_grad_checkpointing(stages=row.grad_checkpointing)
+        if row.compile:
+            model = torch.compile(model)
+        images = torch.randn(size, device=device).contiguous(memory_format=memory_format)
+        labels = torch.randint(0, 1000, (row.batch_size,), device=device)
+        run_step = make_step(model, row.mode, images, labels, row.precision)
+        with implementation(row.impl if row.impl != NO_IMPL else "fast"):
+            seconds = time_steps(run_step, row.warmup, row.iterations, device)
+    return seconds, peak["mb"]
+
+
+def measure(row: BenchRow) -> dict:
+    """Times one row in this process: ms per batch, images/s and peak memory.
+
+    Raises `OutOfMemory` when it does not fit at `row.batch_size`.
+    """
+    try:
+        seconds, peak_mb = _timed_steps(row)
+    except Exception as error:
+        if not _is_out_of_memory(error):
+            raise
+        seconds = None
+    if seconds is None:
+        gc.collect()
+        if row.device == "cuda":
+            torch.cuda.empty_cache()
+        raise OutOfMemory(f"out of memory at batch {row.batch_size}")
+    step_s = statistics.median(seconds)
+    return {
+        "ms_per_batch": round(step_s * 1000, 2),
+        "images_per_s": round(row.batch_size / step_s, 2),
+        "peak_mem_mb": round(peak_mb, 1),
+    }
+
+
+def _package_root() -> str:
+    """The directory holding the `debiformer` package, for the worker's PYTHONPATH."""
+    return str(Path(debiformer.__file__).resolve().parent.parent)
+
+
+def measure_in_fresh_process(row: BenchRow) -> dict:
+    """`measure` in a new Python process, so that its peak RSS belongs to this row."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_package_root(), env.get("PYTHONPATH")]))
+    with tempfile.TemporaryDirectory() as tmp:
+        result_path = Path(tmp) / "result.json"
+        command = [sys.executable, "-m", WORKER, json.dumps(asdict(row)), str(result_path)]
+        completed = subprocess.run(command, env=env, capture_output=True, text=True)
+        if completed.returncode == -signal.SIGKILL:
+            raise OutOfMemory(f"killed at batch {row.batch_size} (out of memory?)")
+        if not result_path.exists():
+            raise RuntimeError(f"benchmark worker failed:\n{completed.stderr[-4000:]}")
+        result = json.loads(result_path.read_text())
+    if "out_of_memory" in result:
+        raise OutOfMemory(result["out_of_memory"])
+    if "error" in result:
+        raise UserError(result["error"])
+    return result
+
+
+def measure_with_backoff(row: BenchRow, fresh_process: bool) -> tuple[BenchRow, dict, str]:
+    """Measures, halving the batch after each out-of-memory; returns the row that ran, its
+    measurements and a note on the halvings ("" when there were none)."""
+    halvings = []
+    while True:
+        try:
+            result = measure_in_fresh_process(row) if fresh_process else measure(row)
+        except OutOfMemory as error:
+            if row.batch_size == 1:
+                raise UserError(f"{row.model}: {error}; nothing smaller to try") from None
+            halvings.append(str(error))
+            row = replace(row, batch_size=row.batch_size // 2)
+            continue
+        note = f"{'; '.join(halvings)}: ran at batch {row.batch_size}" if halvings else ""
+        return row, result, note
+
+
+def run_bench(options: BenchOptions, on_record: Callable[[dict], None] | None = None) -> list[dict]:
+    """Measures every row of `options`; returns one record per row, in table order.
+    `on_record` is called with each record as soon as it is measured."""
+    device = select_device(options.device)
+    fresh_process = options.fresh_process
+    if fresh_process is None:
+        fresh_process = device.type == "cpu"
+    sizes: dict[str, tuple[int, int]] = {}
+    records = []
+    for row in bench_rows(options, device):
+        if row.model not in sizes:
+            sizes[row.model] = model_size(row.model, row.resolution)
+        ran, result, note = measure_with_backoff(row, fresh_process)
+        params, macs = sizes[row.model]
+        record = {
+            "model": ran.model,
+            "impl": ran.impl,
+            "mode": ran.mode,
+            "resolution": ran.resolution,
+            "batch_size": ran.batch_size,
+            "precision": ran.precision,
+            "device": ran.device,
+            "channels_last": ran.channels_last,
+            "compile": ran.compile,
+            "grad_checkpointing": list(ran.grad_checkpointing),
+            "params": params,
+            "macs": macs,
+            **result,
+            "peak_mem": memory_kind(device),
+            "warmup": ran.warmup,
+            "iterations": ran.iterations,
+            "note": note,
+        }
+        records.append(record)
+        if on_record is not None:
+            on_record(record)
+    return records
+
+
+BENCH_COLUMNS = (
+    ("model", "left"),
+    ("impl", "left"),
+    ("mode", "left"),
+    ("batch", "right"),
+    ("params M", "right"),
+    ("GMACs", "right"),
+    ("img/s", "right"),
+    ("ms", "right"),
+    ("MB", "right"),
+)
+
+
+def bench_table(records: list[dict]) -> Table:
+    """The records as a table, one row per record, with the units in its caption. A batch
+    marked * ran smaller than asked after out-of-memory; the caption says why."""
+    first = records[0] if records else {}
+    title = (
+        f"{first.get('device', '')} {first.get('precision', '')}, {first.get('resolution', '')}²"
+    )
+    if first.get("grad_checkpointing"):
+        stages = ",".join(map(str, first["grad_checkpointing"]))
+        title += f", DeBiFormer stages {stages} recomputed in backward"
+    caption = (
+        "params M: millions of parameters; GMACs: 10⁹ multiply-accumulates per image; "
+        "img/s and ms (per batch): from the median step; "
+        f"MB: peak memory the row adds ({first.get('peak_mem', '')})."
+    )
+    table = fitting_table(title, caption, BENCH_COLUMNS)
+    notes = []
+    for record in records:
+        batch = str(record["batch_size"])
+        if record["note"]:
+            batch += "*"
+            notes.append(f"{record['model']} {record['impl']} {record['mode']}: {record['note']}")
+        table.add_row(
+            record["model"],
+            record["impl"],
+            record["mode"],
+            batch,
+            f"{record['params'] / 1e6:.2f}",
+            f"{record['macs'] / 1e9:.3f}",
+            figure(record["images_per_s"]),
+            figure(record["ms_per_batch"]),
+            f"{record['peak_mem_mb']:.0f}",
+        )
+    if notes:
+        table.caption += " * " + ". ".join(notes) + "."
+    return table
+
+
+def _worker(row_json: str, result_path: str) -> None:
+    """Entry point of `measure_in_fresh_process`: measures one row, writes its JSON."""
+    row = BenchRow(**json.loads(row_json))
+    try:
+        result = measure(row)
+    except OutOfMemory as error:
+        result = {"out_of_memory": str(error)}
+    except UserError as error:
+        result = {"error": str(error)}
+    write_json(result_path, result)
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:])

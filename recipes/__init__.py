@@ -1,0 +1,1 @@
+"""The shipped training recipes (YAML files), installed as `debiformer.recipes`."""

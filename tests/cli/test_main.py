@@ -1,0 +1,191 @@
+"""The `debiformer` command itself: subcommands, version, one-line errors, and how it installs
+(as `debiformer.cli`, with the recipes inside the package, nothing named `cli` in site-packages)."""
+
+import ast
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+import debiformer
+from debiformer.cli.main import app, main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_main(*args: str, cwd: Path, code: str | None = None) -> subprocess.CompletedProcess:
+    """Runs `debiformer ARGS` (or the Python `code`) in a fresh interpreter, from `cwd`."""
+    command = ["-c", code] if code else ["-m", "debiformer.cli.main"]
+    return subprocess.run(
+        [sys.executable, *command, *args], cwd=cwd, capture_output=True, text=True
+    )
+
+
+def test_help_lists_the_subcommands():
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("train", "eval", "bench", "profile", "data", "recipes"):
+        assert command in result.output
+
+
+def test_version():
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"debiformer {debiformer.__version__}"
+
+
+def test_bad_input_is_a_one_line_error_not_a_traceback(tmp_path):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("optim:\n  lrr: 0.1\n")
+    result = run_main("train", "typo.yaml", "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("error:") and "optim.lrr" in lines[0]
+
+
+def run_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Runs `main()` on ARGS in this process: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["debiformer", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def test_a_bad_option_value_is_a_one_line_error(monkeypatch, capsys):
+    code, out, err = run_in_process(monkeypatch, capsys, "bench", "--grad-checkpointing", "one")
+    assert code == 2
+    assert err.strip() == "error: --grad-checkpointing takes stage numbers 1-4, e.g. 1,3; got 'one'"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["train"], "error: Missing argument 'recipe'. (see 'debiformer train --help')"),
+        (["recipes", "--bogus"], "error: No such option: --bogus"),
+        (["nosuch"], "error: No such command 'nosuch'. (see 'debiformer --help')"),
+        (["data", "convert", "a", "b", "--workers", "two"], "error: Invalid value for '--workers'"),
+    ],
+)
+def test_usage_errors_are_one_line(monkeypatch, capsys, args, expected):
+    code, out, err = run_in_process(monkeypatch, capsys, *args)
+    assert code == 2
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith(expected)
+
+
+def test_a_bad_parameter_raised_by_a_command_is_one_line(monkeypatch, capsys):
+    def odd(n: int = typer.Option(1, "--n")) -> None:
+        raise typer.BadParameter(f"{n} is not odd,\nsecond line", param_hint="--n")
+
+    app.command("odd")(odd)
+    try:
+        code, out, err = run_in_process(monkeypatch, capsys, "odd", "--n", "2")
+    finally:
+        app.registered_commands.pop()
+    assert code == 2
+    assert err.strip() == (
+        "error: Invalid value for --n: 2 is not odd, second line (see 'debiformer odd --help')"
+    )
+
+
+def test_a_user_error_with_brackets_is_printed_as_is(monkeypatch, capsys):
+    code, out, err = run_in_process(monkeypatch, capsys, "recipes", "show", "[bold]x")
+    assert code == 2
+    assert err.startswith("error: recipe '[bold]x' not found")
+
+
+def test_no_arguments_prints_the_help(monkeypatch, capsys):
+    code, out, err = run_in_process(monkeypatch, capsys)
+    assert code == 2
+    assert "Usage: debiformer" in out + err
+    assert "error:" not in err
+
+
+def test_success_exits_0(monkeypatch, capsys):
+    code, out, err = run_in_process(monkeypatch, capsys, "--version")
+    assert code == 0 and out.strip() == f"debiformer {debiformer.__version__}"
+
+
+def test_there_is_no_cli_package(tmp_path):
+    """Outside the clone a bare `cli` does not exist (the command is `debiformer.cli`)."""
+    result = run_main(cwd=tmp_path, code="import cli")
+    assert result.returncode == 1 and "No module named 'cli'" in result.stderr
+    spec = importlib.util.find_spec("debiformer.cli.main")
+    assert spec is not None and Path(spec.origin) == ROOT / "cli" / "main.py"
+
+
+def test_the_cli_imports_its_siblings_through_debiformer_cli():
+    for path in sorted((ROOT / "cli").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in getattr(node, "names", [])]
+            modules = [getattr(node, "module", None) or "", *names]
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and not getattr(node, "level", 0):
+                assert not any(m == "cli" or m.startswith("cli.") for m in modules), (
+                    f"{path.name}:{node.lineno}: import debiformer.cli..., not cli..."
+                )
+
+
+def test_the_library_never_imports_the_cli():
+    for path in sorted((ROOT / "debiformer").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                modules = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            for module in modules:
+                assert not (module in ("cli", "debiformer.cli") or module.startswith("cli.")), (
+                    f"{path.relative_to(ROOT)}:{node.lineno} imports {module}"
+                )
+                assert not module.startswith("debiformer.cli."), (
+                    f"{path.relative_to(ROOT)}:{node.lineno} imports {module}"
+                )
+
+
+def test_the_wheel_holds_debiformer_only_with_the_cli_and_recipes_inside(tmp_path):
+    """Builds the wheel from a copy of the sources and checks its file list."""
+    source = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder in ("debiformer", "cli", "recipes"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    offline = importlib.util.find_spec("setuptools") is not None
+    env = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": ""}
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "-q", "-w", str(tmp_path)]
+        + ["--no-build-isolation"] * offline,
+        cwd=source,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (wheel,) = tmp_path.glob("debiformer-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+
+    assert "debiformer/cli/main.py" in names
+    assert "debiformer/recipes/tiny.yaml" in names
+    assert not any(name.startswith("cli/") for name in names)
+    top_level = {name.split("/")[0] for name in names}
+    assert top_level == {"debiformer", f"{wheel.name.split('-py')[0]}.dist-info"}
+    expected = {p.relative_to(ROOT).as_posix() for p in (ROOT / "debiformer").rglob("*.py")}
+    expected |= {f"debiformer/cli/{p.name}" for p in (ROOT / "cli").glob("*.py")}
+    expected |= {f"debiformer/recipes/{p.name}" for p in (ROOT / "recipes").glob("*.yaml")}
+    missing = sorted(expected - names)
+    assert not missing, f"not in the wheel (a package missing from pyproject's list?): {missing}"
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "debiformer = debiformer.cli.main:main" in text

@@ -1,0 +1,30 @@
+"""The `debiformer` command for child processes, with checkpoint saving wrapped so that the process
+SIGKILLs itself right after its KILL_AT_SAVE-th checkpoint write (first torchrun attempt only): an
+interruption at a known point, through the real signal. Run it as `python cli_entry.py ARGS`."""
+
+import os
+import signal
+from pathlib import Path
+
+import debiformer.engine
+from debiformer.cli.main import main
+
+CLI_ENTRY = Path(__file__).resolve()
+
+kill_at = int(os.environ.get("KILL_AT_SAVE", "0"))
+saves = 0
+save = debiformer.engine.save_checkpoint
+
+
+def save_then_maybe_die(state, path):
+    """Saves, then SIGKILLs this process after the KILL_AT_SAVE-th save."""
+    global saves
+    save(state, path)
+    saves += 1
+    if saves == kill_at and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    debiformer.engine.save_checkpoint = save_then_maybe_die
+    main()

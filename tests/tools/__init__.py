@@ -1,0 +1,1 @@
+"""Tests of `debiformer.tools`: `bench`, `profile` and the loader benchmark."""
