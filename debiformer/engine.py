@@ -462,7 +462,22 @@ class Trainer:
     def resume(self, path: Path) -> None:
         """Continues from the checkpoint at `path`, refusing one this run cannot continue."""
         checkpoint = load_checkpoint(path)
-        self._check_resumable(checkpoint, path)
+        try:
+            self._check_resumable(checkpoint, path)
+            self._restore(checkpoint)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as error:
+            detail = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+            raise UserError(
+                f"--resume {path}: a damaged training checkpoint ({detail}); resume from another "
+                "checkpoint or start over with --fresh"
+            ) from None
+        self.console.print(
+            f"resuming from {path} at epoch {self.state.epoch + 1}, step {self.state.step}",
+            highlight=False,
+        )
+
+    def _restore(self, checkpoint: dict[str, Any]) -> None:
+        """Loads weights, optimizer, grad scaler, TrainState and this rank's RNG states."""
         self.model.load_state_dict(checkpoint["model"])
         if self.ema is not None and checkpoint.get("ema") is not None:
             self.ema.module.load_state_dict(checkpoint["ema"])
@@ -478,10 +493,6 @@ class Trainer:
                 "processes: RNG streams restart",
                 highlight=False,
             )
-        self.console.print(
-            f"resuming from {path} at epoch {self.state.epoch + 1}, step {self.state.step}",
-            highlight=False,
-        )
 
     def _check_resumable(self, checkpoint: dict[str, Any], path: Path) -> None:
         """One line for a checkpoint this run cannot continue: not a training checkpoint, an

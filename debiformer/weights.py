@@ -43,7 +43,7 @@ def load_weights(
             raise UserError(
                 f"checkpoint {path} holds no EMA weights (it was trained with train.ema: false)"
             )
-        weights, kind = (state["ema"], "ema") if use_ema else (state["model"], "model")
+        weights, kind = (state["ema"], "ema") if use_ema else (state.get("model"), "model")
     else:
         weights, kind = state.get("model", state), "state_dict"
     if not isinstance(weights, dict):

@@ -82,6 +82,21 @@ def test_the_cli_never_runs_a_payload(way, recipe, tmp_path, monkeypatch, capsys
         assert len(lines) == 1 and "refused" in lines[0] and file.name in lines[0], err
 
 
+def test_a_crafted_training_checkpoint_is_a_one_line_error(recipe, tmp_path, monkeypatch, capsys):
+    crafted = tmp_path / "crafted.pt"
+    torch.save({"format": "debiformer-train/2"}, crafted)
+    for args in (
+        ["eval", str(recipe), "--checkpoint", str(crafted)],
+        ["train", str(recipe), "--resume", str(crafted), "--out", str(tmp_path / "run")],
+    ):
+        code, err = run_main(monkeypatch, capsys, *args)
+        assert code == 2, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and str(crafted) in lines[0], err
+        assert "holds no state dict" in lines[0] or "damaged training checkpoint" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_library_loaders_never_run_a_payload(tmp_path):
     for file in malicious_files(tmp_path):
         with pytest.raises(UserError, match="refused") as error:

@@ -208,6 +208,19 @@ def test_a_resumed_run_after_a_nan_stop_uses_the_new_lr(tmp_path):
     assert "lr: 0.01" in (tmp_path / "run" / "recipe.yaml").read_text()
 
 
+def test_each_epoch_is_saved_before_its_evaluation(tmp_path):
+    class FailingEvaluation(LineTask):
+        def evaluate(self, model, loader):
+            raise UserError("the validation set is empty")
+
+    with pytest.raises(UserError, match="validation set is empty"):
+        fit(toy_recipe(), FailingEvaluation(), run_dir=tmp_path / "run")
+    saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["train_state"][0]
+    assert (saved["epoch"], saved["step"], saved["eval_pending"]) == (1, 6, True)
+    fit(toy_recipe(), LineTask(), run_dir=tmp_path / "run")
+    assert [record["epoch"] for record in lines(tmp_path / "run", "epoch")] == [1, 2, 3]
+
+
 def test_resume_refuses_a_changed_model_data_or_batch_in_one_line(tmp_path):
     fit(toy_recipe(schedule={"epochs": 1}), LineTask(), run_dir=tmp_path / "run")
     recipe_before = (tmp_path / "run" / "recipe.yaml").read_text()

@@ -99,7 +99,13 @@ def bench_loaders(
     if json_path:
         check_writable(json_path, "--json")
     console = console or Console()
-    device = torch.device(device)
+    settings = {
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "seed": 0,
+        "device": torch.device(device),
+    }
     writer = writer or WriterOptions(num_workers=num_workers)
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(ffcv_file) if ffcv_file else Path(scratch) / "bench.beton"
@@ -107,19 +113,12 @@ def bench_loaders(
             console.print(f"converting {source} to {path} ...", highlight=False, soft_wrap=True)
             convert_to_ffcv(source, path, writer, console)
         summary = ffcv_summary(path)
-        rates = {}
-        for backend, location in (("torchvision", source), ("ffcv", str(path))):
-            loader = build_loader(
-                "train",
-                backend=backend,
-                path=location,
-                image_size=image_size,
-                batch_size=batch_size,
-                num_workers=num_workers,
-                seed=0,
-                device=device,
+        rates = {
+            backend: _rates(
+                build_loader("train", backend=backend, path=location, **settings), repeats
             )
-            rates[backend] = _rates(loader, repeats)
+            for backend, location in (("torchvision", source), ("ffcv", str(path)))
+        }
     result = LoaderBench(
         source=str(source),
         ffcv_file=str(path) if ffcv_file else "(temporary)",
@@ -135,13 +134,21 @@ def bench_loaders(
         ffcv_images_per_s=rates["ffcv"][1],
         torchvision_images_per_s=rates["torchvision"][1],
         speedup=rates["ffcv"][1] / rates["torchvision"][1],
-        device=str(device),
+        device=str(settings["device"]),
         torch_threads=torch.get_num_threads(),
         cpu_count=os.cpu_count() or 0,
         date=time.strftime("%Y-%m-%d"),
     )
+    print_loader_bench(result, console)
+    if json_path:
+        write_json(json_path, asdict(result))
+    return result
+
+
+def print_loader_bench(result: LoaderBench, console: Console) -> None:
+    """The two pipelines' images/s and their ratio as a table, and the settings below it."""
     table = fitting_table(
-        f"train pipeline, {image_size}² output, device {device}",
+        f"train pipeline, {result.image_size}² output, device {result.device}",
         "uint8: batches delivered to the device; normalised: also converted to float and "
         "normalised there; both in images/s",
         (("pipeline", "left"), ("uint8", "right"), ("normalised", "right")),
@@ -157,11 +164,8 @@ def bench_loaders(
     table.add_row("ffcv / torchvision", f"{result.uint8_speedup:.2f}x", f"{result.speedup:.2f}x")
     console.print(table)
     console.print(
-        f"{result.num_images} images, batch {batch_size}, {num_workers} workers, "
+        f"{result.num_images} images, batch {result.batch_size}, {result.num_workers} workers, "
         f"{result.jpeg_fraction:.0%} of the FFCV file stored as JPEG",
         highlight=False,
         soft_wrap=True,
     )
-    if json_path:
-        write_json(json_path, asdict(result))
-    return result

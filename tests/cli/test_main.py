@@ -84,6 +84,28 @@ def test_usage_errors_are_one_line(monkeypatch, capsys, args, expected):
     assert err.startswith(expected)
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--nproc-per-node", "0"], "error: --nproc-per-node: must be at least 1, got 0"),
+        (["--max-restarts", "-1"], "error: --max-restarts: must be at least 0, got -1"),
+        (["--resume", "x.pt", "--fresh"], "error: --resume and --fresh contradict each other"),
+        (["--out", "{file}"], "error: --out {file}: is a file; give a directory"),
+    ],
+)
+def test_train_flags_that_contradict_or_are_out_of_range_are_one_line(
+    monkeypatch, capsys, tmp_path, args, expected
+):
+    file = tmp_path / "a_file"
+    file.write_text("")
+    args = [arg.format(file=file) for arg in args]
+    code, out, err = run_in_process(monkeypatch, capsys, "train", "quickstart", *args)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith(expected.format(file=file)), err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_bad_parameter_raised_by_a_command_is_one_line(monkeypatch, capsys):
     def odd(n: int = typer.Option(1, "--n")) -> None:
         raise typer.BadParameter(f"{n} is not odd,\nsecond line", param_hint="--n")
