@@ -87,7 +87,8 @@ class Task:
     best_metric: str = "loss"
 
     def build_model(self) -> nn.Module:
-        """The network to train, on the CPU."""
+        """The network to train, on the CPU. Called after `build_loaders`, so it may use what
+        the data says (e.g. the class count)."""
         raise NotImplementedError
 
     def build_loaders(self, device: torch.device, batch_size: int, eval_batch_size: int):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from debiformer.augment import RandAugmentConfig, rand_augment_ops
+from debiformer.data.loaders import AugmentOptions
 from tests.data.common import NORMALISED_RANGE, make_loader
 
 
@@ -16,7 +17,7 @@ def test_device_augmentations_change_images_inside_the_normalised_range():
         "synthetic",
         None,
         num_classes=2,
-        augment={"randaugment": "rand-m9-mstd0.5-inc1", "random_erasing": 1.0},
+        augment=AugmentOptions(randaugment="rand-m9-mstd0.5-inc1", random_erasing=1.0),
     )
     (clean, _), (changed, _) = next(iter(plain)), next(iter(augmented))
     assert clean.shape == changed.shape and changed.dtype == torch.float32

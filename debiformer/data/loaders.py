@@ -90,21 +90,6 @@ class AugmentOptions:
     randaugment: str | None = None
     random_erasing: float = 0.0
 
-    @classmethod
-    def from_dict(cls, options: dict | None) -> AugmentOptions:
-        """Options from a recipe's `augment` mapping; unknown keys are a UserError."""
-        options = dict(options or {})
-        unknown = set(options) - set(cls.__dataclass_fields__)
-        if unknown:
-            known = ", ".join(cls.__dataclass_fields__)
-            raise UserError(
-                f"unknown augment option(s) {', '.join(sorted(unknown))}: known are {known}"
-            )
-        for key in ("scale", "ratio"):
-            if key in options:
-                options[key] = tuple(float(v) for v in options[key])
-        return cls(**options)
-
 
 class DeviceBatchTransform:
     """uint8 batch on the device -> [flip] -> [RandAugment] -> float normalised -> [erasing].
@@ -495,7 +480,7 @@ def build_loader(
     seed: int,
     device: torch.device,
     distributed: bool = False,
-    augment: dict | None = None,
+    augment: AugmentOptions | None = None,
     crop_ratio: float = 0.875,
     num_classes: int | None = None,
     synthetic_samples: int = 1024,
@@ -504,8 +489,8 @@ def build_loader(
 
     `path`: an FFCV file (ffcv), an ImageFolder root or "fashion-mnist:<dir>" (torchvision;
     train reads the Fashion-MNIST train split, val the test split), None (synthetic).
-    Train: random resized crop to `image_size`, then on the device flip and `augment`; the last
-    partial batch is dropped. Val: resize to image_size/crop_ratio, centre crop, every sample once.
+    Train: random resized crop to `image_size`, then on the device flip and the rest of `augment`
+    (the defaults of `AugmentOptions` when None); the last partial batch is dropped. Val: resize to image_size/crop_ratio, centre crop, every sample once.
     """
     if split not in ("train", "val"):
         raise UserError(f"unknown split {split!r}: use train or val")
@@ -517,7 +502,7 @@ def build_loader(
         )
     device = torch.device(device)
     train = split == "train"
-    options = AugmentOptions.from_dict(augment) if train else AugmentOptions()
+    options = augment or AugmentOptions()
     rank, world_size = _rank_and_world(distributed)
     transform = DeviceBatchTransform(device, options if train else None, seed, rank)
 

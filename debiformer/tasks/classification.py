@@ -27,7 +27,7 @@ import debiformer
 from debiformer import runtime
 from debiformer.checkpoint import load_checkpoint
 from debiformer.data import build_loader, ensure_ffcv_file
-from debiformer.data.loaders import check_labels
+from debiformer.data.loaders import AugmentOptions, check_labels
 from debiformer.engine import Task, fit
 from debiformer.errors import UserError
 from debiformer.recipe import Recipe
@@ -95,13 +95,13 @@ def build_split_loader(recipe: Recipe, split: str, device: torch.device, batch_s
             f"data.{split}_path: not set; add --set data.{split}_path=... ({data.backend} backend)"
         )
     train = split == "train"
-    augment = {
-        "hflip": 0.5 if aug.hflip else 0.0,
-        "scale": tuple(aug.scale),
-        "ratio": tuple(aug.ratio),
-        "randaugment": aug.randaugment,
-        "random_erasing": aug.random_erasing,
-    }
+    augment = AugmentOptions(
+        hflip=0.5 if aug.hflip else 0.0,
+        scale=tuple(aug.scale),
+        ratio=tuple(aug.ratio),
+        randaugment=aug.randaugment,
+        random_erasing=aug.random_erasing,
+    )
     return build_loader(
         split,
         backend=data.backend,
