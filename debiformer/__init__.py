@@ -1,7 +1,7 @@
 """DeBiFormer vision transformers (Deformable Bi-level Routing Attention) on plain PyTorch."""
 
 from debiformer.model import DeBiFormer, create_model, list_models
-from debiformer.official import load_official_checkpoint, load_official_state_dict
+from debiformer.weights import load_official_checkpoint, load_official_state_dict, load_pretrained
 
 __version__ = "0.1.0"
 
@@ -12,4 +12,5 @@ __all__ = [
     "list_models",
     "load_official_checkpoint",
     "load_official_state_dict",
+    "load_pretrained",
 ]

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import timm.utils
 import torch
 import torch.distributed as dist
 from rich.console import Console
@@ -51,6 +52,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -189,8 +191,36 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on weights; none on norms, biases and position-bias tables."""
+def freeze(model: nn.Module, names: list[str]) -> None:
+    """Keeps the modules `names` (e.g. "stem", "stages.0") fixed: no gradients for their
+    parameters, and their BatchNorm statistics frozen (timm's `freeze`)."""
+    modules = dict(model.named_modules())
+    unknown = [name for name in names if name not in modules or not name]
+    if unknown:
+        children = ", ".join(name for name, _ in model.named_children())
+        raise UserError(
+            f"model.freeze: {unknown[0]!r} names no module of the model (top-level ones: "
+            f"{children}; deeper ones as stages.0)"
+        )
+    if names:
+        timm.utils.freeze(model, names)
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, layer_decay: float | None = None
+) -> list[dict]:
+    """AdamW groups: weight decay on weights; none on norms, biases and position-bias tables.
+    With `layer_decay`, timm's layer-wise groups through the model's `group_matcher`, each with
+    an `lr_scale` that the schedule multiplies in. Frozen parameters are left out."""
+    if layer_decay is not None:
+        if not hasattr(model, "group_matcher"):
+            raise UserError("optim.layer_decay: this model has no group_matcher; set it to null")
+        return param_groups_layer_decay(
+            model,
+            weight_decay,
+            no_weight_decay_list=model.no_weight_decay(),
+            layer_decay=layer_decay,
+        )
     keywords = (
         model.no_weight_decay_keywords() if hasattr(model, "no_weight_decay_keywords") else set()
     )
@@ -383,7 +413,9 @@ class Trainer:
         """The model (same initial weights on every rank), its EMA, and the wrapped model."""
         cfg = self.recipe.train
         seed_everything(cfg.seed)
-        self.model = self.task.build_model().to(self.device)
+        self.model = self.task.build_model()
+        freeze(self.model, self.recipe.model.freeze)
+        self.model.to(self.device)
         if hasattr(self.model, "set_grad_checkpointing"):
             self.model.set_grad_checkpointing(
                 bool(cfg.grad_checkpointing), stages=cfg.grad_checkpointing
@@ -413,7 +445,7 @@ class Trainer:
         scale = self.recipe.train.batch_size / optim.lr_base_batch if optim.lr_base_batch else 1
         self.peak_lr = optim.lr * scale
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, optim.weight_decay),
+            param_groups(self.model, optim.weight_decay, optim.layer_decay),
             lr=self.peak_lr,
             betas=tuple(optim.betas),
             eps=optim.eps,
@@ -539,8 +571,9 @@ class Trainer:
     def optimizer_step(self, batch: Any) -> torch.Tensor:
         """One optimizer step over `batch` in `train.accum_steps` micro-batches; its loss."""
         cfg = self.recipe.train
+        lr = self.lr_at(self.state.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.state.step)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         total = torch.zeros((), device=self.device)
         parts = list(micro_batches(batch, cfg.accum_steps))
         for k, part in enumerate(parts):

@@ -13,17 +13,20 @@ from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, register_notrace_function, register_notrace_module, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from debiformer.errors import UserError
+from debiformer.official import rename_official_state_dict
 from debiformer.regions import step
 from debiformer.routing import attend_routed_regions, pad_to_regions
-from debiformer.weights import load_weights_file
+from debiformer.weights import load_pretrained
 
 
 class Conv2dNHWC(nn.Conv2d):
@@ -112,6 +115,7 @@ class Mlp(nn.Module):
         )
 
 
+@register_notrace_module  # pads to its region grid by shape: a leaf for torch.fx
 class BiLevelRoutingAttention(nn.Module):
     """BRA: each region's pixels attend to the pixels of its top-k most related regions.
 
@@ -152,6 +156,7 @@ class BiLevelRoutingAttention(nn.Module):
             return self.proj(output[:, :height, :width])
 
 
+@register_notrace_module  # pads to its region grid by shape: a leaf for torch.fx
 class DeformableBiLevelRoutingAttention(nn.Module):
     """DBRA: deformable agents gather routed context, then every pixel attends to the agents.
 
@@ -374,8 +379,12 @@ class Architecture:
 
 class DeBiFormer(nn.Module):
     """Convolutional stem, four stages of `Block`s joined by strided-conv downsampling, a
-    BatchNorm + global average pool + linear head. `forward_features` returns the four
-    stage maps (strides 4, 8, 16, 32) for dense prediction."""
+    BatchNorm + global average pool + linear head.
+
+    timm's model contract: `forward_features` is the normed last map (NCHW), `forward_head` pools
+    and classifies it, `forward_intermediates` gives the stage maps (strides 4, 8, 16, 32) that
+    dense prediction and `features_only=True` use; `stage_maps` returns all four.
+    """
 
     def __init__(
         self, arch: Architecture = Architecture(), num_classes: int = 1000, in_chans: int = 3
@@ -384,6 +393,10 @@ class DeBiFormer(nn.Module):
         self.arch = arch
         self.num_classes = num_classes
         dims = arch.dims
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.feature_info = [
+            {"num_chs": dims[i], "reduction": 4 * 2**i, "module": f"stages.{i}"} for i in range(4)
+        ]
         self.stem = nn.Sequential(
             nn.Conv2d(in_chans, dims[0] // 2, 3, stride=2, padding=1),
             nn.BatchNorm2d(dims[0] // 2),
@@ -437,19 +450,62 @@ class DeBiFormer(nn.Module):
             dim, arch.mlp_ratios[stage], drop_path, attn1, deformable(arch.attn2_topks[stage])
         )
 
-    def forward_features(self, x: Tensor) -> list[Tensor]:
-        """The four stage outputs at strides 4, 8, 16 and 32: NCHW tensors in channels-last memory."""
-        features = []
+    def stage_maps(self, x: Tensor, last_stage: int = 3) -> list[Tensor]:
+        """The outputs of stages 0..`last_stage` (strides 4, 8, 16, 32): NCHW tensors in
+        channels-last memory."""
+        check_input(x, self.stem[0].in_channels)
+        maps = []
         x = x.contiguous(memory_format=torch.channels_last)
-        for i, stage in enumerate(self.stages):
+        for i, stage in enumerate(self.stages[: last_stage + 1]):
             with step("model/stem" if i == 0 else f"model/downsample{i + 1}"):
                 x = self.stem(x) if i == 0 else self.downsamples[i - 1](x)
                 x = x.permute(0, 2, 3, 1)
             with step(f"model/stage{i + 1}"):
                 x = stage(x)
             x = x.permute(0, 3, 1, 2)
-            features.append(x)
-        return features
+            maps.append(x)
+        return maps
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's feature API: the maps of stages `indices` (None: all four; an int n: the last
+        n), and unless `intermediates_only` the normed last map too. `norm` applies the final
+        norm to the last stage's map when it is among them."""
+        if output_fmt != "NCHW":
+            raise UserError(f"output_fmt: DeBiFormer gives NCHW maps, not {output_fmt!r}")
+        take, last = feature_take_indices(len(self.stages), indices)
+        maps = self.stage_maps(x, last_stage=last if intermediates_only or stop_early else 3)
+        intermediates = [maps[i] for i in take]
+        if norm and take and take[-1] == 3:
+            intermediates[-1] = self.norm(intermediates[-1])
+        if intermediates_only:
+            return intermediates
+        return self.norm(maps[-1]), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drops the stages after the last of `indices` (and the norm and head) for feature
+        extraction; returns the kept indices."""
+        take, last = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[: last + 1]
+        self.downsamples = self.downsamples[:last]
+        if prune_norm or last < 3:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The last stage's map after the final norm, NCHW."""
+        return self.norm(self.stage_maps(x)[-1])
 
     @torch.jit.ignore
     def set_grad_checkpointing(
@@ -468,22 +524,61 @@ class DeBiFormer(nn.Module):
             for block in stage:
                 block.grad_checkpointing = enable and number in stages
 
-    def forward_head(self, x: Tensor) -> Tensor:
-        """Final norm, global average pool and classifier on the last stage map."""
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Global average pool and classifier on `forward_features`' map (`pre_logits`: the
+        pooled features only)."""
         with step("model/head"):
-            return self.head(self.norm(x).mean(dim=(2, 3)))
+            pooled = x.mean(dim=(2, 3))
+            return pooled if pre_logits else self.head(pooled)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.ndim != 4 or x.shape[1] != self.stem[0].in_channels:
-            raise UserError(
-                f"expected images of shape (N, {self.stem[0].in_channels}, H, W), got {tuple(x.shape)}"
-            )
-        return self.forward_head(self.forward_features(x)[-1])
+        return self.forward_head(self.forward_features(x))
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The classification head."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new, freshly initialised head for `num_classes` (0: none, `forward` gives the pooled
+        features). Pooling is always the global average."""
+        if global_pool not in (None, "avg"):
+            raise UserError(f"global_pool: DeBiFormer pools by average only, not {global_pool!r}")
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head.apply(_init_weights)
 
     @torch.jit.ignore
     def no_weight_decay_keywords(self) -> set[str]:
         """Parameter-name fragments that take no weight decay (timm's convention)."""
         return {"rpe_table"}
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters that take no weight decay: the position-bias tables."""
+        keywords = self.no_weight_decay_keywords()
+        return {name for name, _ in self.named_parameters() if any(k in name for k in keywords)}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups in depth order for timm's layer-wise lr decay: the stem, then each
+        stage's blocks (each block its own group unless `coarse`), each downsampling layer
+        after the stage before it, the final norm last."""
+        return {
+            "stem": r"^stem",
+            "blocks": [
+                (r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)", None),
+                (r"^downsamples\.(\d+)", (99999,)),
+                (r"^norm", (99999,)),
+            ],
+        }
+
+
+@register_notrace_function
+def check_input(x: Tensor, in_chans: int) -> None:
+    """A one-line error for input that is not a batch of `in_chans`-channel images."""
+    if x.ndim != 4 or x.shape[1] != in_chans:
+        raise UserError(f"expected images of shape (N, {in_chans}, H, W), got {tuple(x.shape)}")
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -585,6 +680,64 @@ def _check_architecture(arch: Architecture, prefix: str) -> None:
         raise fail("drop_path_rate", "a rate in [0, 1)")
 
 
+def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: "DeBiFormer") -> dict[str, Tensor]:
+    """timm's hook for pretrained files: the release's key names renamed to this project's, and its
+    (out, in, 1, 1) pointwise weights reshaped for the Linear layers."""
+    if "downsample_layers.0.0.weight" in state_dict:
+        state_dict = rename_official_state_dict(state_dict)
+    expected = model.state_dict()
+    return {
+        key: tensor.flatten(1)
+        if key in expected and expected[key].ndim == 2 and tensor.ndim == 4
+        else tensor
+        for key, tensor in state_dict.items()
+    }
+
+
+def _cfg() -> dict:
+    """timm's pretrained config of a variant: the release's evaluation transform (bicubic resize
+    to 256/224 of the crop, centre crop, ImageNet mean and std) and its stem and head names."""
+    return {
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.0",
+        "classifier": "head",
+        "license": "mit",
+    }
+
+
+default_cfgs = generate_default_cfgs({name: _cfg() for name in VARIANTS})
+
+
+def _build(variant: str, arch: Architecture, pretrained: bool, **kwargs) -> DeBiFormer:
+    """The model of `arch` through timm's builder: its pretrained config, timm's pretrained
+    loading (`pretrained_cfg_overlay=dict(file=PATH)`) and `features_only`."""
+    return build_model_with_cfg(
+        DeBiFormer,
+        variant,
+        pretrained,
+        arch=arch,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg={"out_indices": (0, 1, 2, 3), "feature_cls": "getter"},
+        **kwargs,
+    )
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> DeBiFormer:
+    """timm's entry point for `variant`: `kwargs` holds `Architecture` fields, `drop_path_rate`,
+    and what `build_model_with_cfg` and the model take (`num_classes`, `in_chans`,
+    `features_only`, `out_indices`, `pretrained_cfg_overlay`, ...)."""
+    arch_keys = {spec.name for spec in fields(Architecture)} - {"drop_path_rate"}
+    overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in arch_keys}
+    arch = resolve_architecture(variant, kwargs.pop("drop_path_rate", None), overrides)
+    return _build(variant, arch, pretrained, **kwargs)
+
+
 def create_model(
     name: str,
     num_classes: int = 1000,
@@ -595,35 +748,39 @@ def create_model(
 ) -> DeBiFormer:
     """Build a DeBiFormer variant; `overrides` replace fields of its `Architecture`.
 
-    `pretrained` is a checkpoint file to load the weights from: this tool's training checkpoint,
-    a state dict, or one of the authors' released files (read without running code from it)."""
+    `pretrained` is a checkpoint file or URL to start from: this tool's checkpoints, the
+    authors' released files or `.safetensors` (read without running code from them). A head for
+    other classes stays freshly initialised; a stem for other input channels is adapted.
+    """
     arch = resolve_architecture(name, drop_path_rate, overrides)
-    model = DeBiFormer(arch, num_classes=num_classes, in_chans=in_chans)
+    model = _build(name, arch, False, num_classes=num_classes, in_chans=in_chans)
     if pretrained is not None:
-        load_weights_file(model, pretrained)
+        load_pretrained(model, pretrained)
     return model
 
 
-def _register_with_timm(name: str) -> None:
-    """Make `timm.create_model(name)` build this variant (no pretrained weights are fetched)."""
-
-    def build(pretrained: bool = False, **kwargs) -> DeBiFormer:
-        if pretrained:
-            raise UserError(
-                f"{name}: no weights to download; load a checkpoint with load_official_checkpoint"
-            )
-        kwargs.pop("pretrained_cfg", None)
-        kwargs.pop("pretrained_cfg_overlay", None)
-        kwargs.pop("cache_dir", None)
-        return create_model(name, **kwargs)
-
-    build.__name__ = name
-    build.__module__ = __name__
-    if name not in timm.list_models(name):
-        timm.models.register_model(build)
+@register_model
+def debiformer_nano(pretrained: bool = False, **kwargs) -> DeBiFormer:
+    """A small DeBiFormer for CPUs and small images (2×2 regions)."""
+    return _create("debiformer_nano", pretrained, **kwargs)
 
 
-for _name in VARIANTS:
-    _register_with_timm(_name)
+@register_model
+def debiformer_tiny(pretrained: bool = False, **kwargs) -> DeBiFormer:
+    """The release's DeBiFormer-T."""
+    return _create("debiformer_tiny", pretrained, **kwargs)
+
+
+@register_model
+def debiformer_small(pretrained: bool = False, **kwargs) -> DeBiFormer:
+    """The release's DeBiFormer-S."""
+    return _create("debiformer_small", pretrained, **kwargs)
+
+
+@register_model
+def debiformer_base(pretrained: bool = False, **kwargs) -> DeBiFormer:
+    """The release's DeBiFormer-B."""
+    return _create("debiformer_base", pretrained, **kwargs)
+
 
 __all__ = ["Architecture", "DeBiFormer", "create_model", "list_models"]

@@ -43,6 +43,13 @@ class ModelConfig:
     drop_path: float | None = None
     # architecture overrides for create_model (dims, depths, n_win, ...)
     arch: dict = field(default_factory=dict)
+    # weights to start from: a checkpoint file or URL (this tool's, the release's, .safetensors);
+    # a head for other classes starts fresh
+    pretrained: str | None = None
+    # with pretrained: a fresh head even when the checkpoint's has as many classes (new labels)
+    new_head: bool = False
+    # modules kept fixed, weights and BatchNorm statistics alike, e.g. [stem, stages.0]
+    freeze: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -80,6 +87,9 @@ class OptimConfig:
     eps: float = 1e-8
     # max gradient norm (None: no clipping)
     clip_grad: float | None = None
+    # layer-wise lr decay: each parameter group below the head scales the lr by this once more
+    # (timm's param_groups_layer_decay; None: off)
+    layer_decay: float | None = None
 
 
 @dataclass
@@ -439,6 +449,8 @@ def _check_values(recipe: Recipe) -> None:
             raise UserError(f"{key}: {message}")
     if recipe.optim.clip_grad is not None and recipe.optim.clip_grad <= 0:
         raise UserError("optim.clip_grad: must be positive (or null for no clipping)")
+    if recipe.optim.layer_decay is not None and not 0 < recipe.optim.layer_decay <= 1:
+        raise UserError("optim.layer_decay: must be in (0, 1] (or null for none)")
     resolve_architecture(
         recipe.model.name, recipe.model.drop_path, recipe.model.arch, prefix="model.arch."
     )

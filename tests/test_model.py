@@ -58,10 +58,10 @@ def test_unknown_names_are_one_line_errors():
         debiformer.create_model("debiformer_nano", depths=(1, 1))
 
 
-def test_forward_features_gives_four_strided_maps():
+def test_stage_maps_are_four_strided_maps():
     model = debiformer.create_model("debiformer_nano").eval()
     with torch.no_grad():
-        features = model.forward_features(torch.randn(1, 3, 64, 96))
+        features = model.stage_maps(torch.randn(1, 3, 64, 96))
     assert [tuple(f.shape[1:]) for f in features] == [
         (32, 16, 24),
         (64, 8, 12),

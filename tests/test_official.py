@@ -24,8 +24,8 @@ def official_model(fixture):
 @pytest.fixture(scope="module")
 def outputs(fixture, official_model):
     with torch.no_grad():
-        features = official_model.forward_features(official_input(fixture))
-        return features, official_model.forward_head(features[-1])
+        features = official_model.stage_maps(official_input(fixture))
+        return features, official_model.forward_head(official_model.norm(features[-1]))
 
 
 def test_logits_match_the_release(fixture, outputs):

@@ -1,43 +1,152 @@
-"""Weights from files: the kind of checkpoint is recognised, and `create_model(pretrained=PATH)`
-loads this tool's checkpoints, bare state dicts and released files alike."""
+"""Weights from files: every kind of checkpoint loads, `create_model(pretrained=...)` and timm's
+`pretrained_cfg_overlay=dict(file=...)` start a model with other classes or input channels from
+the release's weights, and anything else that does not fit is a one-line error."""
 
 import pytest
+import safetensors.torch
+import timm
 import torch
 
 import debiformer
 from debiformer import weights
 from debiformer.checkpoint import save_checkpoint
 from debiformer.errors import UserError
-from debiformer.weights import load_weights
+from debiformer.official import rename_official_state_dict
+from debiformer.weights import load_weights, read_state_dict
+from tests.helpers.official_fixture import load_fixture, official_state_dict
+
+
+@pytest.fixture(scope="module")
+def release_file(tmp_path_factory):
+    """The release fixture's DeBiFormer-T state dict (1000 classes) as a released file, and the
+    same weights in this project's names and shapes."""
+    released = official_state_dict(load_fixture())
+    path = tmp_path_factory.mktemp("release") / "debi_tiny.pth"
+    torch.save({"model": released}, path)
+    model = debiformer.create_model("debiformer_tiny")
+    debiformer.load_official_state_dict(model, released)
+    return path, model.state_dict()
+
+
+def assert_backbone_equal(model: torch.nn.Module, expected: dict, classes: int) -> None:
+    state = model.state_dict()
+    backbone = [key for key in expected if not key.startswith("head.")]
+    for key in backbone:
+        assert torch.equal(state[key], expected[key]), key
+    assert state["head.weight"].shape == (classes, 512) and state["head.bias"].shape == (classes,)
+
+
+def test_pretrained_release_file_starts_a_ten_class_model(release_file, capsys):
+    path, expected = release_file
+    model = debiformer.create_model("debiformer_tiny", pretrained=path, num_classes=10)
+    assert_backbone_equal(model, expected, 10)
+    assert "new 10-way head (the checkpoint's head has 1000 classes)" in capsys.readouterr().err
+
+
+def test_timm_pretrained_cfg_overlay_file_starts_a_ten_class_model(release_file):
+    path, expected = release_file
+    model = timm.create_model(
+        "debiformer_tiny",
+        pretrained=True,
+        pretrained_cfg_overlay={"file": str(path)},
+        num_classes=10,
+    )
+    assert_backbone_equal(model, expected, 10)
+
+
+def test_a_stem_for_other_input_channels_is_adapted(release_file):
+    path, expected = release_file
+    model = debiformer.create_model("debiformer_tiny", pretrained=path, in_chans=1)
+    adapted = model.state_dict()["stem.0.weight"]
+    assert adapted.shape == (32, 1, 3, 3)
+    torch.testing.assert_close(adapted, expected["stem.0.weight"].sum(dim=1, keepdim=True))
+
+
+def test_every_kind_of_file_loads_the_same_weights(tmp_path):
+    source = debiformer.create_model("debiformer_nano", num_classes=4).eval()
+    state = source.state_dict()
+    torch.save(state, tmp_path / "bare.pt")
+    torch.save({"model": state}, tmp_path / "wrapped.pth")
+    save_checkpoint({"model": state, "ema": state}, tmp_path / "train.pt")
+    safetensors.torch.save_file(state, tmp_path / "weights.safetensors")
+    images = torch.randn(2, 3, 32, 32)
+    kinds = []
+    for name in ("bare.pt", "wrapped.pth", "train.pt", "weights.safetensors"):
+        model = debiformer.create_model(
+            "debiformer_nano", num_classes=4, pretrained=tmp_path / name
+        )
+        torch.testing.assert_close(model.eval()(images), source(images), rtol=0, atol=0)
+        kinds.append(read_state_dict(tmp_path / name)[1])
+    assert kinds == ["state_dict", "state_dict", "model", "safetensors"]
+    assert read_state_dict(tmp_path / "train.pt", use_ema=True)[1] == "ema"
 
 
 def test_released_checkpoints_are_detected_by_key_names(monkeypatch, tmp_path):
-    calls = []
-    monkeypatch.setattr(
-        weights, "load_official_state_dict", lambda model, state: calls.append(state)
-    )
     model = debiformer.create_model("debiformer_nano", num_classes=4)
+    calls = []
+
+    def rename(state):
+        calls.append(state)
+        return model.state_dict()
+
+    monkeypatch.setattr(weights, "rename_official_state_dict", rename)
     released = {"model": {"downsample_layers.0.0.weight": torch.zeros(1)}}
     assert load_weights(model, released, tmp_path / "x.pth") == "official"
     assert calls == [released["model"]]
     assert load_weights(model, model.state_dict(), tmp_path / "y.pth") == "state_dict"
 
 
-def test_create_model_loads_pretrained_weights_of_every_kind(tmp_path):
-    source = debiformer.create_model("debiformer_nano", num_classes=4).eval()
-    images = torch.randn(2, 3, 32, 32)
-    expected = source(images)
-    torch.save(source.state_dict(), tmp_path / "bare.pt")
-    save_checkpoint({"model": source.state_dict(), "ema": None}, tmp_path / "train.pt")
-    for name in ("bare.pt", "train.pt"):
-        loaded = debiformer.create_model(
-            "debiformer_nano", num_classes=4, pretrained=tmp_path / name
-        )
-        torch.testing.assert_close(loaded.eval()(images), expected, rtol=0, atol=0)
-
-
-def test_pretrained_weights_of_another_shape_are_a_one_line_error(tmp_path):
-    torch.save(debiformer.create_model("debiformer_nano").state_dict(), tmp_path / "w.pt")
-    with pytest.raises(UserError, match="does not match the model") as error:
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s: s.pop("stages.0.0.mlp1.fc1.weight"), r"lacks 'stages\.0\.0\.mlp1\.fc1\.weight'"),
+        (lambda s: s.update(extra=torch.zeros(1)), r"key 'extra' has no place in this model"),
+        (
+            lambda s: s.update({"stem.1.weight": torch.zeros(3)}),
+            r"'stem\.1\.weight' has shape \(3,\)",
+        ),
+    ],
+)
+def test_other_mismatches_are_one_line_errors(tmp_path, change, message):
+    state = debiformer.create_model("debiformer_nano").state_dict()
+    change(state)
+    torch.save(state, tmp_path / "w.pt")
+    with pytest.raises(UserError, match=message) as error:
         debiformer.create_model("debiformer_nano", num_classes=4, pretrained=tmp_path / "w.pt")
     assert "\n" not in str(error.value)
+
+
+def test_a_missing_or_damaged_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
+    for path, message in (
+        (tmp_path / "absent.pt", "does not exist"),
+        (tmp_path / "bad.safetensors", "not a readable safetensors file"),
+    ):
+        with pytest.raises(UserError, match=message) as error:
+            debiformer.create_model("debiformer_nano", pretrained=path)
+        assert "\n" not in str(error.value)
+
+
+def test_a_url_is_downloaded_once_into_the_hub_cache_with_its_hash_checked(tmp_path, monkeypatch):
+    state = debiformer.create_model("debiformer_nano").state_dict()
+    source = tmp_path / "served.pt"
+    torch.save(state, source)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    downloads = []
+
+    def download(url, destination, hash_prefix=None, progress=True):
+        downloads.append((url, hash_prefix))
+        destination_path = tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[1]
+        assert str(destination_path) == destination
+        destination_path.write_bytes(source.read_bytes())
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    url = "https://example.org/weights/nano-1a2b3c4d.pt"
+    for _ in range(2):
+        debiformer.create_model("debiformer_nano", pretrained=url)
+    assert downloads == [(url, "1a2b3c4d")]
+
+
+def test_release_names_are_renamed_to_this_projects():
+    renamed = rename_official_state_dict({"downsample_layers.1.0.weight": torch.zeros(1)})
+    assert list(renamed) == ["downsamples.0.0.weight"]

@@ -76,14 +76,18 @@ def prepare_ffcv_files(recipe: Recipe, splits: tuple[str, ...] = ("train", "val"
             ensure_ffcv_file(source, path, **options)
 
 
-def build_model(recipe: Recipe, num_classes: int) -> nn.Module:
-    """The recipe's network with `num_classes` outputs, its drop path and architecture overrides."""
-    return debiformer.create_model(
+def build_model(recipe: Recipe, num_classes: int, pretrained: bool = True) -> nn.Module:
+    """The recipe's network with `num_classes` outputs, its drop path and architecture overrides,
+    started from `model.pretrained` when that is set (and `pretrained`)."""
+    model = debiformer.create_model(
         recipe.model.name,
         num_classes=num_classes,
         drop_path_rate=recipe.model.drop_path,
         **recipe.model.arch,
     )
+    if pretrained and recipe.model.pretrained is not None:
+        debiformer.load_pretrained(model, recipe.model.pretrained, new_head=recipe.model.new_head)
+    return model
 
 
 def build_split_loader(recipe: Recipe, split: str, device: torch.device, batch_size: int):
@@ -288,7 +292,7 @@ def evaluate_checkpoint(
     prepare_ffcv_files(recipe, splits=("val",))
     batch_size = recipe.train.eval_batch_size or recipe.train.batch_size // recipe.train.accum_steps
     loader = build_split_loader(recipe, "val", device, batch_size)
-    model = build_model(recipe, recipe.data.num_classes or loader.num_classes)
+    model = build_model(recipe, recipe.data.num_classes or loader.num_classes, pretrained=False)
     weights = load_weights(model, state, Path(checkpoint), use_ema=use_ema, official=official)
     model.to(device)
     if recipe.train.channels_last:

@@ -165,6 +165,44 @@ def test_eval_cli_prints_metrics_and_writes_json(finished_run, tmp_path):
     assert set(json.loads(out.read_text())) >= {"top1", "top5", "loss", "images_per_s"}
 
 
+def test_fine_tuning_starts_from_pretrained_weights_with_frozen_parts_and_layer_decay(
+    finished_run, tmp_path
+):
+    """A run started from another run's weights with a new head, the stem frozen and layer-wise
+    lr decay: the stem stays exactly the checkpoint's, the rest starts there, and each layer
+    group's lr is the schedule's times its own scale."""
+    path, run_dir, _ = finished_run
+    pretrained = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+    overrides = [
+        f"model.pretrained={run_dir / 'checkpoints' / 'last.pt'}",
+        "model.new_head=true",
+        "model.freeze=[stem]",
+        "optim.layer_decay=0.5",
+        "optim.lr=1e-7",
+        "schedule.epochs=1",
+    ]
+    train(load_recipe(path, overrides), run_dir=tmp_path / "fine")
+    state = load_checkpoint(tmp_path / "fine" / "checkpoints" / "last.pt")
+    tuned = state["model"]
+    for key in pretrained:
+        if key.startswith("stem.") and not key.endswith("num_batches_tracked"):
+            assert torch.equal(tuned[key], pretrained[key]), key
+        elif key.startswith("stages.") and "running_" not in key and tuned[key].is_floating_point():
+            torch.testing.assert_close(tuned[key], pretrained[key], atol=1e-5, rtol=0)
+    assert not torch.allclose(tuned["head.weight"], pretrained["head.weight"], atol=1e-3)
+    groups = state["optimizer"]["param_groups"]
+    scales = sorted({group["lr_scale"] for group in groups})
+    assert len(scales) > 3 and scales[-1] == 1.0 and scales[0] < 0.1
+    assert len({round(group["lr"] / group["lr_scale"], 15) for group in groups}) == 1
+
+
+def test_freezing_a_module_the_model_lacks_is_a_one_line_error(finished_run, tmp_path):
+    path, _, _ = finished_run
+    with pytest.raises(UserError, match="model.freeze: 'stages.9' names no module") as error:
+        train(load_recipe(path, ["model.freeze=[stages.9]"]), run_dir=tmp_path / "run")
+    assert "\n" not in str(error.value)
+
+
 def test_unreadable_checkpoint_is_a_one_line_user_error(finished_run, tmp_path):
     path, run_dir, _ = finished_run
     damaged = tmp_path / "damaged.pt"

@@ -1,0 +1,1 @@
+"""Documented measurements (scripts run by hand; their figures are in docs/results.md)."""

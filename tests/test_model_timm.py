@@ -1,0 +1,99 @@
+"""timm's model contract for every variant: the pretrained config timm's data tools read,
+`features_only`, `forward_intermediates`, the head API, layer-wise lr decay groups and torch.fx."""
+
+import pytest
+import timm
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config
+from timm.models import create_feature_extractor
+from timm.optim import param_groups_layer_decay
+
+import debiformer
+
+VARIANTS = ["debiformer_nano", "debiformer_tiny", "debiformer_small", "debiformer_base"]
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_features_only_gives_four_maps_at_strides_4_to_32(name):
+    extractor = timm.create_model(name, features_only=True).eval()
+    channels = extractor.feature_info.channels()
+    assert extractor.feature_info.reduction() == [4, 8, 16, 32]
+    for height, width in ((97, 131), (64, 64)):
+        with torch.no_grad():
+            maps = extractor(torch.randn(1, 3, height, width))
+        assert [m.shape[1] for m in maps] == channels
+        assert [m.shape[2:] for m in maps] == [
+            (-(-height // s), -(-width // s)) for s in (4, 8, 16, 32)
+        ]
+
+
+def test_tiny_features_have_the_release_channels_and_take_out_indices():
+    extractor = timm.create_model("debiformer_tiny", features_only=True, out_indices=(1, 3))
+    assert extractor.feature_info.channels() == [128, 512]
+    with torch.no_grad():
+        maps = extractor.eval()(torch.randn(1, 3, 224, 224))
+    assert [tuple(m.shape) for m in maps] == [(1, 128, 28, 28), (1, 512, 7, 7)]
+
+
+def test_data_config_is_the_release_evaluation_transform():
+    config = resolve_data_config({}, model=debiformer.create_model("debiformer_tiny"))
+    assert config["mean"] == IMAGENET_DEFAULT_MEAN and config["std"] == IMAGENET_DEFAULT_STD
+    assert (config["crop_pct"], config["interpolation"]) == (0.875, "bicubic")
+    assert config["input_size"] == (3, 224, 224)
+
+
+def test_forward_features_head_and_intermediates_agree():
+    model = debiformer.create_model("debiformer_nano", num_classes=7).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = model.forward_features(images)
+        maps = model.stage_maps(images)
+        final, intermediates = model.forward_intermediates(images)
+        last_two = model.forward_intermediates(images, indices=2, intermediates_only=True)
+        pooled = model.forward_head(features, pre_logits=True)
+        logits = model(images)
+    assert features.shape == (2, 256, 2, 2)
+    assert torch.equal(features, model.norm(maps[-1])) and torch.equal(final, features)
+    assert all(torch.equal(a, b) for a, b in zip(intermediates, maps, strict=True))
+    assert [m.shape[1] for m in last_two] == [128, 256]
+    assert pooled.shape == (2, 256) and torch.equal(logits, model.get_classifier()(pooled))
+
+
+def test_reset_classifier_replaces_the_head():
+    model = debiformer.create_model("debiformer_nano").eval()
+    model.reset_classifier(3)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3) and model.num_classes == 3
+    model.reset_classifier(0)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 256)
+
+
+def test_no_weight_decay_names_the_position_bias_tables():
+    model = debiformer.create_model("debiformer_tiny")
+    names = model.no_weight_decay()
+    assert names and all(name.endswith("rpe_table") for name in names)
+    assert len(names) == sum(1 for name, _ in model.named_parameters() if "rpe_table" in name)
+
+
+def test_layer_decay_groups_follow_depth():
+    model = debiformer.create_model("debiformer_tiny")
+    groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.5)
+    covered = sum(len(group["params"]) for group in groups)
+    assert covered == len(list(model.parameters()))
+    scale = {id(p): group["lr_scale"] for group in groups for p in group["params"]}
+    named = dict(model.named_parameters())
+    stem = scale[id(named["stem.0.weight"])]
+    first_block = scale[id(named["stages.0.0.mlp1.fc1.weight"])]
+    last_block = scale[id(named["stages.3.0.mlp1.fc1.weight"])]
+    head = scale[id(named["head.weight"])]
+    assert stem < first_block < last_block < head == 1.0
+
+
+def test_torch_fx_extracts_features_and_the_model_trains_at_the_config_size():
+    model = debiformer.create_model("debiformer_tiny", num_classes=5)
+    extractor = create_feature_extractor(model.eval(), return_nodes={"norm": "features"})
+    images = torch.randn(1, 3, *model.pretrained_cfg["input_size"][1:])
+    with torch.no_grad():
+        assert torch.equal(extractor(images)["features"], model.forward_features(images))
+    model.train()
+    model(torch.randn(2, *model.pretrained_cfg["input_size"])).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
