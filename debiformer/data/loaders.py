@@ -489,17 +489,11 @@ def build_loader(
 
     `path`: an FFCV file (ffcv), an ImageFolder root or "fashion-mnist:<dir>" (torchvision;
     train reads the Fashion-MNIST train split, val the test split), None (synthetic).
-    Train: random resized crop to `image_size`, then on the device flip and the rest of `augment`
-    (the defaults of `AugmentOptions` when None); the last partial batch is dropped. Val: resize to image_size/crop_ratio, centre crop, every sample once.
+    Train: random resized crop to `image_size`, then on the device flip and the rest of
+    `augment` (the defaults of `AugmentOptions` when None); the last partial batch is dropped.
+    Val: resize to image_size/crop_ratio, centre crop, every sample once.
     """
-    if split not in ("train", "val"):
-        raise UserError(f"unknown split {split!r}: use train or val")
-    if backend not in BACKENDS:
-        raise UserError(f"unknown data backend {backend!r}: use one of {', '.join(BACKENDS)}")
-    if batch_size < 1 or image_size < 1:
-        raise UserError(
-            f"batch size and image size must be positive, got {batch_size} and {image_size}"
-        )
+    _check_settings(split, backend, path, batch_size, image_size, num_classes)
     device = torch.device(device)
     train = split == "train"
     options = augment or AugmentOptions()
@@ -510,16 +504,8 @@ def build_loader(
         return ShardPlan(num_samples, shuffle=train, seed=seed, rank=rank, world_size=world_size)
 
     if backend == "synthetic":
-        if not num_classes:
-            raise UserError(
-                "the synthetic backend needs num_classes (model.num_classes in the recipe)"
-            )
         return SyntheticLoader(
             plan_for(synthetic_samples), batch_size, train, transform, image_size, num_classes
-        )
-    if not path:
-        raise UserError(
-            f"the {backend} backend needs a data path (data.{split}_path in the recipe)"
         )
     if backend == "torchvision":
         dataset = open_source(path, "train" if train else "test")
@@ -531,14 +517,43 @@ def build_loader(
             str(path), dataset, plan_for(len(dataset)), batch_size, train, transform, crop,
             num_workers,
         )  # fmt: skip
-    import_ffcv()
-    file = Path(path)
-    if file.is_dir() or str(path).startswith(FASHION_MNIST_PREFIX):
-        raise UserError(
-            f"the ffcv backend reads a .beton file, not {path}: convert it with "
-            f"`debiformer data convert {path} OUT.beton` or set data.backend: torchvision"
-        )
-    summary = ffcv_summary(file)
+    summary = ffcv_summary(Path(path))
     pipelines, crop = _ffcv_pipelines(train, image_size, crop_ratio, options, device)
     plan = plan_for(summary.num_samples)
     return FfcvLoader(summary, plan, batch_size, train, transform, num_workers, pipelines, crop)
+
+
+def _check_settings(
+    split: str,
+    backend: str,
+    path: str | None,
+    batch_size: int,
+    image_size: int,
+    num_classes: int | None,
+) -> None:
+    """One-line errors for settings no loader can be built from (before any data is read)."""
+    if split not in ("train", "val"):
+        raise UserError(f"unknown split {split!r}: use train or val")
+    if backend not in BACKENDS:
+        raise UserError(f"unknown data backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if batch_size < 1 or image_size < 1:
+        raise UserError(
+            f"batch size and image size must be positive, got {batch_size} and {image_size}"
+        )
+    if backend == "synthetic":
+        if not num_classes:
+            raise UserError(
+                "the synthetic backend needs num_classes (model.num_classes in the recipe)"
+            )
+        return
+    if not path:
+        raise UserError(
+            f"the {backend} backend needs a data path (data.{split}_path in the recipe)"
+        )
+    if backend == "ffcv":
+        import_ffcv()
+        if Path(path).is_dir() or str(path).startswith(FASHION_MNIST_PREFIX):
+            raise UserError(
+                f"the ffcv backend reads a .beton file, not {path}: convert it with "
+                f"`debiformer data convert {path} OUT.beton` or set data.backend: torchvision"
+            )
