@@ -330,8 +330,12 @@ def open_run(run_dir: Path, is_main: bool) -> Iterator[None]:
                 runtime.remove_stale_temporaries(folder)
         yield
     except BaseException:
-        if created and {p.name for p in run_dir.iterdir()} <= {".lock"}:
+        checkpoints = run_dir / "checkpoints"
+        unused = not checkpoints.is_dir() or not any(checkpoints.iterdir())
+        if created and unused and {p.name for p in run_dir.iterdir()} <= {".lock", "checkpoints"}:
             (run_dir / ".lock").unlink(missing_ok=True)
+            if checkpoints.is_dir():
+                checkpoints.rmdir()
             run_dir.rmdir()
         raise
     finally:
@@ -340,8 +344,8 @@ def open_run(run_dir: Path, is_main: bool) -> Iterator[None]:
 
 
 def _take_lock(run_dir: Path):
-    """(open lock file, None) when this process now holds the run directory's lock, else
-    (None, the one-line reason)."""
+    """(open lock file, None) when this process now holds the run directory's lock and can write
+    its checkpoints, else (None, the one-line reason)."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock_file = open(run_dir / ".lock", "a+")  # noqa: SIM115 (held for the whole run)
@@ -361,6 +365,11 @@ def _take_lock(run_dir: Path):
     lock_file.truncate()
     lock_file.write(f"process {os.getpid()} on {os.uname().nodename}\n")
     lock_file.flush()
+    try:
+        runtime.check_writable(run_dir / "checkpoints" / "last.pt", "--out")
+    except UserError as error:
+        lock_file.close()
+        return None, str(error)
     return lock_file, None
 
 

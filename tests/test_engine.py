@@ -252,6 +252,15 @@ def test_a_failed_validation_leaves_no_run_directory(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_checkpoint_folder_that_cannot_be_written_stops_before_training(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("a file where the folder should be")
+    with pytest.raises(UserError, match="--out .*checkpoints.*cannot create") as error:
+        fit(toy_recipe(), LineTask(), run_dir=tmp_path / "run")
+    assert "\n" not in str(error.value)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", "checkpoints"]
+
+
 def test_temporaries_of_killed_writes_are_removed_on_the_next_start(tmp_path):
     checkpoints = tmp_path / "run" / "checkpoints"
     checkpoints.mkdir(parents=True)
