@@ -152,10 +152,8 @@ def adapt_to_model(
     state = dict(state)
     expected = model.state_dict()
     head = f"{CLASSIFIER}.weight"
-    other_size = (
-        head not in expected or state.get(head, expected[head]).shape != expected[head].shape
-    )
-    if head in state and (new_head or other_size):
+    fits = head in state and head in expected and state[head].shape == expected[head].shape
+    if head in state and (new_head or not fits):
         classes = state[head].shape[0]
         for key in (head, f"{CLASSIFIER}.bias"):
             state.pop(key, None)
