@@ -26,7 +26,7 @@ from debiformer.errors import UserError
 from debiformer.official import rename_official_state_dict
 from debiformer.regions import step
 from debiformer.routing import attend_routed_regions, pad_to_regions
-from debiformer.weights import load_pretrained
+from debiformer.weights import as_model_shape, is_official_state_dict, load_pretrained
 
 
 class Conv2dNHWC(nn.Conv2d):
@@ -683,13 +683,11 @@ def _check_architecture(arch: Architecture, prefix: str) -> None:
 def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: "DeBiFormer") -> dict[str, Tensor]:
     """timm's hook for pretrained files: the release's key names renamed to this project's, and its
     (out, in, 1, 1) pointwise weights reshaped for the Linear layers."""
-    if "downsample_layers.0.0.weight" in state_dict:
+    if is_official_state_dict(state_dict):
         state_dict = rename_official_state_dict(state_dict)
     expected = model.state_dict()
     return {
-        key: tensor.flatten(1)
-        if key in expected and expected[key].ndim == 2 and tensor.ndim == 4
-        else tensor
+        key: as_model_shape(tensor, expected[key]) if key in expected else tensor
         for key, tensor in state_dict.items()
     }
 

@@ -105,6 +105,14 @@ def read_state_dict(source: str | Path, *, use_ema: bool = False) -> tuple[dict,
     return _state_of(load_checkpoint(path), path, use_ema)
 
 
+def as_model_shape(tensor: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """The release's (out, in, 1, 1) pointwise weight as the (out, in) weight of this project's
+    Linear layer (`expected` is the model's tensor); any other tensor as it is."""
+    if expected.ndim == 2 and tensor.ndim == 4 and tensor.shape[2:] == (1, 1):
+        return tensor.flatten(1)
+    return tensor
+
+
 def match_model(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> dict:
     """`state` checked key by key against `model`: the release's (out, in, 1, 1) pointwise weights
     reshaped to the Linear layers' (out, in); any extra, missing or mis-shaped key is a one-line
@@ -117,8 +125,7 @@ def match_model(model: nn.Module, state: dict[str, torch.Tensor], source: str | 
                 f"checkpoint {source}: key {key!r} has no place in this model (is it the right "
                 "variant?)"
             )
-        if expected[key].ndim == 2 and tensor.ndim == 4 and tensor.shape[2:] == (1, 1):
-            tensor = tensor.flatten(1)
+        tensor = as_model_shape(tensor, expected[key])
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise UserError(
                 f"checkpoint {source}: key {key!r} has shape {tuple(tensor.shape)}, the model "
