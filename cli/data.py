@@ -1,10 +1,12 @@
-"""`debiformer data ...`: convert sources to FFCV, inspect FFCV files, benchmark the loaders."""
+"""`debiformer data ...`: convert sources to FFCV, inspect FFCV files, benchmark the loaders, write
+mosaics (detection and segmentation data)."""
 
 from pathlib import Path
 
 import typer
 
-from debiformer.data import WriterOptions, convert_to_ffcv, inspect_ffcv_file
+from debiformer.data import FASHION_MNIST_DIR, WriterOptions, convert_to_ffcv, inspect_ffcv_file
+from debiformer.data.mosaics import write_mosaics
 from debiformer.tools.loader_bench import bench_loaders
 
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report a Ctrl-C
@@ -86,4 +88,31 @@ def bench(
         ffcv_file=ffcv_file,
         writer=WriterOptions(num_workers=workers),
         json_path=json_path,
+    )
+
+
+@app.command()
+def mosaics(
+    out: Path = typer.Argument(..., help="Folder to write (renamed into place when complete)."),
+    train: int = typer.Option(3000, help="Train canvases (items from the train split)."),
+    val: int = typer.Option(500, help="Val canvases (items from the test split)."),
+    size: int = typer.Option(128, help="Canvas width and height in pixels."),
+    items: tuple[int, int] = typer.Option((2, 6), help="Fewest and most items per canvas."),
+    scale: tuple[float, float] = typer.Option(
+        (1.0, 2.0), help="Smallest and largest resize factor of the 28x28 items."
+    ),
+    seed: int = typer.Option(0, help="Seed: the same arguments always write the same files."),
+    source: str = typer.Option(FASHION_MNIST_DIR, help="Folder of the Fashion-MNIST idx files."),
+) -> None:
+    """Write COCO detection / instance-segmentation and semantic-segmentation data: Fashion-MNIST
+    items scattered without overlap on dark canvases. Needs pycocotools (the extra "detection")."""
+    write_mosaics(
+        out,
+        train_images=train,
+        val_images=val,
+        canvas_size=size,
+        items=items,
+        scale=scale,
+        seed=seed,
+        source=source,
     )

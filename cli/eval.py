@@ -6,7 +6,9 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
+from debiformer.errors import UserError
 from debiformer.recipe import load_recipe
 
 RECIPE_HELP = "Recipe YAML file, or the name of a shipped one (e.g. quickstart, tiny)."
@@ -29,19 +31,35 @@ def evaluate(
         help="Treat as the authors' release (default: detect by key names).",
     ),
 ) -> None:
-    """Top-1, top-5, loss and images/s of a checkpoint on the recipe's validation set."""
-    from debiformer.tasks.classification import evaluate_checkpoint
+    """Validation metrics of a checkpoint for the recipe's task: top-1/top-5 for classifiers,
+    COCO box and mask AP for detectors."""
+    from debiformer.tasks import evaluate_checkpoint
 
-    result = evaluate_checkpoint(
-        load_recipe(recipe, overrides),
-        checkpoint,
-        use_ema=ema,
-        official=official,
-        json_path=json_path,
-    )
-    Console().print(
-        f"{result['model']} ({result['weights']} weights) on {result['images']} images: "
-        f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
-        f"{result['images_per_s']:.0f} img/s",
-        highlight=False,
-    )
+    loaded = load_recipe(recipe, overrides)
+    options = {"use_ema": ema, "json_path": json_path}
+    if loaded.task == "classification":
+        options["official"] = official
+    elif official:
+        raise UserError("--official: only classification checkpoints come from the release")
+    result = evaluate_checkpoint(loaded, checkpoint, **options)
+    console = Console()
+    head = f"{result['model']} ({result['weights']} weights) on {result['images']} images"
+    if loaded.task == "classification":
+        console.print(
+            f"{head}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+            f"loss {result['loss']:.4f}  {result['images_per_s']:.0f} img/s",
+            highlight=False,
+        )
+    else:
+        console.print(head, highlight=False)
+        console.print(coco_table(result))
+
+
+def coco_table(result: dict) -> Table:
+    """COCO's AP table: a row per kind (box, mask), a column per measure."""
+    columns = ["ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large"]
+    table = Table("", "AP", "AP50", "AP75", "AP small", "AP medium", "AP large")
+    for kind, name in (("bbox", "box"), ("segm", "mask")):
+        if f"{kind}_ap" in result:
+            table.add_row(name, *(f"{result[f'{kind}_{column}']:.3f}" for column in columns))
+    return table

@@ -38,7 +38,7 @@ def train(
     ),
 ) -> None:
     """Train a model as RECIPE says; resumes automatically from an existing run directory."""
-    from debiformer.tasks.classification import train as train_classifier
+    from debiformer.tasks import train as train_task
 
     if resume is not None and fresh:
         raise UserError("--resume and --fresh contradict each other: give one of them")
@@ -55,7 +55,7 @@ def train(
         args += ["--resume", str(resume)] if resume else []
         args += ["--fresh"] if fresh else []
         raise typer.Exit(_launch_torchrun(args, nproc_per_node, max_restarts))
-    train_classifier(loaded, run_dir=run_dir, resume=resume, fresh=fresh)
+    train_task(loaded, run_dir=run_dir, resume=resume, fresh=fresh)
 
 
 def _launch_torchrun(args: list[str], nproc_per_node: int, max_restarts: int) -> int:

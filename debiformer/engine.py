@@ -237,11 +237,23 @@ def param_groups(
 
 
 def lr_factor(
-    step: int, *, warmup_steps: int, total_steps: int, warmup_ratio: float, min_ratio: float
+    step: int,
+    *,
+    warmup_steps: int,
+    total_steps: int,
+    warmup_ratio: float,
+    min_ratio: float,
+    milestone_steps: list[int] | None = None,
+    gamma: float = 0.1,
 ) -> float:
-    """Peak-lr multiplier at `step`: linear warm-up from `warmup_ratio`, cosine to `min_ratio`."""
+    """Peak-lr multiplier at `step`: linear warm-up from `warmup_ratio`, then cosine to
+    `min_ratio`, or with `milestone_steps` a step decay (times `gamma` at each milestone passed,
+    the warm-up scaling that decay, as mmdetection's schedules do)."""
+    warmup = warmup_ratio + (1 - warmup_ratio) * step / warmup_steps if step < warmup_steps else 1
+    if milestone_steps is not None:
+        return warmup * gamma ** sum(step >= milestone for milestone in milestone_steps)
     if step < warmup_steps:
-        return warmup_ratio + (1 - warmup_ratio) * step / warmup_steps
+        return warmup
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -467,12 +479,15 @@ class Trainer:
         """The learning rate of optimizer step `step`: a pure function of the recipe and step,
         so a resumed run follows the schedule of the recipe it is given."""
         schedule = self.recipe.schedule
+        milestones = [round(epoch * self.steps_per_epoch) for epoch in schedule.milestones]
         factor = lr_factor(
             step,
             warmup_steps=round(schedule.warmup_epochs * self.steps_per_epoch),
             total_steps=self.total_steps,
             warmup_ratio=min(1.0, schedule.warmup_lr / self.peak_lr),
             min_ratio=min(1.0, schedule.min_lr / self.peak_lr),
+            milestone_steps=milestones if schedule.decay == "step" else None,
+            gamma=schedule.gamma,
         )
         return self.peak_lr * factor
 

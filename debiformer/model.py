@@ -742,18 +742,20 @@ def create_model(
     in_chans: int = 3,
     drop_path_rate: float | None = None,
     pretrained: str | Path | None = None,
+    pretrained_ema: bool = False,
     **overrides,
 ) -> DeBiFormer:
     """Build a DeBiFormer variant; `overrides` replace fields of its `Architecture`.
 
-    `pretrained` is a checkpoint file or URL to start from: this tool's checkpoints, the
-    authors' released files or `.safetensors` (read without running code from them). A head for
-    other classes stays freshly initialised; a stem for other input channels is adapted.
+    `pretrained` is a checkpoint file or URL to start from: this tool's checkpoints (their EMA
+    weights with `pretrained_ema`), the authors' released files or `.safetensors` (read without
+    running code from them). A head for other classes stays freshly initialised; a stem for
+    other input channels is adapted.
     """
     arch = resolve_architecture(name, drop_path_rate, overrides)
     model = _build(name, arch, False, num_classes=num_classes, in_chans=in_chans)
     if pretrained is not None:
-        load_pretrained(model, pretrained)
+        load_pretrained(model, pretrained, use_ema=pretrained_ema)
     return model
 
 

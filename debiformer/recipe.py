@@ -3,10 +3,12 @@
 A recipe file has the sections below (every key optional, defaults in the dataclasses):
 
     base: _imagenet          # another recipe (path relative to this file, `.yaml` optional)
-    model:    {name, drop_path, arch}
+    task: classification     # or detection
+    model:    {name, drop_path, arch, pretrained, freeze, ...}
     data:     {backend, train_path, val_path, train_source, val_source, image_size, ...}
-    optim:    {lr, lr_base_batch, weight_decay, betas, eps, clip_grad}
-    schedule: {epochs, warmup_epochs, warmup_lr, min_lr}
+    detection: {detector, fpn_channels, min_size, max_size, ...}   (task: detection)
+    optim:    {lr, lr_base_batch, weight_decay, betas, eps, clip_grad, layer_decay}
+    schedule: {epochs, warmup_epochs, warmup_lr, min_lr, decay, milestones, gamma}
     augment:  {hflip, scale, ratio, randaugment, random_erasing, mixup, cutmix, label_smoothing}
     train:    {batch_size, accum_steps, precision, device, channels_last, compile, ema, ...}
     output:   {dir, log_every, checkpoint_every, progress}
@@ -46,6 +48,8 @@ class ModelConfig:
     # weights to start from: a checkpoint file or URL (this tool's, the release's, .safetensors);
     # a head for other classes starts fresh
     pretrained: str | None = None
+    # with pretrained: take this tool's checkpoint's EMA weights instead of its trained ones
+    pretrained_ema: bool = False
     # with pretrained: a fresh head even when the checkpoint's has as many classes (new labels)
     new_head: bool = False
     # modules kept fixed, weights and BatchNorm statistics alike, e.g. [stem, stages.0]
@@ -73,6 +77,34 @@ class DataConfig:
     # None: taken from the data set
     num_classes: int | None = None
     synthetic_samples: int = 1024
+    # detection: COCO annotation files (instances_*.json) of the image folders train_path/val_path
+    train_annotations: str | None = None
+    val_annotations: str | None = None
+    # detection: when set, the offline Fashion-MNIST mosaics are written on first use with these
+    # options of `write_mosaics` (out, train_images, val_images, canvas_size, ...)
+    mosaics: dict = field(default_factory=dict)
+
+
+@dataclass
+class DetectionConfig:
+    """The detector around the backbone (task: detection): torchvision's Mask R-CNN or
+    RetinaNet on an FPN of the backbone's stage maps."""
+
+    detector: Literal["maskrcnn", "retinanet"] = "maskrcnn"
+    # FPN width; Mask R-CNN's mask head convolutions use it too
+    fpn_channels: int = 256
+    # Mask R-CNN's box head: two fully connected layers of this width
+    representation_size: int = 1024
+    # images are resized (keeping their ratio) so the shorter side is min_size, the longer at
+    # most max_size, as the release's 1333x800
+    min_size: int = 800
+    max_size: int = 1333
+    # Mask R-CNN: proposals sampled per image to train the box head
+    rois_per_image: int = 512
+    # detections kept per image at evaluation
+    detections_per_image: int = 100
+    # validation images drawn with their predictions in predictions.png
+    preview_images: int = 4
 
 
 @dataclass
@@ -94,12 +126,17 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Linear warm-up then cosine decay, stepped every optimizer step."""
+    """Linear warm-up, then cosine decay to min_lr or step decay at milestones; the lr changes
+    every optimizer step."""
 
     epochs: int = 300
     warmup_epochs: float = 20.0
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
+    decay: Literal["cosine", "step"] = "cosine"
+    # step decay: epochs after which the lr is multiplied by gamma, e.g. [8, 11]
+    milestones: list[float] = field(default_factory=list)
+    gamma: float = 0.1
 
 
 @dataclass
@@ -165,8 +202,10 @@ class Recipe:
 
     name: str = "recipe"
     description: str = ""
+    task: Literal["classification", "detection"] = "classification"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -177,12 +216,12 @@ class Recipe:
 SECTIONS: dict[str, type] = {
     f.name: f.default_factory
     for f in dataclasses.fields(Recipe)
-    if f.name not in ("name", "description")
+    if f.name not in ("name", "description", "task")
 }
-TOP_LEVEL_KEYS = ("base", "name", "description", *SECTIONS)
+TOP_LEVEL_KEYS = ("base", "name", "description", "task", *SECTIONS)
 RENAMED_KEYS = {"train.amp": "train.precision (fp32, bf16 or fp16)"}
 # what a resumed run cannot change: the model, the data and the batch (`fixed_on_resume`)
-FIXED_ON_RESUME = ("model", "data", "train.batch_size")
+FIXED_ON_RESUME = ("task", "model", "data", "detection", "train.batch_size")
 
 
 def find_recipe(name_or_path: str) -> Path:
@@ -226,6 +265,8 @@ def recipe_from_dict(raw: dict) -> Recipe:
     for key in ("name", "description"):
         if key in raw:
             values[key] = _convert(raw[key], str, key)
+    if "task" in raw:
+        values["task"] = _convert(raw["task"], typing.get_type_hints(Recipe)["task"], "task")
     for section, cls in SECTIONS.items():
         content = raw.get(section) or {}
         if not isinstance(content, dict):
@@ -253,7 +294,9 @@ def fixed_on_resume(recipe: dict) -> dict[str, Any]:
     for key in FIXED_ON_RESUME:
         section, _, name = key.partition(".")
         content = recipe.get(section, {})
-        if name:
+        if not isinstance(content, dict):
+            values[key] = content
+        elif name:
             values[key] = content.get(name)
         else:
             values.update({f"{section}.{k}": v for k, v in content.items() if k != "num_workers"})
@@ -432,6 +475,36 @@ def _check_values(recipe: Recipe) -> None:
         ("augment.random_erasing", 0 <= recipe.augment.random_erasing <= 1, "must be in [0, 1]"),
         ("schedule.epochs", recipe.schedule.epochs >= 1, "must be at least 1"),
         ("schedule.warmup_epochs", recipe.schedule.warmup_epochs >= 0, "must be >= 0"),
+        ("schedule.gamma", 0 < recipe.schedule.gamma <= 1, "must be in (0, 1]"),
+        (
+            "schedule.milestones",
+            recipe.schedule.decay == "step" or not recipe.schedule.milestones,
+            "only step decay has milestones: set schedule.decay=step",
+        ),
+        (
+            "schedule.milestones",
+            all(0 < m < recipe.schedule.epochs for m in recipe.schedule.milestones),
+            "expected epochs between 0 and schedule.epochs, e.g. [8, 11]",
+        ),
+        ("detection.fpn_channels", recipe.detection.fpn_channels >= 8, "must be at least 8"),
+        (
+            "detection.representation_size",
+            recipe.detection.representation_size >= 1,
+            "must be positive",
+        ),
+        ("detection.min_size", recipe.detection.min_size >= 32, "must be at least 32"),
+        (
+            "detection.max_size",
+            recipe.detection.max_size >= recipe.detection.min_size,
+            "must be at least detection.min_size",
+        ),
+        ("detection.rois_per_image", recipe.detection.rois_per_image >= 1, "must be positive"),
+        (
+            "detection.detections_per_image",
+            recipe.detection.detections_per_image >= 1,
+            "must be positive",
+        ),
+        ("detection.preview_images", recipe.detection.preview_images >= 0, "must be >= 0"),
         ("train.batch_size", recipe.train.batch_size >= 1, "must be at least 1"),
         ("train.accum_steps", recipe.train.accum_steps >= 1, "must be at least 1"),
         ("train.eval_every", recipe.train.eval_every >= 1, "must be at least 1"),

@@ -164,11 +164,12 @@ def adapt_to_model(
         classes = state[head].shape[0]
         for key in (head, f"{CLASSIFIER}.bias"):
             state.pop(key, None)
-        now = expected[head].shape[0] if head in expected else 0
-        (console or Console(stderr=True)).print(
-            f"pretrained weights: new {now}-way head (the checkpoint's head has {classes} classes)",
-            highlight=False,
+        notice = (
+            f"new {expected[head].shape[0]}-way head (the checkpoint's head has {classes} classes)"
+            if head in expected
+            else f"the checkpoint's {classes}-class head is left out (the model has none)"
         )
+        (console or Console(stderr=True)).print(f"pretrained weights: {notice}", highlight=False)
     stem = f"{STEM_CONV}.weight"
     if stem in state and stem in expected and state[stem].shape[1] != expected[stem].shape[1]:
         state[stem] = adapt_input_conv(expected[stem].shape[1], state[stem])
@@ -183,15 +184,22 @@ def load_pretrained(
     new_head: bool = False,
     console: Console | None = None,
 ) -> str:
-    """Starts `model` from the weights of `source` (a file or URL; see `read_state_dict`); a head
-    for other classes (or any head, with `new_head`) stays freshly initialised. Returns the kind
-    of weights loaded."""
+    """Starts `model` from the weights of `source` (a file or URL; see `read_state_dict`).
+
+    A head for other classes (or any head, with `new_head`) starts at zero: its logits start
+    equal, the first steps train the head before any gradient reaches the backbone, and it
+    cannot carry the checkpoint's classes over (a random head drawn from the seed the checkpoint
+    was trained with would start where that run's head started). Returns the kind of weights."""
     state, kind = read_state_dict(source, use_ema=use_ema)
     state = adapt_to_model(model, state, new_head=new_head, console=console)
     head_keys = {f"{CLASSIFIER}.weight", f"{CLASSIFIER}.bias"}
     current = model.state_dict()
-    kept_head = {key: current[key] for key in head_keys if key in current and key not in state}
-    model.load_state_dict(match_model(model, {**state, **kept_head}, source))
+    new_head_state = {
+        key: torch.zeros_like(current[key])
+        for key in head_keys
+        if key in current and key not in state
+    }
+    model.load_state_dict(match_model(model, {**state, **new_head_state}, source))
     return kind
 
 

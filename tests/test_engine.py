@@ -122,6 +122,24 @@ def test_lr_schedule_warms_up_then_follows_a_cosine():
     assert factor(110) == pytest.approx(0.01)
 
 
+def test_step_decay_multiplies_by_gamma_at_each_milestone_after_warm_up():
+    def factor(step: int) -> float:
+        return lr_factor(
+            step,
+            warmup_steps=10,
+            total_steps=120,
+            warmup_ratio=0.1,
+            min_ratio=0.01,
+            milestone_steps=[80, 110],
+            gamma=0.1,
+        )
+
+    assert factor(5) == pytest.approx(0.55)
+    assert factor(10) == factor(79) == pytest.approx(1.0)
+    assert factor(80) == factor(109) == pytest.approx(0.1)
+    assert factor(110) == factor(119) == pytest.approx(0.01)
+
+
 def test_no_weight_decay_on_norms_biases_and_position_bias_tables():
     model = debiformer.create_model("debiformer_nano", num_classes=4)
     decay, no_decay = param_groups(model, 0.05)

@@ -40,6 +40,7 @@ def test_pretrained_release_file_starts_a_ten_class_model(release_file, capsys):
     path, expected = release_file
     model = debiformer.create_model("debiformer_tiny", pretrained=path, num_classes=10)
     assert_backbone_equal(model, expected, 10)
+    assert not model.head.weight.any() and not model.head.bias.any()  # a new head starts at zero
     assert "new 10-way head (the checkpoint's head has 1000 classes)" in capsys.readouterr().err
 
 
@@ -79,6 +80,19 @@ def test_every_kind_of_file_loads_the_same_weights(tmp_path):
         kinds.append(read_state_dict(tmp_path / name)[1])
     assert kinds == ["state_dict", "state_dict", "model", "safetensors"]
     assert read_state_dict(tmp_path / "train.pt", use_ema=True)[1] == "ema"
+
+
+def test_pretrained_ema_takes_the_checkpoints_ema_weights(tmp_path):
+    trained = debiformer.create_model("debiformer_nano", num_classes=4).eval()
+    averaged = debiformer.create_model("debiformer_nano", num_classes=4).eval()
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": trained.state_dict(), "ema": averaged.state_dict()}, path)
+    images = torch.randn(2, 3, 32, 32)
+    for use_ema, expected in ((False, trained), (True, averaged)):
+        model = debiformer.create_model(
+            "debiformer_nano", num_classes=4, pretrained=path, pretrained_ema=use_ema
+        )
+        torch.testing.assert_close(model.eval()(images), expected(images), rtol=0, atol=0)
 
 
 def test_released_checkpoints_are_detected_by_key_names(monkeypatch, tmp_path):

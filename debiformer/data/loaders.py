@@ -274,7 +274,7 @@ def _collate_uint8(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tenso
     return images, labels
 
 
-class _EpochSampler(Sampler):
+class EpochSampler(Sampler):
     """A torch Sampler yielding the `(epoch, sample index)` keys of the samples set by `select`."""
 
     def __init__(self):
@@ -358,7 +358,7 @@ class TorchvisionLoader(Loader):
         self.source = source
         self.num_classes = len(dataset.classes)
         self.label_range = (int(min(dataset.targets)), int(max(dataset.targets)))
-        self.sampler = _EpochSampler()
+        self.sampler = EpochSampler()
         self.loader = DataLoader(
             _EpochSamples(dataset, crop),
             batch_size=batch_size,

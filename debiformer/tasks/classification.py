@@ -86,7 +86,12 @@ def build_model(recipe: Recipe, num_classes: int, pretrained: bool = True) -> nn
         **recipe.model.arch,
     )
     if pretrained and recipe.model.pretrained is not None:
-        debiformer.load_pretrained(model, recipe.model.pretrained, new_head=recipe.model.new_head)
+        debiformer.load_pretrained(
+            model,
+            recipe.model.pretrained,
+            use_ema=recipe.model.pretrained_ema,
+            new_head=recipe.model.new_head,
+        )
     return model
 
 

@@ -168,9 +168,10 @@ def test_eval_cli_prints_metrics_and_writes_json(finished_run, tmp_path):
 def test_fine_tuning_starts_from_pretrained_weights_with_frozen_parts_and_layer_decay(
     finished_run, tmp_path
 ):
-    """A run started from another run's weights with a new head, the stem frozen and layer-wise
-    lr decay: the stem stays exactly the checkpoint's, the rest starts there, and each layer
-    group's lr is the schedule's times its own scale."""
+    """A run started from another run's weights with a new head, at a new resolution, the stem
+    frozen and layer-wise lr decay: the stem stays exactly the checkpoint's, the rest starts
+    there (no table is resized), and each layer group's lr is the schedule's times its own
+    scale."""
     path, run_dir, _ = finished_run
     pretrained = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
     overrides = [
@@ -180,6 +181,7 @@ def test_fine_tuning_starts_from_pretrained_weights_with_frozen_parts_and_layer_
         "optim.layer_decay=0.5",
         "optim.lr=1e-7",
         "schedule.epochs=1",
+        "data.image_size=48",
     ]
     train(load_recipe(path, overrides), run_dir=tmp_path / "fine")
     state = load_checkpoint(tmp_path / "fine" / "checkpoints" / "last.pt")

@@ -1,0 +1,108 @@
+"""Detectors on a DeBiFormer backbone: torchvision's Mask R-CNN and RetinaNet, nothing rewritten.
+
+    images -> DeBiFormer stage maps (strides 4, 8, 16, 32) -> a LayerNorm per map (the release's
+    detection backbone's `extra_norms`) -> torchvision's FeaturePyramidNetwork -> the detector
+
+- Mask R-CNN: the FPN over all four maps plus a max-pooled level, P2-P6 (LastLevelMaxPool).
+- RetinaNet: the FPN over the last three maps plus P6 and P7 computed from C5 (LastLevelP6P7),
+  P3-P7, as the release's `add_extra_convs='on_input'`.
+
+Anchors, samplers, heads and losses are torchvision's defaults, which follow the same papers as
+the release's mmdetection configs; images are normalised with the ImageNet mean and std and
+resized so the shorter side is `min_size` (the longer at most `max_size`).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import LayerNorm2d
+from torch import Tensor, nn
+from torchvision.models.detection import MaskRCNN, RetinaNet
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
+
+from debiformer.model import DeBiFormer, create_model
+from debiformer.recipe import DetectionConfig, ModelConfig
+from debiformer.weights import load_pretrained
+
+# the stage maps each detector's FPN reads
+FPN_STAGES = {"maskrcnn": [0, 1, 2, 3], "retinanet": [1, 2, 3]}
+
+
+class FeaturePyramidBackbone(nn.Module):
+    """DeBiFormer's stage maps, each layer-normalised, through an FPN: an ordered dict of maps
+    with `out_channels` channels, as torchvision's detectors take a backbone."""
+
+    def __init__(
+        self,
+        body: DeBiFormer,
+        stages: list[int],
+        out_channels: int,
+        extra_blocks: ExtraFPNBlock,
+    ) -> None:
+        super().__init__()
+        channels = [body.feature_info[stage]["num_chs"] for stage in stages]
+        self.body = body
+        self.stages = stages
+        self.norms = nn.ModuleList(LayerNorm2d(width) for width in channels)
+        self.fpn = FeaturePyramidNetwork(channels, out_channels, extra_blocks=extra_blocks)
+        self.out_channels = out_channels
+
+    def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
+        maps = self.body.stage_maps(images, last_stage=self.stages[-1])
+        features = OrderedDict(
+            (str(stage), norm(maps[stage]))
+            for stage, norm in zip(self.stages, self.norms, strict=True)
+        )
+        return self.fpn(features)
+
+
+def build_body(model: ModelConfig) -> DeBiFormer:
+    """The recipe's DeBiFormer without head and final norm, started from `model.pretrained`
+    (its classifier left out) when set."""
+    body = create_model(model.name, num_classes=0, drop_path_rate=model.drop_path, **model.arch)
+    if model.pretrained is not None:
+        load_pretrained(body, model.pretrained, use_ema=model.pretrained_ema)
+    body.prune_intermediate_layers(indices=4, prune_norm=True, prune_head=True)
+    return body
+
+
+def build_detector(model: ModelConfig, detection: DetectionConfig, num_classes: int) -> nn.Module:
+    """torchvision's Mask R-CNN or RetinaNet on the recipe's backbone, for `num_classes` object
+    classes (labels 1..num_classes; 0 is the background)."""
+    body = build_body(model)
+    width = detection.fpn_channels
+    common = dict(
+        min_size=detection.min_size,
+        max_size=detection.max_size,
+        image_mean=list(IMAGENET_DEFAULT_MEAN),
+        image_std=list(IMAGENET_DEFAULT_STD),
+    )
+    if detection.detector == "retinanet":
+        last_channels = body.feature_info[3]["num_chs"]
+        backbone = FeaturePyramidBackbone(
+            body, FPN_STAGES["retinanet"], width, LastLevelP6P7(last_channels, width)
+        )
+        return RetinaNet(
+            backbone,
+            num_classes=num_classes + 1,
+            detections_per_img=detection.detections_per_image,
+            **common,
+        )
+    backbone = FeaturePyramidBackbone(body, FPN_STAGES["maskrcnn"], width, LastLevelMaxPool())
+    classes = num_classes + 1
+    return MaskRCNN(
+        backbone,
+        num_classes=None,
+        box_head=TwoMLPHead(width * 7 * 7, detection.representation_size),
+        box_predictor=FastRCNNPredictor(detection.representation_size, classes),
+        box_batch_size_per_image=detection.rois_per_image,
+        box_detections_per_img=detection.detections_per_image,
+        mask_head=MaskRCNNHeads(width, [width] * 4, 1),
+        mask_predictor=MaskRCNNPredictor(width, width, classes),
+        **common,
+    )
