@@ -100,6 +100,8 @@ def build_detector(model: ModelConfig, detection: DetectionConfig, num_classes: 
         num_classes=None,
         box_head=TwoMLPHead(width * 7 * 7, detection.representation_size),
         box_predictor=FastRCNNPredictor(detection.representation_size, classes),
+        rpn_post_nms_top_n_train=detection.rpn_proposals,
+        rpn_post_nms_top_n_test=detection.rpn_proposals,
         box_batch_size_per_image=detection.rois_per_image,
         box_detections_per_img=detection.detections_per_image,
         mask_head=MaskRCNNHeads(width, [width] * 4, 1),

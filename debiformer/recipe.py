@@ -99,7 +99,9 @@ class DetectionConfig:
     # most max_size, as the release's 1333x800
     min_size: int = 800
     max_size: int = 1333
-    # Mask R-CNN: proposals sampled per image to train the box head
+    # Mask R-CNN: proposals the RPN keeps per image after NMS (the release's 1000), and of
+    # those, how many are sampled per image to train the box head
+    rpn_proposals: int = 1000
     rois_per_image: int = 512
     # detections kept per image at evaluation
     detections_per_image: int = 100
@@ -499,6 +501,7 @@ def _check_values(recipe: Recipe) -> None:
             "must be at least detection.min_size",
         ),
         ("detection.rois_per_image", recipe.detection.rois_per_image >= 1, "must be positive"),
+        ("detection.rpn_proposals", recipe.detection.rpn_proposals >= 1, "must be positive"),
         (
             "detection.detections_per_image",
             recipe.detection.detections_per_image >= 1,

@@ -303,7 +303,7 @@ def read_split(
     """One split of COCO-format data: the image folder and its annotation file."""
     images, annotations = Path(images), Path(annotations)
     if not images.is_dir():
-        raise UserError(f"image folder {images} does not exist (data.train_path/val_path)")
+        raise UserError(f"image folder {images} does not exist")
     coco = load_coco(annotations)
     if masks:
         check_segm_ground_truth(coco, annotations)

@@ -31,6 +31,11 @@ from debiformer.weights import load_weights
 
 SCORE_TO_DRAW = 0.5
 PREVIEW_SHORT_SIDE = 256
+# one bright colour per class (matplotlib's tab10, cycled), readable on dark and light images
+CLASS_COLOURS = [
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- data
@@ -58,6 +63,11 @@ def read_data(recipe: Recipe, split: str) -> DetectionData:
             f"data.{split}_path and data.{split}_annotations: a detection recipe needs both (the "
             f"image folder and its instances_*.json), e.g. --set data.{split}_path=DIR"
         )
+    if not Path(images).is_dir():
+        raise UserError(
+            f"data.{split}_path: image folder {images} does not exist; point it at the split's "
+            f"images with --set data.{split}_path=DIR"
+        )
     masks = recipe.detection.detector == "maskrcnn"
     return read_split(
         images, annotations, train=split == "train", masks=masks, seed=recipe.train.seed
@@ -67,6 +77,7 @@ def read_data(recipe: Recipe, split: str) -> DetectionData:
 def build_split_loader(
     recipe: Recipe, data: DetectionData, device: torch.device, batch_size: int, train: bool
 ) -> DetectionLoader:
+    """This process's loader of one split: its shard under torchrun, batches on `device`."""
     rank, world_size = runtime.rank_and_world()
     return DetectionLoader(
         data,
@@ -125,16 +136,17 @@ def draw_predictions(
         keep = prediction["scores"] >= SCORE_TO_DRAW
         canvas = (image * 255).round().to(torch.uint8)
         canvas = F.interpolate(canvas[None], scale_factor=scale, mode="nearest")[0]
+        classes = prediction["labels"][keep].tolist()
+        colours = [CLASS_COLOURS[(label - 1) % len(CLASS_COLOURS)] for label in classes]
         if "masks" in prediction and keep.any():
             masks = F.interpolate(prediction["masks"][keep], scale_factor=scale) > 0.5
-            canvas = draw_segmentation_masks(canvas, masks[:, 0], alpha=0.45)
+            canvas = draw_segmentation_masks(canvas, masks[:, 0], alpha=0.45, colors=colours)
         labels = [
-            f"{class_names[int(label) - 1]} {score:.2f}"
-            for label, score in zip(
-                prediction["labels"][keep], prediction["scores"][keep], strict=True
-            )
+            f"{class_names[label - 1]} {score:.2f}"
+            for label, score in zip(classes, prediction["scores"][keep].tolist(), strict=True)
         ]
-        canvas = draw_bounding_boxes(canvas, prediction["boxes"][keep] * scale, labels, width=2)
+        boxes = prediction["boxes"][keep] * scale
+        canvas = draw_bounding_boxes(canvas, boxes, labels, colors=colours, width=2)
         panels.append(canvas)
     height = max(panel.shape[1] for panel in panels)
     width = max(panel.shape[2] for panel in panels)

@@ -11,7 +11,19 @@ from debiformer.cli.main import app
 from debiformer.errors import UserError
 from debiformer.recipe import RECIPES_DIR, find_recipe, list_recipes, load_recipe
 
-SHIPPED = ("base", "quickstart", "small", "tiny")
+SHIPPED = (
+    "base",
+    "coco_maskrcnn_base",
+    "coco_maskrcnn_small",
+    "coco_maskrcnn_tiny",
+    "coco_retinanet_base",
+    "coco_retinanet_small",
+    "coco_retinanet_tiny",
+    "quickstart",
+    "quickstart_detection",
+    "small",
+    "tiny",
+)
 
 
 def invoke(*args: str):
@@ -100,5 +112,5 @@ def test_an_unknown_name_lists_the_shipped_recipes(tmp_path, monkeypatch):
     with pytest.raises(UserError) as error:
         find_recipe("tinyy")
     assert str(error.value) == (
-        "recipe 'tinyy' not found (a YAML file, or one of: base, quickstart, small, tiny)"
+        f"recipe 'tinyy' not found (a YAML file, or one of: {', '.join(SHIPPED)})"
     )

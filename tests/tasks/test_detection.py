@@ -16,7 +16,8 @@ from debiformer.data.mosaics import write_mosaics
 from debiformer.detection import build_detector
 from debiformer.errors import UserError
 from debiformer.recipe import load_recipe
-from debiformer.tasks.detection import train
+from debiformer.tasks.detection import evaluate_checkpoint, train
+from tests.tasks.test_classification import run_cli
 
 SMALL_BACKBONE = {"dims": [32, 32, 32, 32], "depths": [1, 1, 1, 1], "offset_groups": [1, 1, 1, 1]}
 
@@ -122,6 +123,22 @@ def test_eval_command_prints_the_coco_table_and_writes_json(mosaics, tmp_path):
     refused = CliRunner().invoke(app, [*args, "--official"])
     assert isinstance(refused.exception, UserError)
     assert "only classification checkpoints" in str(refused.exception)
+
+
+def test_two_processes_evaluate_every_image_once_gathered_on_rank_0(mosaics, tmp_path):
+    """Trained and evaluated under torchrun (gloo, 2 processes, a shard each), the summary's COCO
+    metrics equal those of one process evaluating the same checkpoint on all images."""
+    path = detection_recipe(tmp_path / "r.yaml", mosaics, "retinanet", train={"batch_size": 2})
+    run_dir = tmp_path / "run"
+    done = run_cli(
+        tmp_path, "train", str(path), "--out", str(run_dir), torchrun=["--nproc-per-node=2"]
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    alone = evaluate_checkpoint(load_recipe(path), run_dir / "checkpoints" / "last.pt")
+    for key in ("bbox_ap", "bbox_ap50", "bbox_ap75", "bbox_ar100"):
+        assert summary[key] == pytest.approx(alone[key], abs=1e-6), key
 
 
 def test_a_corrupt_annotation_file_stops_training_in_one_line(mosaics, tmp_path):
