@@ -215,9 +215,7 @@ class CocoSamples(Dataset):
     boxes and masks as tv_tensors, labels 1..K, crowds dropped, and the training flip drawn from
     (seed, epoch, index) whatever worker reads it."""
 
-    def __init__(
-        self, images: Path, coco: COCO, *, train: bool, masks: bool, flip: bool, seed: int
-    ) -> None:
+    def __init__(self, images: Path, coco: COCO, *, train: bool, masks: bool, seed: int) -> None:
         image_ids = sorted(coco.imgs)
         if train:
             image_ids = [image_id for image_id in image_ids if _trainable(coco, image_id)]
@@ -228,7 +226,7 @@ class CocoSamples(Dataset):
         self.masks = masks
         self.label_of = {category: label for label, category in enumerate(sorted(coco.cats), 1)}
         self.seed = seed
-        flips = [v2.RandomHorizontalFlip(0.5)] if train and flip else []
+        flips = [v2.RandomHorizontalFlip(0.5)] if train else []
         self.transform = v2.Compose(
             [*flips, v2.ToDtype(torch.float32, scale=True), v2.SanitizeBoundingBoxes(MIN_BOX_SIZE)]
         )
@@ -268,6 +266,7 @@ def _collate(samples: list[tuple[torch.Tensor, dict]]) -> tuple[list, list]:
 
 
 def _to_device(target: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A target dict with its tensors on `device`."""
     return {
         key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
         for key, value in target.items()
@@ -307,7 +306,7 @@ def read_split(
     coco = load_coco(annotations)
     if masks:
         check_segm_ground_truth(coco, annotations)
-    samples = CocoSamples(images, coco, train=train, masks=masks, flip=True, seed=seed)
+    samples = CocoSamples(images, coco, train=train, masks=masks, seed=seed)
     if len(samples) == 0:
         what = "no image with an object" if train else "no image"
         raise UserError(f"annotation file {annotations}: {what}; nothing to train or evaluate on")
