@@ -299,10 +299,9 @@ class DetectionData:
 def read_split(
     images: str | Path, annotations: str | Path, *, train: bool, masks: bool, seed: int = 0
 ) -> DetectionData:
-    """One split of COCO-format data: the image folder and its annotation file."""
+    """One split of COCO-format data: the image folder and its annotation file (the caller
+    checks that the folder exists, naming its recipe key)."""
     images, annotations = Path(images), Path(annotations)
-    if not images.is_dir():
-        raise UserError(f"image folder {images} does not exist")
     coco = load_coco(annotations)
     if masks:
         check_segm_ground_truth(coco, annotations)
