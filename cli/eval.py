@@ -32,7 +32,8 @@ def evaluate(
     ),
 ) -> None:
     """Validation metrics of a checkpoint for the recipe's task: top-1/top-5 for classifiers,
-    COCO box and mask AP for detectors."""
+    COCO box and mask AP for detectors, mIoU and per-class IoU for segmenters (whole, sliding
+    or multi-scale + flip as the recipe's segmentation.eval_* keys say)."""
     from debiformer.tasks import evaluate_checkpoint
 
     loaded = load_recipe(recipe, overrides)
@@ -50,9 +51,16 @@ def evaluate(
             f"loss {result['loss']:.4f}  {result['images_per_s']:.0f} img/s",
             highlight=False,
         )
-    else:
+    elif loaded.task == "detection":
         console.print(head, highlight=False)
         console.print(coco_table(result))
+    else:
+        console.print(f"{head}, {segmentation_mode(result)}", highlight=False, soft_wrap=True)
+        console.print(class_table(result))
+        console.print(
+            f"mIoU {result['miou']:.4f}  mAcc {result['macc']:.4f}  aAcc {result['aacc']:.4f}",
+            highlight=False,
+        )
 
 
 def coco_table(result: dict) -> Table:
@@ -62,4 +70,22 @@ def coco_table(result: dict) -> Table:
     for kind, name in (("bbox", "box"), ("segm", "mask")):
         if f"{kind}_ap" in result:
             table.add_row(name, *(f"{result[f'{kind}_{column}']:.3f}" for column in columns))
+    return table
+
+
+def segmentation_mode(result: dict) -> str:
+    """How a segmenter was evaluated, e.g. 'whole image, ratios 0.5-1.75 + flip'."""
+    text = "whole image" if result["mode"] == "whole" else "sliding window"
+    ratios = result["ratios"]
+    if ratios != [1.0]:
+        text += f", ratios {min(ratios):g}-{max(ratios):g}"
+    return text + (" + flip" if result["flip"] else "")
+
+
+def class_table(result: dict) -> Table:
+    """Per-class IoU and pixel accuracy (n/a where the class never occurs)."""
+    table = Table("class", "IoU", "Acc")
+    for name, iou in result["class_iou"].items():
+        acc = result["class_acc"][name]
+        table.add_row(name, *("n/a" if v is None else f"{v:.4f}" for v in (iou, acc)))
     return table

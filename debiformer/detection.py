@@ -1,7 +1,7 @@
 """Detectors on a DeBiFormer backbone: torchvision's Mask R-CNN and RetinaNet, nothing rewritten.
 
-    images -> DeBiFormer stage maps (strides 4, 8, 16, 32) -> a LayerNorm per map (the release's
-    detection backbone's `extra_norms`) -> torchvision's FeaturePyramidNetwork -> the detector
+    images -> DeBiFormer stage maps, a LayerNorm per map (`debiformer.dense`) -> torchvision's
+    FeaturePyramidNetwork -> the detector
 
 - Mask R-CNN: the FPN over all four maps plus a max-pooled level, P2-P6 (LastLevelMaxPool).
 - RetinaNet: the FPN over the last three maps plus P6 and P7 computed from C5 (LastLevelP6P7),
@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN, RetinaNet
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -25,15 +24,15 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
-from debiformer.model import DeBiFormer, create_model
+from debiformer.dense import StageMaps, build_body
+from debiformer.model import DeBiFormer
 from debiformer.recipe import DetectionConfig, ModelConfig
-from debiformer.weights import load_pretrained
 
 # the stage maps each detector's FPN reads
 FPN_STAGES = {"maskrcnn": [0, 1, 2, 3], "retinanet": [1, 2, 3]}
 
 
-class FeaturePyramidBackbone(nn.Module):
+class FeaturePyramidBackbone(StageMaps):
     """DeBiFormer's stage maps, each layer-normalised, through an FPN: an ordered dict of maps
     with `out_channels` channels, as torchvision's detectors take a backbone."""
 
@@ -42,33 +41,15 @@ class FeaturePyramidBackbone(nn.Module):
         body: DeBiFormer,
         stages: list[int],
         out_channels: int,
-        extra_blocks: ExtraFPNBlock,
+        extra_blocks: ExtraFPNBlock | None = None,
     ) -> None:
-        super().__init__()
-        channels = [body.feature_info[stage]["num_chs"] for stage in stages]
-        self.body = body
-        self.stages = stages
-        self.norms = nn.ModuleList(LayerNorm2d(width) for width in channels)
-        self.fpn = FeaturePyramidNetwork(channels, out_channels, extra_blocks=extra_blocks)
+        super().__init__(body, stages)
+        self.fpn = FeaturePyramidNetwork(self.channels, out_channels, extra_blocks=extra_blocks)
         self.out_channels = out_channels
 
     def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
-        maps = self.body.stage_maps(images, last_stage=self.stages[-1])
-        features = OrderedDict(
-            (str(stage), norm(maps[stage]))
-            for stage, norm in zip(self.stages, self.norms, strict=True)
-        )
-        return self.fpn(features)
-
-
-def build_body(model: ModelConfig) -> DeBiFormer:
-    """The recipe's DeBiFormer without head and final norm, started from `model.pretrained`
-    (its classifier left out) when set."""
-    body = create_model(model.name, num_classes=0, drop_path_rate=model.drop_path, **model.arch)
-    if model.pretrained is not None:
-        load_pretrained(body, model.pretrained, use_ema=model.pretrained_ema)
-    body.prune_intermediate_layers(indices=4, prune_norm=True, prune_head=True)
-    return body
+        maps = super().forward(images)
+        return self.fpn(OrderedDict(zip(map(str, self.stages), maps, strict=True)))
 
 
 def build_detector(model: ModelConfig, detection: DetectionConfig, num_classes: int) -> nn.Module:

@@ -243,15 +243,23 @@ def lr_factor(
     total_steps: int,
     warmup_ratio: float,
     min_ratio: float,
+    decay: str = "cosine",
+    power: float = 1.0,
     milestone_steps: list[int] | None = None,
     gamma: float = 0.1,
 ) -> float:
-    """Peak-lr multiplier at `step`: linear warm-up from `warmup_ratio`, then cosine to
-    `min_ratio`, or with `milestone_steps` a step decay (times `gamma` at each milestone passed,
-    the warm-up scaling that decay, as mmdetection's schedules do)."""
+    """Peak-lr multiplier at `step`, after a linear warm-up from `warmup_ratio`:
+    - cosine: from the end of the warm-up down to `min_ratio` at `total_steps` (timm's);
+    - poly: (1 - step / total_steps) ** power down to `min_ratio`, the warm-up scaling it
+      (mmcv's, as mmsegmentation's schedules);
+    - step: times `gamma` at each of `milestone_steps` passed, the warm-up scaling it
+      (mmdetection's)."""
     warmup = warmup_ratio + (1 - warmup_ratio) * step / warmup_steps if step < warmup_steps else 1
-    if milestone_steps is not None:
-        return warmup * gamma ** sum(step >= milestone for milestone in milestone_steps)
+    if decay == "step":
+        return warmup * gamma ** sum(step >= milestone for milestone in milestone_steps or [])
+    if decay == "poly":
+        remaining = max(0.0, 1 - step / total_steps) ** power
+        return warmup * (min_ratio + (1 - min_ratio) * remaining)
     if step < warmup_steps:
         return warmup
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -426,7 +434,10 @@ class Trainer:
                 f"train.batch_size: {cfg.batch_size} is larger than the training set "
                 f"({getattr(self.train_loader, 'num_samples', '?')} samples)"
             )
-        self.total_steps = recipe.schedule.epochs * self.steps_per_epoch
+        schedule = recipe.schedule
+        self.total_steps = schedule.steps or schedule.epochs * self.steps_per_epoch
+        # with `schedule.steps`, the last epoch stops part-way
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self._build_model()
         self._build_optimizer()
 
@@ -479,14 +490,19 @@ class Trainer:
         """The learning rate of optimizer step `step`: a pure function of the recipe and step,
         so a resumed run follows the schedule of the recipe it is given."""
         schedule = self.recipe.schedule
-        milestones = [round(epoch * self.steps_per_epoch) for epoch in schedule.milestones]
+        steps_per_unit = 1 if schedule.steps else self.steps_per_epoch
+        warmup_steps = schedule.warmup_steps
+        if warmup_steps is None:
+            warmup_steps = round(schedule.warmup_epochs * self.steps_per_epoch)
         factor = lr_factor(
             step,
-            warmup_steps=round(schedule.warmup_epochs * self.steps_per_epoch),
+            warmup_steps=warmup_steps,
             total_steps=self.total_steps,
             warmup_ratio=min(1.0, schedule.warmup_lr / self.peak_lr),
             min_ratio=min(1.0, schedule.min_lr / self.peak_lr),
-            milestone_steps=milestones if schedule.decay == "step" else None,
+            decay=schedule.decay,
+            power=schedule.power,
+            milestone_steps=[round(m * steps_per_unit) for m in schedule.milestones],
             gamma=schedule.gamma,
         )
         return self.peak_lr * factor
@@ -645,6 +661,8 @@ class Trainer:
             progress.advance(bar)
             if state.step % out.log_every == 0:
                 self.log_window(window, progress, bar)
+            if state.step == self.total_steps:
+                break
             stop_now = runtime.any_rank(stop.signal_name is not None, self.device)
             periodic = out.checkpoint_every and state.step % out.checkpoint_every == 0
             if (periodic and state.batch < self.steps_per_epoch) or stop_now:
@@ -703,7 +721,7 @@ class Trainer:
             record["train_loss"] = self.epoch_train_loss
         record["lr"] = self.optimizer.param_groups[0]["lr"]
         improved, evaluated = False, False
-        if state.epoch % cfg.eval_every == 0 or state.epoch == self.recipe.schedule.epochs:
+        if state.epoch % cfg.eval_every == 0 or state.epoch == self.epochs:
             state.last_eval, evaluated = self.evaluate(), True
             record.update(state.last_eval)
             metric = self.task.best_metric
@@ -819,7 +837,8 @@ def _run(
         trainer.console.print(
             f"{recipe.model.name}: {trainer.num_params / 1e6:.2f} M parameters, "
             f"{trainer.world_size} process(es) on {device.type}, batch {recipe.train.batch_size} "
-            f"(global), {trainer.steps_per_epoch} steps/epoch, {recipe.schedule.epochs} epochs, "
+            f"(global), {trainer.steps_per_epoch} steps/epoch, {trainer.epochs} epochs "
+            f"({trainer.total_steps} steps), "
             f"peak lr {trainer.peak_lr:.3g}; run directory {run_dir}",
             highlight=False,
         )
@@ -852,7 +871,7 @@ def resume_source(run_dir: Path, resume: str | Path | None, fresh: bool) -> Path
 
 def train_epochs(trainer: Trainer) -> str | None:
     """The epoch loop; returns the signal that stopped it early, if any."""
-    state, epochs = trainer.state, trainer.recipe.schedule.epochs
+    state, epochs = trainer.state, trainer.epochs
     enabled = trainer.is_main and trainer.recipe.output.progress
     with StopRequest() as stop, progress_bar(enabled, trainer.console) as progress:
         bar = progress.add_task(

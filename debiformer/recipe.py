@@ -3,12 +3,13 @@
 A recipe file has the sections below (every key optional, defaults in the dataclasses):
 
     base: _imagenet          # another recipe (path relative to this file, `.yaml` optional)
-    task: classification     # or detection
+    task: classification     # or detection, segmentation
     model:    {name, drop_path, arch, pretrained, freeze, ...}
     data:     {backend, train_path, val_path, train_source, val_source, image_size, ...}
     detection: {detector, fpn_channels, min_size, max_size, ...}   (task: detection)
+    segmentation: {head, channels, crop_size, eval_mode, ...}      (task: segmentation)
     optim:    {lr, lr_base_batch, weight_decay, betas, eps, clip_grad, layer_decay}
-    schedule: {epochs, warmup_epochs, warmup_lr, min_lr, decay, milestones, gamma}
+    schedule: {epochs or steps, warmup_epochs or warmup_steps, warmup_lr, min_lr, decay, ...}
     augment:  {hflip, scale, ratio, randaugment, random_erasing, mixup, cutmix, label_smoothing}
     train:    {batch_size, accum_steps, precision, device, channels_last, compile, ema, ...}
     output:   {dir, log_every, checkpoint_every, progress}
@@ -83,6 +84,14 @@ class DataConfig:
     # detection: when set, the offline Fashion-MNIST mosaics are written on first use with these
     # options of `write_mosaics` (out, train_images, val_images, canvas_size, ...)
     mosaics: dict = field(default_factory=dict)
+    # segmentation: folders of label PNGs (one per image, same file stem) of train_path/val_path
+    train_masks: str | None = None
+    val_masks: str | None = None
+    # segmentation: the class names, label value k = the k-th name (after reduce_zero_label); a
+    # list, or a text file with one name per line
+    classes: list[str] | str | None = None
+    # segmentation: label 0 is "unlabelled" and ignored, label k is class k-1 (ADE20K)
+    reduce_zero_label: bool = False
 
 
 @dataclass
@@ -110,6 +119,41 @@ class DetectionConfig:
 
 
 @dataclass
+class SegmentationConfig:
+    """The head on the backbone (task: segmentation), its training crops and its evaluation;
+    the defaults are the release's ADE20K UperNet configs."""
+
+    head: Literal["fpn", "upernet"] = "upernet"
+    # Semantic FPN: the FPN's width
+    fpn_channels: int = 256
+    # the decode head's width: Semantic FPN's per-level convolutions (the release's 128),
+    # UperNet's (512)
+    channels: int = 512
+    # UperNet: the auxiliary FCN head on stage 3, its width and loss weight (0: none)
+    aux_channels: int = 256
+    aux_weight: float = 0.4
+    dropout: float = 0.1
+    # label value that no loss or metric counts (padding, "unlabelled")
+    ignore_index: int = 255
+    # training: rescale into (long, short) = scale * r, r drawn from ratio_range; a crop_size
+    # crop with at most cat_max_ratio of it one class; flip; photometric distortion
+    scale: list[int] = field(default_factory=lambda: [2048, 512])
+    ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    crop_size: int = 512
+    cat_max_ratio: float = 0.75
+    # evaluation: each image resized to fit scale * ratio (sides rounded up to size_divisor),
+    # inferred whole or in crop_size windows eval_stride apart, with its mirror image too when
+    # eval_flip; the class probabilities averaged over all passes
+    eval_mode: Literal["whole", "slide"] = "whole"
+    eval_stride: int = 341
+    eval_ratios: list[float] = field(default_factory=lambda: [1.0])
+    eval_flip: bool = False
+    size_divisor: int = 32
+    # validation images drawn beside their ground truth and prediction in predictions.png
+    preview_images: int = 4
+
+
+@dataclass
 class OptimConfig:
     """AdamW; no weight decay on norms, biases and position-bias tables."""
 
@@ -128,15 +172,22 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Linear warm-up, then cosine decay to min_lr or step decay at milestones; the lr changes
-    every optimizer step."""
+    """Linear warm-up, then cosine decay to min_lr, poly decay, or step decay at milestones;
+    the lr changes every optimizer step. The length is `epochs` or `steps` (set the other to
+    null)."""
 
-    epochs: int = 300
+    epochs: int | None = 300
+    # optimizer steps in all, instead of epochs (the last epoch stops part-way)
+    steps: int | None = None
     warmup_epochs: float = 20.0
+    # warm-up length in optimizer steps, instead of warmup_epochs
+    warmup_steps: int | None = None
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
-    decay: Literal["cosine", "step"] = "cosine"
-    # step decay: epochs after which the lr is multiplied by gamma, e.g. [8, 11]
+    decay: Literal["cosine", "poly", "step"] = "cosine"
+    # poly decay: lr = (peak - min_lr) * (1 - step / steps) ** power + min_lr
+    power: float = 1.0
+    # step decay: when the lr is multiplied by gamma, in epochs (or steps when `steps` is set)
     milestones: list[float] = field(default_factory=list)
     gamma: float = 0.1
 
@@ -204,10 +255,11 @@ class Recipe:
 
     name: str = "recipe"
     description: str = ""
-    task: Literal["classification", "detection"] = "classification"
+    task: Literal["classification", "detection", "segmentation"] = "classification"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     detection: DetectionConfig = field(default_factory=DetectionConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -223,7 +275,7 @@ SECTIONS: dict[str, type] = {
 TOP_LEVEL_KEYS = ("base", "name", "description", "task", *SECTIONS)
 RENAMED_KEYS = {"train.amp": "train.precision (fp32, bf16 or fp16)"}
 # what a resumed run cannot change: the model, the data and the batch (`fixed_on_resume`)
-FIXED_ON_RESUME = ("task", "model", "data", "detection", "train.batch_size")
+FIXED_ON_RESUME = ("task", "model", "data", "detection", "segmentation", "train.batch_size")
 
 
 def find_recipe(name_or_path: str) -> Path:
@@ -423,7 +475,18 @@ def _convert(value: Any, kind: Any, key: str) -> Any:
         options = [k for k in typing.get_args(kind) if k is not type(None)]
         if value is None:
             return None
-        return _convert(value, options[0], key)
+        for option in options[:-1]:
+            try:
+                return _convert(value, option, key)
+            except UserError:
+                pass
+        try:
+            return _convert(value, options[-1], key)
+        except UserError:
+            if len(options) == 1:
+                raise
+            names = " or ".join(_describe(option) for option in options)
+            raise UserError(f"{key}: expected {names}, got {value!r}") from None
     fail = UserError(f"{key}: expected {_describe(kind)}, got {value!r}")
     if origin is Literal:
         if value not in typing.get_args(kind):
@@ -475,19 +538,7 @@ def _check_values(recipe: Recipe) -> None:
         ("augment.ratio", len(recipe.augment.ratio) == 2, "expected two numbers [min, max]"),
         ("augment.label_smoothing", 0 <= recipe.augment.label_smoothing < 1, "must be in [0, 1)"),
         ("augment.random_erasing", 0 <= recipe.augment.random_erasing <= 1, "must be in [0, 1]"),
-        ("schedule.epochs", recipe.schedule.epochs >= 1, "must be at least 1"),
-        ("schedule.warmup_epochs", recipe.schedule.warmup_epochs >= 0, "must be >= 0"),
-        ("schedule.gamma", 0 < recipe.schedule.gamma <= 1, "must be in (0, 1]"),
-        (
-            "schedule.milestones",
-            recipe.schedule.decay == "step" or not recipe.schedule.milestones,
-            "only step decay has milestones: set schedule.decay=step",
-        ),
-        (
-            "schedule.milestones",
-            all(0 < m < recipe.schedule.epochs for m in recipe.schedule.milestones),
-            "expected epochs between 0 and schedule.epochs, e.g. [8, 11]",
-        ),
+        *_schedule_checks(recipe.schedule),
         ("detection.fpn_channels", recipe.detection.fpn_channels >= 8, "must be at least 8"),
         (
             "detection.representation_size",
@@ -508,6 +559,7 @@ def _check_values(recipe: Recipe) -> None:
             "must be positive",
         ),
         ("detection.preview_images", recipe.detection.preview_images >= 0, "must be >= 0"),
+        *_segmentation_checks(recipe.segmentation),
         ("train.batch_size", recipe.train.batch_size >= 1, "must be at least 1"),
         ("train.accum_steps", recipe.train.accum_steps >= 1, "must be at least 1"),
         ("train.eval_every", recipe.train.eval_every >= 1, "must be at least 1"),
@@ -530,3 +582,69 @@ def _check_values(recipe: Recipe) -> None:
     resolve_architecture(
         recipe.model.name, recipe.model.drop_path, recipe.model.arch, prefix="model.arch."
     )
+
+
+def _schedule_checks(schedule: ScheduleConfig) -> list[tuple[str, bool, str]]:
+    """(key, ok, message) range checks of the schedule section."""
+    by_steps = schedule.steps is not None
+    length = schedule.steps if by_steps else schedule.epochs
+    unit = "steps" if by_steps else "epochs"
+    return [
+        (
+            "schedule.steps",
+            (schedule.epochs is None) == by_steps,
+            "give schedule.epochs or schedule.steps: set the other to null",
+        ),
+        (f"schedule.{unit}", length is None or length >= 1, "must be at least 1"),
+        ("schedule.warmup_epochs", schedule.warmup_epochs >= 0, "must be >= 0"),
+        ("schedule.warmup_steps", (schedule.warmup_steps or 0) >= 0, "must be >= 0"),
+        ("schedule.power", schedule.power > 0, "must be positive"),
+        ("schedule.gamma", 0 < schedule.gamma <= 1, "must be in (0, 1]"),
+        (
+            "schedule.milestones",
+            schedule.decay == "step" or not schedule.milestones,
+            "only step decay has milestones: set schedule.decay=step",
+        ),
+        (
+            "schedule.milestones",
+            length is None or all(0 < m < length for m in schedule.milestones),
+            f"expected {unit} between 0 and schedule.{unit}, e.g. [8, 11]",
+        ),
+    ]
+
+
+def _segmentation_checks(segmentation: SegmentationConfig) -> list[tuple[str, bool, str]]:
+    """(key, ok, message) range checks of the segmentation section."""
+    low, high = (segmentation.ratio_range + [0, 0])[:2]
+    return [
+        ("segmentation.channels", segmentation.channels >= 1, "must be positive"),
+        ("segmentation.fpn_channels", segmentation.fpn_channels >= 8, "must be at least 8"),
+        ("segmentation.aux_channels", segmentation.aux_channels >= 1, "must be positive"),
+        ("segmentation.aux_weight", segmentation.aux_weight >= 0, "must be >= 0"),
+        ("segmentation.dropout", 0 <= segmentation.dropout < 1, "must be in [0, 1)"),
+        (
+            "segmentation.scale",
+            len(segmentation.scale) == 2 and min(segmentation.scale) >= 32,
+            "expected two sizes of at least 32, [long, short], e.g. [2048, 512]",
+        ),
+        (
+            "segmentation.ratio_range",
+            len(segmentation.ratio_range) == 2 and 0 < low <= high,
+            "expected two ratios [min, max], 0 < min <= max, e.g. [0.5, 2.0]",
+        ),
+        ("segmentation.crop_size", segmentation.crop_size >= 32, "must be at least 32"),
+        ("segmentation.cat_max_ratio", 0 < segmentation.cat_max_ratio <= 1, "must be in (0, 1]"),
+        (
+            "segmentation.eval_stride",
+            segmentation.eval_mode == "whole"
+            or 0 < segmentation.eval_stride <= segmentation.crop_size,
+            "must be in (0, segmentation.crop_size] for sliding-window evaluation",
+        ),
+        (
+            "segmentation.eval_ratios",
+            bool(segmentation.eval_ratios) and all(r > 0 for r in segmentation.eval_ratios),
+            "expected positive ratios, e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]",
+        ),
+        ("segmentation.size_divisor", segmentation.size_divisor >= 1, "must be positive"),
+        ("segmentation.preview_images", segmentation.preview_images >= 0, "must be >= 0"),
+    ]

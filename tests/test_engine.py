@@ -130,6 +130,7 @@ def test_step_decay_multiplies_by_gamma_at_each_milestone_after_warm_up():
             total_steps=120,
             warmup_ratio=0.1,
             min_ratio=0.01,
+            decay="step",
             milestone_steps=[80, 110],
             gamma=0.1,
         )
@@ -138,6 +139,41 @@ def test_step_decay_multiplies_by_gamma_at_each_milestone_after_warm_up():
     assert factor(10) == factor(79) == pytest.approx(1.0)
     assert factor(80) == factor(109) == pytest.approx(0.1)
     assert factor(110) == factor(119) == pytest.approx(0.01)
+
+
+def test_poly_decay_is_scaled_by_the_warm_up_as_mmcv_does():
+    def factor(step: int) -> float:
+        return lr_factor(
+            step, warmup_steps=10, total_steps=100, warmup_ratio=0.1, min_ratio=0.0, decay="poly"
+        )
+
+    assert factor(0) == pytest.approx(0.1)
+    assert factor(5) == pytest.approx(0.55 * 0.95)
+    assert factor(10) == pytest.approx(0.9)
+    assert factor(75) == pytest.approx(0.25)
+    assert factor(100) == 0.0
+    squared = lr_factor(50, warmup_steps=0, total_steps=100, warmup_ratio=1, min_ratio=0.2,
+                        decay="poly", power=2.0)  # fmt: skip
+    assert squared == pytest.approx(0.2 + 0.8 * 0.25)
+
+
+def test_a_schedule_in_steps_stops_part_way_through_the_last_epoch(tmp_path: Path):
+    schedule = {"epochs": None, "steps": 9, "warmup_steps": 2, "decay": "poly", "min_lr": 0.0}
+    summary = fit(toy_recipe(schedule=schedule), LineTask(), run_dir=tmp_path / "run")
+    assert summary["steps"] == 9 and summary["epochs"] == 1.5
+    epochs = lines(tmp_path / "run", "epoch")
+    assert [(r["epoch"], r["step"]) for r in epochs] == [(1, 6), (2, 9)]
+    assert "neg_mse" in epochs[-1]
+    assert epochs[-1]["lr"] == pytest.approx(0.05 * (1 - 8 / 9))
+
+
+def test_a_schedule_has_epochs_or_steps():
+    with pytest.raises(UserError, match="schedule.epochs or schedule.steps"):
+        toy_recipe(schedule={"steps": 9})
+    with pytest.raises(UserError, match="schedule.steps: must be at least 1"):
+        toy_recipe(schedule={"epochs": None, "steps": 0})
+    with pytest.raises(UserError, match="steps between 0 and schedule.steps"):
+        toy_recipe(schedule={"epochs": None, "steps": 9, "decay": "step", "milestones": [12]})
 
 
 def test_no_weight_decay_on_norms_biases_and_position_bias_tables():

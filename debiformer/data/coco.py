@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, VisionDataset, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 
 from debiformer.data.draws import stream_seed
-from debiformer.data.loaders import EpochSampler, ShardPlan
+from debiformer.data.loaders import KeyedLoader
 from debiformer.errors import UserError
 
 if TYPE_CHECKING:
@@ -265,12 +265,21 @@ def _collate(samples: list[tuple[torch.Tensor, dict]]) -> tuple[list, list]:
     return [image for image, _ in samples], [target for _, target in samples]
 
 
-def _to_device(target: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def _target_to_device(target: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """A target dict with its tensors on `device`."""
     return {
         key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
         for key, value in target.items()
     }
+
+
+def _batch_to_device(batch: tuple[list, list], device: torch.device) -> tuple[list, list]:
+    """A batch of (images, targets) with every tensor on `device`."""
+    images, targets = batch
+    return (
+        [image.to(device, non_blocking=True) for image in images],
+        [_target_to_device(target, device) for target in targets],
+    )
 
 
 # ----------------------------------------------------------------------------- loader
@@ -312,7 +321,7 @@ def read_split(
     return DetectionData(images, annotations, coco, samples)
 
 
-class DetectionLoader:
+class DetectionLoader(KeyedLoader):
     """Batches of (images, targets) of one rank on the device, from worker processes.
 
     Training shuffles by (seed, epoch) and every rank reads as many images; evaluation reads
@@ -331,36 +340,17 @@ class DetectionLoader:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        self.data = data
-        self.source = str(data.annotations)
-        self.num_samples = len(data.samples)
-        self.plan = ShardPlan(len(data.samples), train, seed, rank, world_size)
-        self.batch_size, self.drop_last, self.device = batch_size, train, device
-        self.sampler = EpochSampler()
-        self.loader = DataLoader(
+        super().__init__(
             data.samples,
             batch_size=batch_size,
-            sampler=self.sampler,
+            train=train,
+            device=device,
             num_workers=num_workers,
-            collate_fn=_collate,
-            generator=torch.Generator().manual_seed(seed),
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            collate=_collate,
+            to_device=_batch_to_device,
         )
-
-    def __len__(self) -> int:
-        """Batches in a whole epoch."""
-        if self.drop_last:
-            return len(self.plan) // self.batch_size
-        return -(-len(self.plan) // self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[list, list]]:
-        return self.batches(0)
-
-    def batches(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[list, list]]:
-        """Batches `start_batch`, `start_batch + 1`, ... of `epoch` on the device."""
-        stop = len(self) * self.batch_size
-        self.sampler.select(epoch, self.plan.indices(epoch)[start_batch * self.batch_size : stop])
-        for images, targets in self.loader:
-            yield (
-                [image.to(self.device, non_blocking=True) for image in images],
-                [_to_device(target, self.device) for target in targets],
-            )
+        self.data = data
+        self.source = str(data.annotations)

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -290,6 +290,74 @@ class EpochSampler(Sampler):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+class KeyedLoader:
+    """Batches of one rank on the device from a dataset read by `(epoch, index)` keys (a sample's
+    randomness drawn from its key), in worker processes.
+
+    Training shuffles by (seed, epoch), every rank reads as many samples and the last partial
+    batch is dropped; evaluation reads every sample once across ranks, in order.
+    `collate(samples)` makes a batch of the samples, `to_device(batch, device)` moves it.
+    `batches(epoch, start_batch)` starts anywhere in an epoch without reading what comes before.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        batch_size: int,
+        train: bool,
+        device: torch.device,
+        num_workers: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        collate: Callable[[list], Any],
+        to_device: Callable[[Any, torch.device], Any],
+    ) -> None:
+        self.num_samples = len(dataset)
+        self.plan = ShardPlan(len(dataset), train, seed, rank, world_size)
+        self.batch_size, self.drop_last, self.device = batch_size, train, device
+        self.to_device = to_device
+        self.sampler = EpochSampler()
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=self.sampler,
+            num_workers=num_workers,
+            collate_fn=collate,
+            # its own generator: starting the workers then draws nothing from the global one
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def __len__(self) -> int:
+        """Batches in a whole epoch."""
+        if self.drop_last:
+            return len(self.plan) // self.batch_size
+        return math.ceil(len(self.plan) / self.batch_size)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.batches(0)
+
+    def batches(self, epoch: int, start_batch: int = 0) -> Iterator[Any]:
+        """Batches `start_batch`, `start_batch + 1`, ... of `epoch` on the device."""
+        stop = len(self) * self.batch_size
+        self.sampler.select(epoch, self.plan.indices(epoch)[start_batch * self.batch_size : stop])
+        try:
+            for batch in self.loader:
+                yield self.to_device(batch, self.device)
+        except UserError as error:
+            raise UserError(worker_message(error)) from None
+
+
+def worker_message(error: UserError) -> str:
+    """The one-line message of a UserError raised in a loader's worker process, which the
+    DataLoader re-raises with the worker's traceback around it."""
+    text = str(error).rstrip()
+    if "DataLoader worker" not in text:
+        return text
+    return text.splitlines()[-1].split("UserError: ", 1)[-1]
 
 
 class _EpochSamples(Dataset):

@@ -332,3 +332,16 @@ def ensure_mosaics(out: str | os.PathLike, **options: Any) -> Path:
     if _is_mosaics_folder(out):
         return out
     return write_mosaics(out, **options)
+
+
+def prepare_mosaics(options: dict[str, Any]) -> Path | None:
+    """The mosaics a recipe's `data.mosaics` describes (`out` plus `write_mosaics` options),
+    written when missing; None when `options` is empty."""
+    if not options:
+        return None
+    options = dict(options)
+    try:
+        out = options.pop("out")
+    except KeyError:
+        raise UserError("data.mosaics: needs out, the folder to write them to") from None
+    return ensure_mosaics(out, **options)

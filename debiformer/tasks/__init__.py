@@ -1,7 +1,7 @@
 """Tasks the training engine runs (`debiformer.engine.Task`): what differs between them.
 
 `train` and `evaluate_checkpoint` pick the task a recipe names (`task:`), importing only its
-module, so classification never needs the detection extras.
+module, so classification never needs the dense tasks' extras.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from debiformer.recipe import Recipe
 MODULES = {
     "classification": "debiformer.tasks.classification",
     "detection": "debiformer.tasks.detection",
+    "segmentation": "debiformer.tasks.segmentation",
 }
 
 

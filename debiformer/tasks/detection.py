@@ -22,6 +22,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make
 from debiformer import runtime
 from debiformer.checkpoint import load_checkpoint
 from debiformer.data.coco import DetectionData, DetectionLoader, read_split
+from debiformer.data.mosaics import prepare_mosaics
 from debiformer.detection import build_detector
 from debiformer.engine import Task, fit
 from debiformer.errors import UserError
@@ -39,19 +40,6 @@ CLASS_COLOURS = [
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def prepare_mosaics(recipe: Recipe) -> None:
-    """Writes the offline mosaics the recipe asks for (`data.mosaics`) when they are missing."""
-    if recipe.data.mosaics:
-        from debiformer.data.mosaics import ensure_mosaics
-
-        options = dict(recipe.data.mosaics)
-        try:
-            out = Path(options.pop("out"))
-        except KeyError:
-            raise UserError("data.mosaics: needs out, the folder to write them to") from None
-        ensure_mosaics(out, **options)
 
 
 def read_data(recipe: Recipe, split: str) -> DetectionData:
@@ -177,7 +165,7 @@ class DetectionTask(Task):
 
     def build_loaders(self, device: torch.device, batch_size: int, eval_batch_size: int):
         if runtime.rank_and_world()[0] == 0:
-            prepare_mosaics(self.recipe)
+            prepare_mosaics(self.recipe.data.mosaics)
         runtime.barrier()
         train_data, val_data = read_data(self.recipe, "train"), read_data(self.recipe, "val")
         if val_data.class_names != train_data.class_names:

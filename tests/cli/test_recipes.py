@@ -12,6 +12,10 @@ from debiformer.errors import UserError
 from debiformer.recipe import RECIPES_DIR, find_recipe, list_recipes, load_recipe
 
 SHIPPED = (
+    "ade20k_fpn_base",
+    "ade20k_fpn_small",
+    "ade20k_upernet_base",
+    "ade20k_upernet_small",
     "base",
     "coco_maskrcnn_base",
     "coco_maskrcnn_small",
@@ -21,6 +25,7 @@ SHIPPED = (
     "coco_retinanet_tiny",
     "quickstart",
     "quickstart_detection",
+    "quickstart_segmentation",
     "small",
     "tiny",
 )
