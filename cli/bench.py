@@ -29,6 +29,15 @@ def _stages(values: list[str]) -> tuple[int, ...]:
     return tuple(int(name) for name in names)
 
 
+def _runtimes(values: list[str], compile: bool) -> tuple[str, ...]:
+    """The runtimes `--runtime` names; `--compile` alone is `--runtime compile`."""
+    from debiformer.errors import UserError
+
+    if compile and values:
+        raise UserError("--compile is --runtime compile: give one of them")
+    return tuple(_names(values)) or (("compile",) if compile else ("eager",))
+
+
 def _modes(mode: str) -> tuple[str, ...]:
     """The modes `--mode` names."""
     from debiformer.errors import UserError
@@ -56,7 +65,15 @@ def bench(
         "auto", "--device", help="auto (cuda if present, else cpu), cpu or cuda."
     ),
     channels_last: bool = typer.Option(False, "--channels-last", help="NHWC memory format."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    compile: bool = typer.Option(
+        False, "--compile", help="torch.compile the model (the same as --runtime compile)."
+    ),
+    runtime: list[str] = typer.Option(
+        [],
+        "--runtime",
+        help="eager, compile, onnxruntime (the model exported to ONNX, run on the CPU; inference, "
+        f"fp32) ({LIST_HELP}); default eager.",
+    ),
     grad_checkpointing: list[str] = typer.Option(
         [],
         "--grad-checkpointing",
@@ -86,7 +103,7 @@ def bench(
         precision=precision,
         device=device,
         channels_last=channels_last,
-        compile=compile,
+        runtimes=_runtimes(runtime, compile),
         grad_checkpointing=_stages(grad_checkpointing),
         warmup=warmup,
         iterations=iterations,
@@ -97,7 +114,7 @@ def bench(
     records = run_bench(
         options,
         on_record=lambda record: console.print(
-            f"{record['model']} {record['impl']} {record['mode']}: "
+            f"{record['model']} {record['impl']} {record['mode']} {record['runtime']}: "
             f"{record['images_per_s']:.1f} images/s {record['note']}",
             highlight=False,
         ),

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 import debiformer
-from debiformer.cli import bench, data, profile, recipes, train
+from debiformer.cli import bench, data, export, plot, profile, recipes, show, train
 from debiformer.cli import eval as eval_command
 from debiformer.errors import UserError
 
@@ -50,6 +50,9 @@ app.command("train")(train.train)
 app.command("eval")(eval_command.evaluate)
 app.command("bench")(bench.bench)
 app.command("profile")(profile.profile)
+app.command("export")(export.export)
+app.command("show")(show.show)
+app.command("plot")(plot.plot)
 app.add_typer(data.app, name="data")
 app.add_typer(recipes.app, name="recipes")
 

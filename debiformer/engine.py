@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import importlib.util
 import json
 import math
 import os
@@ -281,13 +282,25 @@ def micro_batches(batch: Any, parts: int) -> Iterator[Any]:
 
 class MetricsLog:
     """Appends JSON lines to metrics.jsonl from rank 0; on resume, drops lines written after the
-    checkpoint it resumes from."""
+    checkpoint it resumes from. With `tensorboard_dir` (`output.tensorboard`) the same scalars
+    go to TensorBoard event files there too, an earlier attempt's events after the resumed step
+    purged."""
 
-    def __init__(self, path: Path, resume_step: int | None, enabled: bool) -> None:
+    def __init__(
+        self,
+        path: Path,
+        resume_step: int | None,
+        enabled: bool,
+        tensorboard_dir: Path | None = None,
+    ) -> None:
         self.path = path
         self.enabled = enabled
+        self.tensorboard = None
         if not enabled:
             return
+        if tensorboard_dir is not None:
+            purge_step = None if resume_step is None else resume_step + 1
+            self.tensorboard = summary_writer_class()(str(tensorboard_dir), purge_step=purge_step)
         kept = []
         if resume_step is not None and path.exists():
             kept = [
@@ -298,10 +311,37 @@ class MetricsLog:
         runtime.write_text(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
-        """Appends one record."""
+        """Appends one record; its numbers also go to TensorBoard as `<kind>/<key>` at its step."""
         if self.enabled:
             with open(self.path, "a") as file:
                 file.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key not in TENSORBOARD_SKIPPED and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+            self.tensorboard.flush()
+
+    def close(self) -> None:
+        """Closes the TensorBoard writer, if any."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+
+
+# bookkeeping fields of metrics.jsonl lines that are no curves
+TENSORBOARD_SKIPPED = frozenset({"kind", "step", "epoch", "images"})
+
+
+def summary_writer_class() -> type:
+    """torch's TensorBoard `SummaryWriter`; a one-line error without the tensorboard package."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError(
+            "output.tensorboard: needs the tensorboard package (pip install "
+            "'debiformer[tensorboard]'), or set it to false"
+        ) from None
+    return SummaryWriter
 
 
 def json_step(line: str) -> int:
@@ -822,6 +862,8 @@ def _run(
 ) -> dict[str, Any]:
     """`fit` once processes and devices are set up."""
     check_batch(recipe)
+    if recipe.output.tensorboard:
+        summary_writer_class()  # without the package, stop before any work
     with open_run(run_dir, is_main=runtime.rank_and_world()[0] == 0):
         trainer = Trainer(recipe, task, device, run_dir)
         resume_path = resume_source(run_dir, resume, fresh)
@@ -833,6 +875,7 @@ def _run(
             run_dir / "metrics.jsonl",
             trainer.state.step if resume_path else None,
             enabled=trainer.is_main,
+            tensorboard_dir=run_dir / "tensorboard" if recipe.output.tensorboard else None,
         )
         trainer.console.print(
             f"{recipe.model.name}: {trainer.num_params / 1e6:.2f} M parameters, "
@@ -842,9 +885,13 @@ def _run(
             f"peak lr {trainer.peak_lr:.3g}; run directory {run_dir}",
             highlight=False,
         )
-        stopped = train_epochs(trainer)
+        try:
+            stopped = train_epochs(trainer)
+        finally:
+            trainer.metrics.close()
         summary = trainer.summary(stopped)
         report(trainer, summary)
+        write_curves(trainer)
     return summary
 
 
@@ -906,4 +953,27 @@ def report(trainer: Trainer, summary: dict[str, Any]) -> None:
             f"done: {metric} {shown} after {summary['wall_s'] / 60:.1f} min "
             f"({summary['images_per_s']:.0f} img/s training); {trainer.run_dir / 'summary.json'}",
             highlight=False,
+        )
+
+
+def write_curves(trainer: Trainer) -> None:
+    """<run>/curves.png (`debiformer plot` of the run) from rank 0 at the end of a training,
+    stopped or finished; skipped with a one-line notice without matplotlib. Never fails the
+    training: a drawing error is a one-line warning."""
+    if not trainer.is_main:
+        return
+    if importlib.util.find_spec("matplotlib") is None:
+        trainer.console.print(
+            "curves.png skipped: matplotlib is not installed (pip install 'debiformer[viz]')",
+            highlight=False,
+        )
+        return
+    from debiformer.tools.plot import write_run_curves
+
+    try:
+        write_run_curves(trainer.run_dir)
+    except Exception as error:  # a figure must never fail a training that has finished
+        detail = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+        trainer.console.print(
+            f"[yellow]warning:[/] curves.png not written ({detail})", highlight=False
         )

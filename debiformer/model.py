@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from debiformer.errors import UserError
 from debiformer.official import rename_official_state_dict
 from debiformer.regions import step
-from debiformer.routing import attend_routed_regions, pad_to_regions
+from debiformer.routing import attend_routed_regions, pad_to_regions, record
 from debiformer.weights import as_model_shape, is_official_state_dict, load_pretrained
 
 
@@ -221,6 +221,7 @@ class DeformableBiLevelRoutingAttention(nn.Module):
             query, key, value = self.qkv(x).chunk(3, dim=-1)
         with step("dbra/offset_network"):
             positions = self._sampling_positions(query)
+        record("agent_positions", positions)
         with step("dbra/agent_sampling"):
             agents = self._sample(x, positions)
         agent_context = self._routed_agent_attention(agents, key, value)
@@ -290,6 +291,7 @@ class DeformableBiLevelRoutingAttention(nn.Module):
         agent_values = heads(self.proj_v(agents))
         logits = (queries @ agent_keys.transpose(-1, -2)) * self.scale
         attention = (logits + self._position_bias(positions, height, width)).softmax(dim=-1)
+        record("query_agent_attention", attention)
         output = attention @ agent_values
         return output.transpose(1, 2).reshape(batch, height, width, channels)
 

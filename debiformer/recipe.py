@@ -12,7 +12,7 @@ A recipe file has the sections below (every key optional, defaults in the datacl
     schedule: {epochs or steps, warmup_epochs or warmup_steps, warmup_lr, min_lr, decay, ...}
     augment:  {hflip, scale, ratio, randaugment, random_erasing, mixup, cutmix, label_smoothing}
     train:    {batch_size, accum_steps, precision, device, channels_last, compile, ema, ...}
-    output:   {dir, log_every, checkpoint_every, progress}
+    output:   {dir, log_every, checkpoint_every, progress, tensorboard}
 
 Any mistake (unknown key, wrong type, out-of-range value) raises `UserError` naming the key path.
 """
@@ -247,6 +247,9 @@ class OutputConfig:
     # optimizer steps between checkpoints (0: at epoch ends only)
     checkpoint_every: int = 0
     progress: bool = True
+    # also write the metrics.jsonl scalars as TensorBoard events in <run>/tensorboard
+    # (needs the tensorboard package: the `tensorboard` extra)
+    tensorboard: bool = False
 
 
 @dataclass

@@ -16,10 +16,14 @@ the cheapest of three exact paths:
   attention matrix is no larger than the top-k copy would be;
 - plain attention when every region is routed to every region (k = S²).
 
+Without autograd (inference, export) the slot-by-slot path gathers all k regions at once and
+runs one fused product instead (`_gathered_attention`): the copy is transient, and there is no
+backward pass whose memory the slots bound.
+
 `implementation("reference")` switches to the release's gather, for comparison.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -143,6 +147,23 @@ class _RoutedAttention(torch.autograd.Function):
         return grad_queries * ctx.scale, grad_keys, grad_values, None, None
 
 
+def _gathered_attention(
+    queries: Tensor, keys: Tensor, values: Tensor, slots: Tensor, scale: float
+) -> Tensor:
+    """`_RoutedAttention` without autograd (inference, export): the keys and values of all k
+    routed regions gathered at once and one fused attention product over them. With no backward
+    pass to keep small, one product is 1.2-2.7x faster on the CPU than k slot products."""
+    batch, heads, _, head_dim = queries.shape
+    topk = slots.shape[1]
+
+    def routed(regions: Tensor) -> Tensor:
+        with step("routed_gather"):
+            selected = regions.index_select(0, slots.flatten())
+        return selected.view(batch, topk, heads, -1, head_dim).transpose(1, 2).flatten(2, 3)
+
+    return F.scaled_dot_product_attention(queries, routed(keys), routed(values), scale=scale)
+
+
 IMPLEMENTATIONS = ("fast", "reference")
 _implementation = "fast"
 
@@ -160,6 +181,30 @@ def implementation(name: str) -> Iterator[None]:
         yield
     finally:
         _implementation = previous
+
+
+# what `record` hands tensors to inside a `recording` block; None outside one
+_recorder: Callable[[str, Tensor], None] | None = None
+
+
+@contextmanager
+def recording(recorder: Callable[[str, Tensor], None]) -> Iterator[None]:
+    """Within the block the attentions hand what they compute to `recorder(name, tensor)`:
+    "region_index" (the routing of BRA and of DBRA's agents), "agent_positions" and
+    "query_agent_attention" (DBRA). Outside one, `record` returns at once: the model keeps no
+    reference and computes nothing extra (`debiformer show` records through this)."""
+    global _recorder
+    previous, _recorder = _recorder, recorder
+    try:
+        yield
+    finally:
+        _recorder = previous
+
+
+def record(name: str, tensor: Tensor) -> None:
+    """Hands `tensor` to the recorder of the active `recording` block, if any."""
+    if _recorder is not None:
+        _recorder(name, tensor)
 
 
 def routed_attention(
@@ -193,7 +238,10 @@ def routed_attention(
     values = split_heads(value_regions.to(queries.dtype), num_heads)
     offsets = torch.arange(batch, device=region_index.device).view(batch, 1, 1) * num_regions
     slots = (region_index + offsets).flatten(0, 1)
-    output = _RoutedAttention.apply(queries, keys, values, slots, scale)
+    if torch.is_grad_enabled():
+        output = _RoutedAttention.apply(queries, keys, values, slots, scale)
+    else:
+        output = _gathered_attention(queries, keys, values, slots, scale)
     return merge_heads(output, batch)
 
 
@@ -219,6 +267,7 @@ def attend_routed_regions(
         value_regions = to_regions(value_map, regions_per_side)
     with step(routing_step):
         region_index = route(query_regions, key_regions, min(topk, regions_per_side**2), scale)
+    record("region_index", region_index)
     with step(attention_step):
         output = routed_attention(
             query_regions, key_regions, value_regions, region_index, num_heads, scale

@@ -8,6 +8,10 @@ allocated before, the CUDA allocator's maximum on a GPU, the process's peak resi
 the CPU (`debiformer.runtime.peak_memory`). Memory freed by one row stays in the CPU process for
 the next to reuse unseen, so each CPU row runs in a fresh Python process
 (`python -m debiformer.tools.bench`) by default.
+
+A row runs its model in one of three runtimes: eager PyTorch, `torch.compile`, or onnxruntime on
+the CPU (the model exported to ONNX and checked against PyTorch by `debiformer.tools.export`
+first, then run with as many threads as PyTorch uses; inference, fp32, DeBiFormer models).
 """
 
 from __future__ import annotations
@@ -50,8 +54,15 @@ from debiformer.tools.common import (
     fitting_table,
     memory_kind,
 )
+from debiformer.tools.export import (
+    ExportOptions,
+    export_model,
+    onnx_session,
+    require_onnx_packages,
+)
 
 MODES = ("infer", "train")
+RUNTIMES = ("eager", "compile", "onnxruntime")
 DEFAULT_MODELS = ("debiformer_tiny", "debiformer_small", "debiformer_base")
 NO_IMPL = "-"
 WORKER = "debiformer.tools.bench"
@@ -80,6 +91,8 @@ class BenchOptions:
     `models`: DeBiFormer variants, each run with every routed-attention implementation in
     `impls`; `compare`: timm models, built without weights. `grad_checkpointing`: DeBiFormer
     stages whose attention and MLP branches are recomputed in the backward pass (train mode).
+    `runtimes`: each row runs in each of them (eager PyTorch, `torch.compile`, onnxruntime; the
+    last for DeBiFormer models with the fast implementation only, in inference at fp32 on the CPU).
     `fresh_process` (None: on the CPU) measures each row in a new process so that its CPU peak
     memory is its own; in-process CPU peaks are a lower bound after a larger one.
     """
@@ -93,14 +106,14 @@ class BenchOptions:
     precision: str = "fp32"
     device: str = "auto"
     channels_last: bool = False
-    compile: bool = False
+    runtimes: tuple[str, ...] = ("eager",)
     grad_checkpointing: tuple[int, ...] = ()
     warmup: int = 2
     iterations: int = 10
     fresh_process: bool | None = None
 
     def __post_init__(self) -> None:
-        for name in ("models", "compare", "impls", "modes", "grad_checkpointing"):
+        for name in ("models", "compare", "impls", "modes", "runtimes", "grad_checkpointing"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         check_precision(self.precision, select_device(self.device))
         if not self.models and not self.compare:
@@ -132,11 +145,32 @@ class BenchOptions:
             )
         for name in self.compare:
             check_timm_model(name)
+        self._check_runtimes()
+
+    def _check_runtimes(self) -> None:
+        """Rejects an unknown runtime, and onnxruntime where it cannot run."""
+        if not self.runtimes:
+            raise UserError("--runtime: give at least one")
+        for runtime in self.runtimes:
+            if runtime not in RUNTIMES:
+                raise UserError(
+                    f"--runtime: unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}"
+                )
+        if "onnxruntime" not in self.runtimes:
+            return
+        if "train" in self.modes:
+            raise UserError("--runtime onnxruntime measures inference only: use --mode infer")
+        if self.precision != "fp32" or select_device(self.device).type != "cpu":
+            raise UserError("--runtime onnxruntime runs fp32 on the CPU: use --device cpu")
+        if not self.models or "fast" not in self.impls:
+            raise UserError("--runtime onnxruntime runs DeBiFormer models with --impl fast")
+        require_onnx_packages("--runtime onnxruntime")
 
 
 @dataclass(frozen=True)
 class BenchRow:
-    """One row of the benchmark: one model, implementation and mode, and how to run it."""
+    """One row of the benchmark: one model, implementation and mode, and how to run it
+    (`onnx_file`: the exported model an onnxruntime row runs)."""
 
     model: str
     impl: str
@@ -146,15 +180,16 @@ class BenchRow:
     precision: str
     device: str
     channels_last: bool = False
-    compile: bool = False
+    runtime: str = "eager"
     grad_checkpointing: tuple[int, ...] = ()
     warmup: int = 2
     iterations: int = 10
+    onnx_file: str = ""
 
 
 def bench_rows(options: BenchOptions, device: torch.device) -> list[BenchRow]:
     """Every row to measure: each mode, then each DeBiFormer model × implementation, then each
-    timm model."""
+    timm model, each in every runtime (onnxruntime: DeBiFormer's fast implementation only)."""
     names = [(name, impl) for name in options.models for impl in options.impls]
     names += [(name, NO_IMPL) for name in options.compare]
     settings = dict(
@@ -163,15 +198,16 @@ def bench_rows(options: BenchOptions, device: torch.device) -> list[BenchRow]:
         precision=options.precision,
         device=device.type,
         channels_last=options.channels_last,
-        compile=options.compile,
         grad_checkpointing=options.grad_checkpointing,
         warmup=options.warmup,
         iterations=options.iterations,
     )
     return [
-        BenchRow(model=name, impl=impl, mode=mode, **settings)
+        BenchRow(model=name, impl=impl, mode=mode, runtime=runtime, **settings)
         for mode in options.modes
         for name, impl in names
+        for runtime in options.runtimes
+        if runtime != "onnxruntime" or impl == "fast"
     ]
 
 
@@ -258,17 +294,41 @@ def _is_out_of_memory(error: BaseException) -> bool:
     )
 
 
+def export_for_onnxruntime(row: BenchRow, folder: str) -> str:
+    """The row's model (random weights, seed 0) exported to ONNX in `folder` with a dynamic batch
+    and checked against PyTorch (`debiformer.tools.export`); returns the file's path."""
+    path = Path(folder) / f"{row.model}_{row.resolution}.onnx"
+    export_model(
+        ExportOptions(out=path, model=row.model, resolution=row.resolution, dynamic_batch=True)
+    )
+    return str(path)
+
+
+def _timed_onnxruntime_steps(row: BenchRow) -> tuple[list[float], float]:
+    """Times onnxruntime's CPU runs of `row.onnx_file` with PyTorch's number of threads; seconds
+    per step and the peak MB that the session (weights included) and its runs add."""
+    images = torch.randn(row.batch_size, 3, row.resolution, row.resolution).numpy()
+    cpu = torch.device("cpu")
+    with peak_memory(cpu) as peak:
+        session = onnx_session(row.onnx_file, threads=torch.get_num_threads())
+        feed = {session.get_inputs()[0].name: images}
+        seconds = time_steps(lambda: session.run(None, feed), row.warmup, row.iterations, cpu)
+    return seconds, peak["mb"]
+
+
 def _timed_steps(row: BenchRow) -> tuple[list[float], float]:
     """Builds the model and data of `row` and times its steps; seconds per step and peak MB."""
     device = torch.device(row.device)
     torch.manual_seed(0)
+    if row.runtime == "onnxruntime":
+        return _timed_onnxruntime_steps(row)
     memory_format = torch.channels_last if row.channels_last else torch.contiguous_format
     size = (row.batch_size, 3, row.resolution, row.resolution)
     with peak_memory(device) as peak:
         model = build_benchmark_model(row.model).to(device, memory_format=memory_format)
         if row.grad_checkpointing and is_debiformer(row.model):
             model.set_grad_checkpointing(stages=row.grad_checkpointing)
-        if row.compile:
+        if row.runtime == "compile":
             model = torch.compile(model)
         images = torch.randn(size, device=device).contiguous(memory_format=memory_format)
         labels = torch.randint(0, 1000, (row.batch_size,), device=device)
@@ -346,16 +406,30 @@ def measure_with_backoff(row: BenchRow, fresh_process: bool) -> tuple[BenchRow, 
 
 def run_bench(options: BenchOptions, on_record: Callable[[dict], None] | None = None) -> list[dict]:
     """Measures every row of `options`; returns one record per row, in table order.
-    `on_record` is called with each record as soon as it is measured."""
+    `on_record` is called with each record as soon as it is measured. onnxruntime rows run a file
+    exported once per model in this process, so that a fresh process's memory is the session's."""
+    with tempfile.TemporaryDirectory() as folder:
+        return _run_rows(options, folder, on_record)
+
+
+def _run_rows(
+    options: BenchOptions, folder: str, on_record: Callable[[dict], None] | None
+) -> list[dict]:
+    """`run_bench` with exported ONNX files kept in `folder`."""
     device = select_device(options.device)
     fresh_process = options.fresh_process
     if fresh_process is None:
         fresh_process = device.type == "cpu"
     sizes: dict[str, tuple[int, int]] = {}
+    onnx_files: dict[str, str] = {}
     records = []
     for row in bench_rows(options, device):
         if row.model not in sizes:
             sizes[row.model] = model_size(row.model, row.resolution)
+        if row.runtime == "onnxruntime":
+            if row.model not in onnx_files:
+                onnx_files[row.model] = export_for_onnxruntime(row, folder)
+            row = replace(row, onnx_file=onnx_files[row.model])
         ran, result, note = measure_with_backoff(row, fresh_process)
         params, macs = sizes[row.model]
         record = {
@@ -367,7 +441,8 @@ def run_bench(options: BenchOptions, on_record: Callable[[dict], None] | None = 
             "precision": ran.precision,
             "device": ran.device,
             "channels_last": ran.channels_last,
-            "compile": ran.compile,
+            "runtime": ran.runtime,
+            "compile": ran.runtime == "compile",
             "grad_checkpointing": list(ran.grad_checkpointing),
             "params": params,
             "macs": macs,
@@ -398,7 +473,8 @@ BENCH_COLUMNS = (
 
 def bench_table(records: list[dict]) -> Table:
     """The records as a table, one row per record, with the units in its caption. A batch
-    marked * ran smaller than asked after out-of-memory; the caption says why."""
+    marked * ran smaller than asked after out-of-memory; the caption says why. A runtime column
+    follows the mode when any row ran other than eagerly."""
     first = records[0] if records else {}
     title = (
         f"{first.get('device', '')} {first.get('precision', '')}, {first.get('resolution', '')}²"
@@ -411,17 +487,22 @@ def bench_table(records: list[dict]) -> Table:
         "img/s and ms (per batch): from the median step; "
         f"MB: peak memory the row adds ({first.get('peak_mem', '')})."
     )
-    table = fitting_table(title, caption, BENCH_COLUMNS)
+    show_runtime = any(record.get("runtime", "eager") != "eager" for record in records)
+    columns = list(BENCH_COLUMNS)
+    if show_runtime:
+        columns.insert(3, ("runtime", "left"))
+    table = fitting_table(title, caption, columns)
     notes = []
     for record in records:
+        names = [record["model"], record["impl"], record["mode"]]
+        if show_runtime:
+            names.append(record["runtime"])
         batch = str(record["batch_size"])
         if record["note"]:
             batch += "*"
-            notes.append(f"{record['model']} {record['impl']} {record['mode']}: {record['note']}")
+            notes.append(f"{' '.join(names)}: {record['note']}")
         table.add_row(
-            record["model"],
-            record["impl"],
-            record["mode"],
+            *names,
             batch,
             f"{record['params'] / 1e6:.2f}",
             f"{record['macs'] / 1e9:.3f}",

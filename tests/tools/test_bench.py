@@ -76,6 +76,25 @@ def test_bench_runs_both_implementations_and_timm_models_in_one_table():
     assert table.row_count == 3
 
 
+def test_bench_times_onnxruntime_beside_eager_pytorch_in_one_run():
+    pytest.importorskip("onnxruntime")
+    options = BenchOptions(
+        **NANO, impls=("fast", "reference"), runtimes=("eager", "onnxruntime"), fresh_process=False
+    )
+    records = bench.run_bench(options)
+    assert [(r["impl"], r["runtime"]) for r in records] == [
+        ("fast", "eager"),
+        ("fast", "onnxruntime"),
+        ("reference", "eager"),
+    ]
+    eager, onnxruntime, _ = records
+    assert (onnxruntime["params"], onnxruntime["macs"]) == (eager["params"], eager["macs"])
+    assert onnxruntime["images_per_s"] > 0 and onnxruntime["compile"] is False
+    text = _render(bench.bench_table(records))
+    assert "runtime" in text and "onnxruntime" in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+
+
 def test_macs_match_the_published_count_of_debiformer_tiny():
     model = bench.build_benchmark_model("debiformer_tiny")
     assert bench.count_macs(model, 224) == pytest.approx(2.636e9, rel=1e-3)
@@ -136,6 +155,11 @@ def test_out_of_memory_at_batch_one_is_a_user_error(monkeypatch):
         ({"resolution": 0}, "--resolution must be at least 32, got 0"),
         ({"models": (), "compare": ()}, "--models: nothing to measure"),
         ({"impls": ()}, "--impl: give at least one"),
+        ({"runtimes": ["tensorrt"]}, "--runtime: unknown runtime 'tensorrt'"),
+        ({"runtimes": ()}, "--runtime: give at least one"),
+        ({"runtimes": ["onnxruntime"], "modes": ["train"]}, "measures inference only"),
+        ({"runtimes": ["onnxruntime"], "precision": "bf16"}, "runs fp32 on the CPU"),
+        ({"runtimes": ["onnxruntime"], "impls": ["reference"]}, "with --impl fast"),
     ],
 )
 def test_bench_options_reject_bad_input(options, message):
@@ -176,6 +200,8 @@ def no_work(monkeypatch):
         (["--mode", "serve"], "--mode: unknown mode 'serve'; choose infer, train or both"),
         (["--grad-checkpointing", "1,5"], "--grad-checkpointing takes stages 1-4, got [1, 5]"),
         (["--models", "debiformer_nano,nope"], "--models: unknown model 'nope'"),
+        (["--compile", "--runtime", "eager"], "--compile is --runtime compile: give one of them"),
+        (["--runtime", "onnxruntime", "--mode", "both"], "measures inference only"),
     ],
 )
 def test_bench_command_checks_options_before_any_work(no_work, flags, message):

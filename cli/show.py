@@ -1,0 +1,61 @@
+"""`debiformer show`: parse options, draw what DBRA does on each image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def show(
+    images: list[Path] = typer.Argument(..., help="Image files (PNG, JPEG, ...; any size)."),
+    out: Path = typer.Option(
+        ..., "--out", help="Figure file; with several images, OUT-<image stem>.png each."
+    ),
+    model: str | None = typer.Option(
+        None, "--model", help="Variant, e.g. debiformer_tiny (default: the recipe's)."
+    ),
+    recipe: str | None = typer.Option(
+        None,
+        "--recipe",
+        help="Recipe: model, image size and class names (default: the checkpoint's).",
+    ),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="This tool's checkpoint (holds its recipe) or a weights file."
+    ),
+    pretrained: str | None = typer.Option(
+        None, "--pretrained", help="Weights file or URL, as model.pretrained takes."
+    ),
+    query: str | None = typer.Option(
+        None, "--query", help="Query point X,Y in the image's pixels (default: the centre)."
+    ),
+    blocks: list[str] = typer.Option(
+        [],
+        "--blocks",
+        help="Blocks STAGE.BLOCK, e.g. 1.1,3.2, or all (default: each stage's last).",
+    ),
+    size: str | None = typer.Option(
+        None, "--size", help="Model input: N (shorter side) or HxW (default: the recipe's size)."
+    ),
+    json_path: Path | None = typer.Option(
+        None, "--json", help="Also write the arrays (pixels, region indices, weights, CAM)."
+    ),
+) -> None:
+    """Draw a classifier's view of images: top-5 classes, a Grad-CAM, and for chosen blocks DBRA's
+    agents (reference grid, sampled positions, offsets), the regions BRA and DBRA route a query
+    point to, and its attention over the agents."""
+    from debiformer.tools.show import parse_blocks, parse_point, parse_size
+    from debiformer.tools.show import show as show_images
+
+    show_images(
+        images,
+        out,
+        model_name=model,
+        recipe=recipe,
+        checkpoint=checkpoint,
+        pretrained=pretrained,
+        query=parse_point(query) if query is not None else None,
+        blocks=parse_blocks(blocks),
+        size=parse_size(size) if size is not None else None,
+        json_path=json_path,
+    )
