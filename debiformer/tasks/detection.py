@@ -8,7 +8,6 @@ AP, with `predictions.png` drawn in the run directory. best.pt follows box AP.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +19,14 @@ from torchvision.io import encode_png
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
 
 from debiformer import runtime
-from debiformer.checkpoint import load_checkpoint
 from debiformer.data.coco import DetectionData, DetectionLoader, read_split
 from debiformer.data.mosaics import prepare_mosaics
 from debiformer.detection import build_detector
 from debiformer.engine import Task, fit
 from debiformer.errors import UserError
 from debiformer.recipe import Recipe
+from debiformer.tasks import prepare_checkpoint_evaluation
 from debiformer.tasks.coco_metrics import coco_metrics, gather_results, to_coco_results
-from debiformer.weights import load_weights
 
 SCORE_TO_DRAW = 0.5
 PREVIEW_SHORT_SIDE = 256
@@ -225,28 +223,25 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """COCO metrics of a checkpoint of this tool on the recipe's validation set; writes the
     result as JSON to `json_path` when given, and predictions.png beside it."""
-    if json_path is not None:
-        runtime.check_writable(json_path, "--json")
-    state = load_checkpoint(checkpoint)
-    device = runtime.select_device(recipe.train.device, option="train.device")
-    runtime.check_precision(recipe.train.precision, device, option="train.precision")
-    val_data = read_data(recipe, "val")
-    batch_size = recipe.train.eval_batch_size or recipe.train.batch_size // recipe.train.accum_steps
-    loader = build_split_loader(recipe, val_data, device, batch_size, train=False)
-    # the checkpoint holds every weight: nothing is read from model.pretrained
-    backbone = dataclasses.replace(recipe.model, pretrained=None)
-    model = build_detector(backbone, recipe.detection, len(val_data.class_names))
-    weights = load_weights(model, state, Path(checkpoint), use_ema=use_ema, official=False)
-    model.to(device)
-    with runtime.autocast(device, recipe.train.precision):
+    setup = prepare_checkpoint_evaluation(
+        recipe,
+        checkpoint,
+        use_ema=use_ema,
+        json_path=json_path,
+        read_data=read_data,
+        build_loader=build_split_loader,
+        build_model=lambda model, classes: build_detector(model, recipe.detection, classes),
+    )
+    model, loader, val_data = setup.model, setup.loader, setup.data
+    with runtime.autocast(setup.device, recipe.train.precision):
         metrics, previews = evaluate(model, loader, preview=recipe.detection.preview_images)
     result = {
         "checkpoint": str(checkpoint),
-        "weights": weights,
+        "weights": setup.weights,
         "model": recipe.model.name,
         "detector": recipe.detection.detector,
         "images": len(val_data.samples),
-        "device": str(device),
+        "device": str(setup.device),
         **metrics,
     }
     if json_path is not None:

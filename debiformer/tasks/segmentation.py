@@ -10,7 +10,6 @@ beside their ground truth and prediction.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,6 @@ from torchvision.io import encode_png
 from torchvision.utils import make_grid
 
 from debiformer import runtime
-from debiformer.checkpoint import load_checkpoint
 from debiformer.data.mosaics import prepare_mosaics
 from debiformer.data.segmentation import (
     SegmentationData,
@@ -36,10 +34,10 @@ from debiformer.engine import Task, fit
 from debiformer.errors import UserError
 from debiformer.recipe import Recipe, SegmentationConfig
 from debiformer.segmentation import build_segmenter
+from debiformer.tasks import prepare_checkpoint_evaluation
 from debiformer.tasks.detection import CLASS_COLOURS
 from debiformer.tasks.segmentation_inference import predict
 from debiformer.tasks.segmentation_metrics import confusion_matrix, segmentation_metrics
-from debiformer.weights import load_weights
 
 # ----------------------------------------------------------------------------- data
 
@@ -272,32 +270,29 @@ def evaluate_checkpoint(
     """mIoU and the other metrics of a checkpoint of this tool on the recipe's validation set,
     evaluated as `segmentation.eval_*` say; writes the result as JSON to `json_path` when given,
     and predictions.png beside it."""
-    if json_path is not None:
-        runtime.check_writable(json_path, "--json")
-    state = load_checkpoint(checkpoint)
-    device = runtime.select_device(recipe.train.device, option="train.device")
-    runtime.check_precision(recipe.train.precision, device, option="train.precision")
-    val_data = read_data(recipe, "val")
-    batch_size = recipe.train.eval_batch_size or recipe.train.batch_size // recipe.train.accum_steps
-    loader = build_split_loader(recipe, val_data, device, batch_size, train=False)
-    # the checkpoint holds every weight: nothing is read from model.pretrained
-    backbone = dataclasses.replace(recipe.model, pretrained=None)
     seg = recipe.segmentation
-    model = build_segmenter(backbone, seg, len(val_data.class_names))
-    weights = load_weights(model, state, Path(checkpoint), use_ema=use_ema, official=False)
-    model.to(device)
-    with runtime.autocast(device, recipe.train.precision):
+    setup = prepare_checkpoint_evaluation(
+        recipe,
+        checkpoint,
+        use_ema=use_ema,
+        json_path=json_path,
+        read_data=read_data,
+        build_loader=build_split_loader,
+        build_model=lambda model, classes: build_segmenter(model, seg, classes),
+    )
+    model, loader, val_data = setup.model, setup.loader, setup.data
+    with runtime.autocast(setup.device, recipe.train.precision):
         metrics, previews = evaluate(model, loader, seg, preview=seg.preview_images)
     result = {
         "checkpoint": str(checkpoint),
-        "weights": weights,
+        "weights": setup.weights,
         "model": recipe.model.name,
         "head": seg.head,
         "mode": seg.eval_mode,
         "ratios": list(seg.eval_ratios),
         "flip": seg.eval_flip,
         "images": len(val_data.samples),
-        "device": str(device),
+        "device": str(setup.device),
         **metrics,
     }
     if json_path is not None:
