@@ -8,25 +8,22 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from debiformer.cli.parsing import names
+
 LIST_HELP = "comma-separated or repeated"
 MODE_CHOICES = {"infer": ("infer",), "train": ("train",), "both": ("infer", "train")}
-
-
-def _names(values: list[str]) -> list[str]:
-    """Flattens repeated and comma-separated option values: ["a,b", "c"] -> ["a", "b", "c"]."""
-    return [name.strip() for value in values for name in value.split(",") if name.strip()]
 
 
 def _stages(values: list[str]) -> tuple[int, ...]:
     """Stage numbers from `--grad-checkpointing` values such as "1,3"."""
     from debiformer.errors import UserError
 
-    names = _names(values)
-    if not all(name.isdigit() for name in names):
+    stages = names(values)
+    if not all(stage.isdigit() for stage in stages):
         raise UserError(
             f"--grad-checkpointing takes stage numbers 1-4, e.g. 1,3; got {','.join(values)!r}"
         )
-    return tuple(int(name) for name in names)
+    return tuple(int(stage) for stage in stages)
 
 
 def _runtimes(values: list[str], compile: bool) -> tuple[str, ...]:
@@ -35,7 +32,7 @@ def _runtimes(values: list[str], compile: bool) -> tuple[str, ...]:
 
     if compile and values:
         raise UserError("--compile is --runtime compile: give one of them")
-    return tuple(_names(values)) or (("compile",) if compile else ("eager",))
+    return tuple(names(values)) or (("compile",) if compile else ("eager",))
 
 
 def _modes(mode: str) -> tuple[str, ...]:
@@ -94,9 +91,9 @@ def bench(
     from debiformer.tools.bench import DEFAULT_MODELS, BenchOptions, bench_table, run_bench
 
     options = BenchOptions(
-        models=tuple(_names(models)) or DEFAULT_MODELS,
-        compare=tuple(_names(compare)),
-        impls=tuple(_names(impl)),
+        models=tuple(names(models)) or DEFAULT_MODELS,
+        compare=tuple(names(compare)),
+        impls=tuple(names(impl)),
         modes=_modes(mode),
         resolution=resolution,
         batch_size=batch_size,

@@ -11,12 +11,15 @@ from rich.table import Table
 from debiformer.errors import UserError
 from debiformer.recipe import load_recipe
 
-RECIPE_HELP = "Recipe YAML file, or the name of a shipped one (e.g. quickstart, tiny)."
+RECIPE_HELP = (
+    "Recipe YAML file, or the name of a shipped one (e.g. quickstart, tiny); default: the recipe "
+    "a training checkpoint of this tool stores."
+)
 SET_HELP = "Override a recipe value: section.key=value (repeatable), e.g. --set optim.lr=1e-3."
 
 
 def evaluate(
-    recipe: str = typer.Argument(..., help=RECIPE_HELP),
+    recipe: str | None = typer.Argument(None, help=RECIPE_HELP),
     checkpoint: Path = typer.Option(
         ..., "--checkpoint", help="This tool's checkpoint or a released one."
     ),
@@ -31,12 +34,16 @@ def evaluate(
         help="Treat as the authors' release (default: detect by key names).",
     ),
 ) -> None:
-    """Validation metrics of a checkpoint for the recipe's task: top-1/top-5 for classifiers,
-    COCO box and mask AP for detectors, mIoU and per-class IoU for segmenters (whole, sliding
-    or multi-scale + flip as the recipe's segmentation.eval_* keys say)."""
-    from debiformer.tasks import evaluate_checkpoint
+    """Validation metrics of a checkpoint for the task of RECIPE (else of the recipe the
+    checkpoint stores): top-1/top-5 for classifiers, COCO box and mask AP for detectors, mIoU and
+    per-class IoU for segmenters (whole, sliding or multi-scale + flip as the recipe's
+    segmentation.eval_* keys say)."""
+    from debiformer.tasks import checkpoint_recipe, evaluate_checkpoint, task_class
 
-    loaded = load_recipe(recipe, overrides)
+    if recipe is None:
+        loaded = checkpoint_recipe(checkpoint, overrides)
+    else:
+        loaded = load_recipe(recipe, overrides)
     options = {"use_ema": ema, "json_path": json_path}
     if loaded.task == "classification":
         options["official"] = official
@@ -45,22 +52,15 @@ def evaluate(
     result = evaluate_checkpoint(loaded, checkpoint, **options)
     console = Console()
     head = f"{result['model']} ({result['weights']} weights) on {result['images']} images"
-    if loaded.task == "classification":
-        console.print(
-            f"{head}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
-            f"loss {result['loss']:.4f}  {result['images_per_s']:.0f} img/s",
-            highlight=False,
-        )
-    elif loaded.task == "detection":
-        console.print(head, highlight=False)
-        console.print(coco_table(result))
-    else:
-        console.print(f"{head}, {segmentation_mode(result)}", highlight=False, soft_wrap=True)
-        console.print(class_table(result))
-        console.print(
-            f"mIoU {result['miou']:.4f}  mAcc {result['macc']:.4f}  aAcc {result['aacc']:.4f}",
-            highlight=False,
-        )
+    if "mode" in result:
+        head += f", {segmentation_mode(result)}"
+    console.print(head, highlight=False, soft_wrap=True)
+    if loaded.task in TABLES:
+        console.print(TABLES[loaded.task](result))
+    line = task_class(loaded.task).describe(result)
+    if "images_per_s" in result:
+        line += f", {result['images_per_s']:.0f} img/s"
+    console.print(line, highlight=False)
 
 
 def coco_table(result: dict) -> Table:
@@ -89,3 +89,7 @@ def class_table(result: dict) -> Table:
         acc = result["class_acc"][name]
         table.add_row(name, *("n/a" if v is None else f"{v:.4f}" for v in (iou, acc)))
     return table
+
+
+# the tables `eval` prints above the task's metrics line, by task
+TABLES = {"detection": coco_table, "segmentation": class_table}

@@ -8,6 +8,17 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from debiformer.cli.parsing import sides
+from debiformer.errors import UserError
+
+
+def parse_resolution(text: str) -> int | tuple[int, int]:
+    """--resolution "H" (a square) or "HxW" in pixels."""
+    parsed = sides(text)
+    if parsed is None:
+        raise UserError(f"--resolution takes H or HxW in pixels, e.g. 224 or 33x47; got {text!r}")
+    return parsed[0] if len(parsed) == 1 else (parsed[0], parsed[1])
+
 
 def summary(result: dict) -> str:
     """One line on the written file and its check."""
@@ -85,7 +96,7 @@ def export(
         checkpoint=checkpoint,
         pretrained=pretrained,
         ema=ema,
-        resolution=resolution,
+        resolution=parse_resolution(resolution) if resolution is not None else None,
         dynamic_batch=dynamic_batch,
         quantize=quantize,
     )

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 import debiformer
-from debiformer.cli import bench, data, export, plot, profile, recipes, show, train
+from debiformer.cli import bench, data, export, flags, plot, profile, recipes, show, train
 from debiformer.cli import eval as eval_command
 from debiformer.errors import UserError
 
@@ -58,12 +58,13 @@ app.add_typer(recipes.app, name="recipes")
 
 
 def main() -> None:
-    """Entry point: a `UserError`, a usage error or a bad option value becomes one `error:` line
-    on stderr (exit code 2) instead of a traceback or a boxed usage message."""
+    """Entry point: a `UserError` (its parameters named by their flags), a usage error or a bad
+    option value becomes one `error:` line on stderr (exit code 2) instead of a traceback or a
+    boxed usage message."""
     try:
         code = app(prog_name="debiformer", standalone_mode=False)
     except UserError as error:
-        _fail(str(error), 2)
+        _fail(flags.message(error, command_of(sys.argv[1:])), 2)
     except CLICK_ERROR as error:
         if type(error).__name__ == "NoArgsIsHelpError":  # no arguments: the help, already shown
             if error.format_message().strip():
@@ -75,6 +76,13 @@ def main() -> None:
     except typer.Abort:
         _fail("aborted", 1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def command_of(args: list[str]) -> str:
+    """The command that the arguments after `debiformer` run: "train", or "data convert" for a
+    command of a group."""
+    groups = {group.name for group in app.registered_groups}
+    return " ".join(args[:2] if args[:1] and args[0] in groups else args[:1])
 
 
 def _fail(message: str, exit_code: int) -> None:

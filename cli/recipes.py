@@ -1,9 +1,8 @@
 """`debiformer recipes`: list the shipped recipes and print one fully resolved."""
 
 import typer
-import yaml
 
-from debiformer.recipe import list_recipes, load_recipe, recipe_to_dict
+from debiformer.recipe import list_recipes, load_recipe, recipe_to_yaml
 
 app = typer.Typer(
     help="List the shipped recipes, or print one fully resolved (`recipes show NAME`).",
@@ -34,6 +33,7 @@ def show(
         metavar="SECTION.KEY=VALUE",
     ),
 ) -> None:
-    """Print RECIPE fully resolved (bases merged, defaults filled) as YAML `debiformer train` accepts."""
+    """Print RECIPE fully resolved (bases merged, defaults filled, its task's keys only) as YAML
+    `debiformer train` accepts."""
     resolved = load_recipe(recipe, overrides)
-    typer.echo(yaml.safe_dump(recipe_to_dict(resolved), sort_keys=False), nl=False)
+    typer.echo(recipe_to_yaml(resolved), nl=False)

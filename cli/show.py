@@ -6,6 +6,26 @@ from pathlib import Path
 
 import typer
 
+from debiformer.cli.parsing import names, sides
+from debiformer.errors import UserError
+
+
+def parse_point(text: str) -> tuple[float, float]:
+    """--query "X,Y" as (x, y) pixels."""
+    try:
+        x, y = (float(part) for part in text.split(","))
+    except ValueError:
+        raise UserError(f"--query {text!r}: expected X,Y in pixels, e.g. 120,80") from None
+    return x, y
+
+
+def parse_size(text: str) -> int | tuple[int, int]:
+    """--size "N" (the shorter side, keeping the aspect ratio) or "HxW"."""
+    parsed = sides(text)
+    if parsed is None or min(parsed) < 1:
+        raise UserError(f"--size {text!r}: expected N (the shorter side) or HxW, e.g. 64 or 97x131")
+    return parsed[0] if len(parsed) == 1 else (parsed[0], parsed[1])
+
 
 def show(
     images: list[Path] = typer.Argument(..., help="Image files (PNG, JPEG, ...; any size)."),
@@ -21,7 +41,9 @@ def show(
         help="Recipe: model, image size and class names (default: the checkpoint's).",
     ),
     checkpoint: Path | None = typer.Option(
-        None, "--checkpoint", help="This tool's checkpoint (holds its recipe) or a weights file."
+        None,
+        "--checkpoint",
+        help="This tool's checkpoint (it records its model) or a weights file.",
     ),
     pretrained: str | None = typer.Option(
         None, "--pretrained", help="Weights file or URL, as model.pretrained takes."
@@ -44,7 +66,6 @@ def show(
     """Draw a classifier's view of images: top-5 classes, a Grad-CAM, and for chosen blocks DBRA's
     agents (reference grid, sampled positions, offsets), the regions BRA and DBRA route a query
     point to, and its attention over the agents."""
-    from debiformer.tools.show import parse_blocks, parse_point, parse_size
     from debiformer.tools.show import show as show_images
 
     show_images(
@@ -55,7 +76,7 @@ def show(
         checkpoint=checkpoint,
         pretrained=pretrained,
         query=parse_point(query) if query is not None else None,
-        blocks=parse_blocks(blocks),
+        blocks=names(blocks),
         size=parse_size(size) if size is not None else None,
         json_path=json_path,
     )

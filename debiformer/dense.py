@@ -3,29 +3,36 @@ layer-normalised (the release's detection and segmentation backbones' `extra_nor
 
     images -> stem, stages 1..4 (strides 4, 8, 16, 32) -> a LayerNorm2d per map -> a head
 
-`build_body` makes the backbone a recipe names, started from `model.pretrained` when set;
-`StageMaps` runs it. Detectors (`debiformer.detection`) put an FPN on top, segmenters
-(`debiformer.segmentation`) a Semantic FPN or UperNet head.
+`build_body` makes the backbone of a model spec through `weights.build_model` (so a pretrained
+start is the classifier's), `StageMaps` runs it. Detectors (`debiformer.detection`) put an FPN on
+top, segmenters (`debiformer.segmentation`) a Semantic FPN or UperNet head.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from rich.console import Console
 from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 
-from debiformer.model import DeBiFormer, create_model
-from debiformer.recipe import ModelConfig
-from debiformer.weights import load_pretrained
+from debiformer.model import DeBiFormer
+from debiformer.weights import ModelSpec, Provenance, build_model
 
 
-def build_body(model: ModelConfig) -> DeBiFormer:
-    """The recipe's DeBiFormer without head and final norm, started from `model.pretrained`
-    (its classifier left out) when set."""
-    body = create_model(model.name, num_classes=0, drop_path_rate=model.drop_path, **model.arch)
-    if model.pretrained is not None:
-        load_pretrained(body, model.pretrained, use_ema=model.pretrained_ema)
+def build_body(
+    spec: ModelSpec,
+    *,
+    pretrained: str | Path | None = None,
+    ema: bool = False,
+    console: Console | None = None,
+) -> tuple[DeBiFormer, Provenance]:
+    """The DeBiFormer of `spec` (a dense model's, or its `backbone()`) without head and final
+    norm, started from `pretrained` (its classifier left out; `ema`: a training checkpoint's EMA
+    weights) when given."""
+    body, provenance = build_model(spec.backbone(), pretrained=pretrained, ema=ema, console=console)
     body.prune_intermediate_layers(indices=4, prune_norm=True, prune_head=True)
-    return body
+    return body, provenance
 
 
 class StageMaps(nn.Module):

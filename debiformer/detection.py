@@ -24,12 +24,19 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
-from debiformer.dense import StageMaps, build_body
+from debiformer.dense import StageMaps
 from debiformer.model import DeBiFormer
-from debiformer.recipe import DetectionConfig, ModelConfig
+from debiformer.recipe import DetectionConfig
 
 # the stage maps each detector's FPN reads
 FPN_STAGES = {"maskrcnn": [0, 1, 2, 3], "retinanet": [1, 2, 3]}
+# the weights whose rows are (object classes + background) x anchors per location
+CLASS_LOGITS = {
+    "maskrcnn": "roi_heads.box_predictor.cls_score.weight",
+    "retinanet": "head.classification_head.cls_logits.weight",
+}
+# torchvision's default RetinaNet anchors per location: 3 sizes x 3 aspect ratios
+RETINANET_ANCHORS = 9
 
 
 class FeaturePyramidBackbone(StageMaps):
@@ -52,10 +59,9 @@ class FeaturePyramidBackbone(StageMaps):
         return self.fpn(OrderedDict(zip(map(str, self.stages), maps, strict=True)))
 
 
-def build_detector(model: ModelConfig, detection: DetectionConfig, num_classes: int) -> nn.Module:
-    """torchvision's Mask R-CNN or RetinaNet on the recipe's backbone, for `num_classes` object
-    classes (labels 1..num_classes; 0 is the background)."""
-    body = build_body(model)
+def build_detector(body: DeBiFormer, detection: DetectionConfig, num_classes: int) -> nn.Module:
+    """torchvision's Mask R-CNN or RetinaNet on `body` (`dense.build_body`), for `num_classes`
+    object classes (labels 1..num_classes; 0 is the background)."""
     width = detection.fpn_channels
     common = dict(
         min_size=detection.min_size,
@@ -89,3 +95,13 @@ def build_detector(model: ModelConfig, detection: DetectionConfig, num_classes: 
         mask_predictor=MaskRCNNPredictor(width, width, classes),
         **common,
     )
+
+
+def detector_classes(state: dict[str, Tensor], detector: str) -> int:
+    """The object classes (background not counted) of a `detector`'s weights in `state`; 0 for
+    weights without its classifier."""
+    if CLASS_LOGITS[detector] not in state:
+        return 0
+    rows = state[CLASS_LOGITS[detector]].shape[0]
+    anchors = RETINANET_ANCHORS if detector == "retinanet" else 1
+    return rows // anchors - 1

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from debiformer.errors import UserError
 from debiformer.official import rename_official_state_dict
 from debiformer.regions import step
-from debiformer.routing import attend_routed_regions, pad_to_regions, record
+from debiformer.routing import attend_routed_regions, pad_to_regions, record, record_grid
 from debiformer.weights import as_model_shape, is_official_state_dict, load_pretrained
 
 
@@ -137,6 +137,7 @@ class BiLevelRoutingAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         _, height, width, _ = x.shape
         x = pad_to_regions(x, self.n_win)
+        record_grid("region_grid", (height, width), x, self.n_win)
         with step("bra/qkv_projection"):
             query, key, value = self.qkv(x).chunk(3, dim=-1)
         output = attend_routed_regions(
@@ -217,6 +218,7 @@ class DeformableBiLevelRoutingAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         _, height, width, _ = x.shape
         x = pad_to_regions(x, self.n_win)
+        record_grid("region_grid", (height, width), x, self.n_win)
         with step("dbra/qkv_projection"):
             query, key, value = self.qkv(x).chunk(3, dim=-1)
         with step("dbra/offset_network"):
@@ -251,6 +253,7 @@ class DeformableBiLevelRoutingAttention(nn.Module):
             torch.arange(agent_width, device=query.device, dtype=offsets.dtype) + 0.5
         ) / agent_width
         reference = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1) * 2 - 1
+        record("reference_points", reference)
         return (reference + offsets).clamp(-1, 1)
 
     def _sample(self, x: Tensor, positions: Tensor) -> Tensor:
@@ -266,6 +269,7 @@ class DeformableBiLevelRoutingAttention(nn.Module):
         agent_height, agent_width = agents.shape[1:3]
         with step("dbra/agent_attention"):
             agent_queries = pad_to_regions(self.proj_q(agents), self.n_win)
+        record_grid("agent_grid", (agent_height, agent_width), agent_queries, self.n_win)
         context = attend_routed_regions(
             agent_queries,
             key,

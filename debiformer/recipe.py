@@ -5,28 +5,35 @@ A recipe file has the sections below (every key optional, defaults in the datacl
     base: _imagenet          # another recipe (path relative to this file, `.yaml` optional)
     task: classification     # or detection, segmentation
     model:    {name, drop_path, arch, pretrained, freeze, ...}
-    data:     {backend, train_path, val_path, train_source, val_source, image_size, ...}
-    detection: {detector, fpn_channels, min_size, max_size, ...}   (task: detection)
-    segmentation: {head, channels, crop_size, eval_mode, ...}      (task: segmentation)
+    data:     the task's data section:
+              classification {backend, train_path, val_path, train_source, image_size, ...}
+              detection      {train_path, train_annotations, val_path, val_annotations, mosaics, ...}
+              segmentation   {train_path, train_masks, val_path, val_masks, classes, ...}
+    detection: {detector, fpn_channels, min_size, max_size, ...}   (task: detection only)
+    segmentation: {head, channels, crop_size, eval_mode, ...}      (task: segmentation only)
     optim:    {lr, lr_base_batch, weight_decay, betas, eps, clip_grad, layer_decay}
     schedule: {epochs or steps, warmup_epochs or warmup_steps, warmup_lr, min_lr, decay, ...}
     augment:  {hflip, scale, ratio, randaugment, random_erasing, mixup, cutmix, label_smoothing}
     train:    {batch_size, accum_steps, precision, device, channels_last, compile, ema, ...}
     output:   {dir, log_every, checkpoint_every, progress, tensorboard}
 
-Any mistake (unknown key, wrong type, out-of-range value) raises `UserError` naming the key path.
+A field's range check stands beside it (`checked(default, Rule)`); checks between fields of one
+section are its `check` method. Any mistake (unknown key, a key of another task, wrong type,
+out-of-range value) raises `UserError` naming the key path.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import importlib.resources
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 
@@ -37,8 +44,51 @@ from debiformer.model import resolve_architecture
 RECIPES_DIR = Path(str(importlib.resources.files("debiformer.recipes")))
 
 
+class Rule(NamedTuple):
+    """A range check of one value: `ok(value)` holds, else the error says `message`."""
+
+    ok: Callable[[Any], bool]
+    message: str
+
+
+POSITIVE = Rule(lambda v: v > 0, "must be positive")
+NOT_NEGATIVE = Rule(lambda v: v >= 0, "must be >= 0")
+
+
+def at_least(low: int) -> Rule:
+    """The value is `low` or more."""
+    return Rule(lambda v: v >= low, f"must be at least {low}")
+
+
+def pair(example: str) -> Rule:
+    """The value is a list of two numbers."""
+    return Rule(lambda v: len(v) == 2, f"expected two numbers {example}")
+
+
+def checked(default: Any, rule: Rule) -> Any:
+    """A dataclass field whose value, when not null, must pass `rule` (a list default is copied
+    for each instance)."""
+    metadata = {"rule": rule}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+class Section:
+    """A recipe section: a dataclass whose fields may carry a `Rule` (see `checked`)."""
+
+    def check(self) -> None:
+        """Checks between this section's fields; raises `UserError` naming the key."""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    """Raises `UserError` "key: message" unless `ok`."""
+    if not ok:
+        raise UserError(f"{key}: {message}")
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """Which network to build."""
 
     name: str = "debiformer_tiny"
@@ -56,10 +106,14 @@ class ModelConfig:
     # modules kept fixed, weights and BatchNorm statistics alike, e.g. [stem, stages.0]
     freeze: list[str] = field(default_factory=list)
 
+    def check(self) -> None:
+        """The variant exists and the architecture overrides fit it."""
+        resolve_architecture(self.name, self.drop_path, self.arch, prefix="model.arch.")
+
 
 @dataclass
-class DataConfig:
-    """Where images come from and at which size."""
+class ClassificationDataConfig(Section):
+    """Where a classifier's images come from and at which size (task: classification)."""
 
     backend: Literal["ffcv", "torchvision", "synthetic"] = "ffcv"
     # .beton (ffcv), ImageFolder root or fashion-mnist:<dir> (torchvision)
@@ -70,138 +124,222 @@ class DataConfig:
     val_source: str | None = None
     # options for that conversion (max_resolution, write_mode, ...)
     ffcv_writer: dict = field(default_factory=dict)
-    image_size: int = 224
+    image_size: int = checked(224, at_least(32))
     # None: same as image_size
     val_image_size: int | None = None
-    crop_ratio: float = 0.875
-    num_workers: int = 8
+    crop_ratio: float = checked(0.875, Rule(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    num_workers: int = checked(8, NOT_NEGATIVE)
     # None: taken from the data set
     num_classes: int | None = None
-    synthetic_samples: int = 1024
-    # detection: COCO annotation files (instances_*.json) of the image folders train_path/val_path
-    train_annotations: str | None = None
-    val_annotations: str | None = None
-    # detection: when set, the offline Fashion-MNIST mosaics are written on first use with these
-    # options of `write_mosaics` (out, train_images, val_images, canvas_size, ...)
-    mosaics: dict = field(default_factory=dict)
-    # segmentation: folders of label PNGs (one per image, same file stem) of train_path/val_path
-    train_masks: str | None = None
-    val_masks: str | None = None
-    # segmentation: the class names, label value k = the k-th name (after reduce_zero_label); a
-    # list, or a text file with one name per line
-    classes: list[str] | str | None = None
-    # segmentation: label 0 is "unlabelled" and ignored, label k is class k-1 (ADE20K)
-    reduce_zero_label: bool = False
+    synthetic_samples: int = checked(1024, POSITIVE)
 
 
 @dataclass
-class DetectionConfig:
+class CocoDataConfig(Section):
+    """A detector's images and COCO annotation files (task: detection)."""
+
+    # image folders
+    train_path: str | None = None
+    val_path: str | None = None
+    # the COCO annotation files (instances_*.json) of those folders
+    train_annotations: str | None = None
+    val_annotations: str | None = None
+    # when set, the offline Fashion-MNIST mosaics are written on first use with these options of
+    # `write_mosaics` (out, train_images, val_images, canvas_size, ...)
+    mosaics: dict = field(default_factory=dict)
+    num_workers: int = checked(8, NOT_NEGATIVE)
+
+
+@dataclass
+class MaskDataConfig(Section):
+    """A segmenter's images and label masks (task: segmentation)."""
+
+    # image folders
+    train_path: str | None = None
+    val_path: str | None = None
+    # folders of label PNGs (one per image, same file stem) of those folders
+    train_masks: str | None = None
+    val_masks: str | None = None
+    # the class names, label value k = the k-th name (after reduce_zero_label); a list, or a text
+    # file with one name per line
+    classes: list[str] | str | None = None
+    # label 0 is "unlabelled" and ignored, label k is class k-1 (ADE20K)
+    reduce_zero_label: bool = False
+    # when set, the offline Fashion-MNIST mosaics are written on first use with these options of
+    # `write_mosaics` (out, train_images, val_images, canvas_size, ...)
+    mosaics: dict = field(default_factory=dict)
+    num_workers: int = checked(8, NOT_NEGATIVE)
+
+
+DataConfig = ClassificationDataConfig | CocoDataConfig | MaskDataConfig
+
+
+@dataclass
+class DetectionConfig(Section):
     """The detector around the backbone (task: detection): torchvision's Mask R-CNN or
     RetinaNet on an FPN of the backbone's stage maps."""
 
     detector: Literal["maskrcnn", "retinanet"] = "maskrcnn"
     # FPN width; Mask R-CNN's mask head convolutions use it too
-    fpn_channels: int = 256
+    fpn_channels: int = checked(256, at_least(8))
     # Mask R-CNN's box head: two fully connected layers of this width
-    representation_size: int = 1024
+    representation_size: int = checked(1024, POSITIVE)
     # images are resized (keeping their ratio) so the shorter side is min_size, the longer at
     # most max_size, as the release's 1333x800
-    min_size: int = 800
+    min_size: int = checked(800, at_least(32))
     max_size: int = 1333
     # Mask R-CNN: proposals the RPN keeps per image after NMS (the release's 1000), and of
     # those, how many are sampled per image to train the box head
-    rpn_proposals: int = 1000
-    rois_per_image: int = 512
+    rpn_proposals: int = checked(1000, POSITIVE)
+    rois_per_image: int = checked(512, POSITIVE)
     # detections kept per image at evaluation
-    detections_per_image: int = 100
+    detections_per_image: int = checked(100, POSITIVE)
     # validation images drawn with their predictions in predictions.png
-    preview_images: int = 4
+    preview_images: int = checked(4, NOT_NEGATIVE)
+
+    def check(self) -> None:
+        """The longer side's limit is not below the shorter side's size."""
+        _require(
+            self.max_size >= self.min_size,
+            "detection.max_size",
+            "must be at least detection.min_size",
+        )
 
 
 @dataclass
-class SegmentationConfig:
+class SegmentationConfig(Section):
     """The head on the backbone (task: segmentation), its training crops and its evaluation;
     the defaults are the release's ADE20K UperNet configs."""
 
     head: Literal["fpn", "upernet"] = "upernet"
     # Semantic FPN: the FPN's width
-    fpn_channels: int = 256
+    fpn_channels: int = checked(256, at_least(8))
     # the decode head's width: Semantic FPN's per-level convolutions (the release's 128),
     # UperNet's (512)
-    channels: int = 512
+    channels: int = checked(512, POSITIVE)
     # UperNet: the auxiliary FCN head on stage 3, its width and loss weight (0: none)
-    aux_channels: int = 256
-    aux_weight: float = 0.4
-    dropout: float = 0.1
+    aux_channels: int = checked(256, POSITIVE)
+    aux_weight: float = checked(0.4, NOT_NEGATIVE)
+    dropout: float = checked(0.1, Rule(lambda v: 0 <= v < 1, "must be in [0, 1)"))
     # label value that no loss or metric counts (padding, "unlabelled")
     ignore_index: int = 255
     # training: rescale into (long, short) = scale * r, r drawn from ratio_range; a crop_size
     # crop with at most cat_max_ratio of it one class; flip; photometric distortion
-    scale: list[int] = field(default_factory=lambda: [2048, 512])
-    ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
-    crop_size: int = 512
-    cat_max_ratio: float = 0.75
+    scale: list[int] = checked(
+        [2048, 512],
+        Rule(
+            lambda v: len(v) == 2 and min(v) >= 32,
+            "expected two sizes of at least 32, [long, short], e.g. [2048, 512]",
+        ),
+    )
+    ratio_range: list[float] = checked(
+        [0.5, 2.0],
+        Rule(
+            lambda v: len(v) == 2 and 0 < v[0] <= v[1],
+            "expected two ratios [min, max], 0 < min <= max, e.g. [0.5, 2.0]",
+        ),
+    )
+    crop_size: int = checked(512, at_least(32))
+    cat_max_ratio: float = checked(0.75, Rule(lambda v: 0 < v <= 1, "must be in (0, 1]"))
     # evaluation: each image resized to fit scale * ratio (sides rounded up to size_divisor),
     # inferred whole or in crop_size windows eval_stride apart, with its mirror image too when
     # eval_flip; the class probabilities averaged over all passes
     eval_mode: Literal["whole", "slide"] = "whole"
     eval_stride: int = 341
-    eval_ratios: list[float] = field(default_factory=lambda: [1.0])
+    eval_ratios: list[float] = checked(
+        [1.0],
+        Rule(
+            lambda v: bool(v) and all(r > 0 for r in v),
+            "expected positive ratios, e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]",
+        ),
+    )
     eval_flip: bool = False
-    size_divisor: int = 32
+    size_divisor: int = checked(32, POSITIVE)
     # validation images drawn beside their ground truth and prediction in predictions.png
-    preview_images: int = 4
+    preview_images: int = checked(4, NOT_NEGATIVE)
+
+    def check(self) -> None:
+        """Sliding windows overlap or touch: the stride is at most the window."""
+        _require(
+            self.eval_mode == "whole" or 0 < self.eval_stride <= self.crop_size,
+            "segmentation.eval_stride",
+            "must be in (0, segmentation.crop_size] for sliding-window evaluation",
+        )
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Section):
     """AdamW; no weight decay on norms, biases and position-bias tables."""
 
-    lr: float = 5e-4
+    lr: float = checked(5e-4, POSITIVE)
     # lr is for this many images per step, scaled by the global batch (None: not scaled)
     lr_base_batch: int | None = 512
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = checked(0.05, NOT_NEGATIVE)
+    betas: list[float] = checked([0.9, 0.999], pair("[beta1, beta2]"))
     eps: float = 1e-8
     # max gradient norm (None: no clipping)
-    clip_grad: float | None = None
+    clip_grad: float | None = checked(
+        None, Rule(lambda v: v > 0, "must be positive (or null for no clipping)")
+    )
     # layer-wise lr decay: each parameter group below the head scales the lr by this once more
     # (timm's param_groups_layer_decay; None: off)
-    layer_decay: float | None = None
+    layer_decay: float | None = checked(
+        None, Rule(lambda v: 0 < v <= 1, "must be in (0, 1] (or null for none)")
+    )
 
 
 @dataclass
-class ScheduleConfig:
+class ScheduleConfig(Section):
     """Linear warm-up, then cosine decay to min_lr, poly decay, or step decay at milestones;
     the lr changes every optimizer step. The length is `epochs` or `steps` (set the other to
     null)."""
 
-    epochs: int | None = 300
+    epochs: int | None = checked(300, at_least(1))
     # optimizer steps in all, instead of epochs (the last epoch stops part-way)
-    steps: int | None = None
-    warmup_epochs: float = 20.0
+    steps: int | None = checked(None, at_least(1))
+    warmup_epochs: float = checked(20.0, NOT_NEGATIVE)
     # warm-up length in optimizer steps, instead of warmup_epochs
-    warmup_steps: int | None = None
+    warmup_steps: int | None = checked(None, NOT_NEGATIVE)
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
     decay: Literal["cosine", "poly", "step"] = "cosine"
     # poly decay: lr = (peak - min_lr) * (1 - step / steps) ** power + min_lr
-    power: float = 1.0
+    power: float = checked(1.0, POSITIVE)
     # step decay: when the lr is multiplied by gamma, in epochs (or steps when `steps` is set)
     milestones: list[float] = field(default_factory=list)
-    gamma: float = 0.1
+    gamma: float = checked(0.1, Rule(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+
+    def check(self) -> None:
+        """One length (epochs or steps); milestones only for step decay, inside that length."""
+        by_steps = self.steps is not None
+        _require(
+            (self.epochs is None) == by_steps,
+            "schedule.steps",
+            "give schedule.epochs or schedule.steps: set the other to null",
+        )
+        _require(
+            self.decay == "step" or not self.milestones,
+            "schedule.milestones",
+            "only step decay has milestones: set schedule.decay=step",
+        )
+        length, unit = (self.steps, "steps") if by_steps else (self.epochs, "epochs")
+        _require(
+            all(0 < m < length for m in self.milestones),
+            "schedule.milestones",
+            f"expected {unit} between 0 and schedule.{unit}, e.g. [8, 11]",
+        )
 
 
 @dataclass
-class AugmentConfig:
+class AugmentConfig(Section):
     """Training augmentation and target smoothing."""
 
     hflip: bool = True
-    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
-    ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333])
+    scale: list[float] = checked([0.08, 1.0], pair("[min, max]"))
+    ratio: list[float] = checked([0.75, 1.3333333], pair("[min, max]"))
     # timm string, e.g. rand-m9-mstd0.5-inc1
     randaugment: str | None = None
-    random_erasing: float = 0.0
+    random_erasing: float = checked(0.0, Rule(lambda v: 0 <= v <= 1, "must be in [0, 1]"))
     # mixup and cutmix alphas (0: off)
     mixup: float = 0.0
     cutmix: float = 0.0
@@ -209,16 +347,16 @@ class AugmentConfig:
     mixup_switch_prob: float = 0.5
     # epoch from which mixup/cutmix stop
     mixup_off_epoch: int | None = None
-    label_smoothing: float = 0.0
+    label_smoothing: float = checked(0.0, Rule(lambda v: 0 <= v < 1, "must be in [0, 1)"))
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     """How the optimisation runs."""
 
     # global: over all processes and accumulation steps
-    batch_size: int = 2048
-    accum_steps: int = 1
+    batch_size: int = checked(2048, at_least(1))
+    accum_steps: int = checked(1, at_least(1))
     # per process; None: the training batch per process
     eval_batch_size: int | None = None
     # fp32, or autocast to bf16 or fp16 (fp16 only on CUDA)
@@ -227,25 +365,27 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     # stages (1-4) recomputed in the backward pass
-    grad_checkpointing: list[int] = field(default_factory=list)
+    grad_checkpointing: list[int] = checked(
+        [], Rule(lambda v: set(v) <= {1, 2, 3, 4}, "expected a list of stages 1-4, e.g. [1, 3]")
+    )
     ema: bool = False
-    ema_decay: float = 0.9998
+    ema_decay: float = checked(0.9998, Rule(lambda v: 0 < v < 1, "must be in (0, 1)"))
     ema_warmup: bool = False
     seed: int = 0
     # epochs between evaluations (the last epoch is always evaluated)
-    eval_every: int = 1
+    eval_every: int = checked(1, at_least(1))
 
 
 @dataclass
-class OutputConfig:
+class OutputConfig(Section):
     """What is written and where."""
 
     # None: runs/<recipe name>
     dir: str | None = None
     # optimizer steps between metrics.jsonl lines
-    log_every: int = 50
+    log_every: int = checked(50, at_least(1))
     # optimizer steps between checkpoints (0: at epoch ends only)
-    checkpoint_every: int = 0
+    checkpoint_every: int = checked(0, NOT_NEGATIVE)
     progress: bool = True
     # also write the metrics.jsonl scalars as TensorBoard events in <run>/tensorboard
     # (needs the tensorboard package: the `tensorboard` extra)
@@ -254,15 +394,16 @@ class OutputConfig:
 
 @dataclass
 class Recipe:
-    """A complete, validated recipe."""
+    """A complete, validated recipe; `data` is the task's data section, and `detection` and
+    `segmentation` are set only in recipes of that task."""
 
     name: str = "recipe"
     description: str = ""
     task: Literal["classification", "detection", "segmentation"] = "classification"
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    detection: DetectionConfig = field(default_factory=DetectionConfig)
-    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    data: DataConfig = field(default_factory=ClassificationDataConfig)
+    detection: DetectionConfig | None = None
+    segmentation: SegmentationConfig | None = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -270,15 +411,30 @@ class Recipe:
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
-SECTIONS: dict[str, type] = {
-    f.name: f.default_factory
-    for f in dataclasses.fields(Recipe)
-    if f.name not in ("name", "description", "task")
+# each task's data section, and the sections only one task's recipes have (named as the task)
+DATA_SECTIONS: dict[str, type] = {
+    "classification": ClassificationDataConfig,
+    "detection": CocoDataConfig,
+    "segmentation": MaskDataConfig,
 }
-TOP_LEVEL_KEYS = ("base", "name", "description", "task", *SECTIONS)
+TASK_SECTIONS: dict[str, type] = {"detection": DetectionConfig, "segmentation": SegmentationConfig}
+TOP_LEVEL_KEYS = ("base", *(f.name for f in dataclasses.fields(Recipe)))
 RENAMED_KEYS = {"train.amp": "train.precision (fp32, bf16 or fp16)"}
 # what a resumed run cannot change: the model, the data and the batch (`fixed_on_resume`)
 FIXED_ON_RESUME = ("task", "model", "data", "detection", "segmentation", "train.batch_size")
+
+
+def recipe_sections(task: str) -> dict[str, type]:
+    """The sections of a recipe of `task` and their dataclasses, in the order of `Recipe`."""
+    sections = {}
+    for f in dataclasses.fields(Recipe):
+        if f.name == "data":
+            sections["data"] = DATA_SECTIONS[task]
+        elif f.name == task:
+            sections[f.name] = TASK_SECTIONS[task]
+        elif f.name not in ("name", "description", "task", *TASK_SECTIONS):
+            sections[f.name] = f.default_factory
+    return sections
 
 
 def find_recipe(name_or_path: str) -> Path:
@@ -315,28 +471,48 @@ def load_recipe(name_or_path: str | Path, overrides: typing.Sequence[str] = ()) 
 
 
 def recipe_from_dict(raw: dict) -> Recipe:
-    """Builds a validated `Recipe` from plain data (as read from YAML, `base:` already resolved)."""
+    """Builds a validated `Recipe` from plain data (as read from YAML, `base:` already resolved);
+    the task (default classification) decides which data keys and sections it may have."""
     raw = {k: v for k, v in raw.items() if k != "base"}
     _check_keys(raw, TOP_LEVEL_KEYS, prefix="")
     values: dict[str, Any] = {}
     for key in ("name", "description"):
         if key in raw:
             values[key] = _convert(raw[key], str, key)
-    if "task" in raw:
-        values["task"] = _convert(raw["task"], typing.get_type_hints(Recipe)["task"], "task")
-    for section, cls in SECTIONS.items():
+    task = _convert(
+        raw.get("task", "classification"), typing.get_type_hints(Recipe)["task"], "task"
+    )
+    values["task"] = task
+    for section in TASK_SECTIONS:
+        if section != task and raw.get(section) is not None:
+            raise UserError(_belongs_to(section, [section], task))
+    for section, cls in recipe_sections(task).items():
         content = raw.get(section) or {}
         if not isinstance(content, dict):
             raise UserError(f"{section}: expected a mapping of keys, got {content!r}")
+        if section == "data":
+            _check_data_keys(content, task)
         values[section] = _build_section(cls, content, section)
-    recipe = Recipe(**values)
-    _check_values(recipe)
-    return recipe
+    return Recipe(**values)
+
+
+def recipe_from_stored(stored: dict, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """The recipe a training checkpoint stored (`recipe_to_dict`), with `section.key=value`
+    overrides applied. Checkpoints of earlier versions stored every task's data keys and
+    sections; those of other tasks are dropped."""
+    task = stored.get("task", "classification")
+    own = copy.deepcopy({k: v for k, v in stored.items() if k not in TASK_SECTIONS or k == task})
+    if task in DATA_SECTIONS and isinstance(own.get("data"), dict):
+        names = _field_names(DATA_SECTIONS[task])
+        own["data"] = {k: v for k, v in own["data"].items() if k in names}
+    for override in overrides:
+        _apply_override(own, override)
+    return recipe_from_dict(own)
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:
-    """The recipe as plain data (every key, defaults included)."""
-    return dataclasses.asdict(recipe)
+    """The recipe as plain data: every key of its task's sections, defaults included."""
+    return {k: v for k, v in dataclasses.asdict(recipe).items() if v is not None}
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
@@ -346,11 +522,14 @@ def recipe_to_yaml(recipe: Recipe) -> str:
 
 def fixed_on_resume(recipe: dict) -> dict[str, Any]:
     """The values of a recipe (as plain data) that a resumed run must keep, by key path; the
-    data loader's worker count may change."""
+    data loader's worker count may change. Compare the current recipe's keys only: a stored
+    recipe may have more (earlier versions stored every task's keys)."""
     values: dict[str, Any] = {}
     for key in FIXED_ON_RESUME:
         section, _, name = key.partition(".")
-        content = recipe.get(section, {})
+        content = recipe.get(section)
+        if content is None:
+            continue
         if not isinstance(content, dict):
             values[key] = content
         elif name:
@@ -402,10 +581,12 @@ def _apply_override(raw: dict, override: str) -> None:
     """Applies one `section.key=value` override (value parsed as YAML) to the raw recipe."""
     key_path, sep, text = override.partition("=")
     if not sep or not key_path.strip():
-        raise UserError(f"--set {override!r}: expected section.key=value")
+        raise UserError(f"{override!r}: expected section.key=value", about="overrides")
     keys = key_path.strip().split(".")
     if len(keys) < 2 and keys[0] not in ("name", "description"):
-        raise UserError(f"--set {override!r}: expected section.key=value, e.g. optim.lr=1e-3")
+        raise UserError(
+            f"{override!r}: expected section.key=value, e.g. optim.lr=1e-3", about="overrides"
+        )
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
@@ -420,14 +601,18 @@ def _apply_override(raw: dict, override: str) -> None:
 
 
 def _check_override_path(keys: list[str]) -> None:
-    """Rejects an override whose key path does not exist in the schema."""
+    """Rejects an override whose key path exists in no task's schema (whether it fits this
+    recipe's task is checked with the whole recipe)."""
     _check_keys({keys[0]: None}, TOP_LEVEL_KEYS, prefix="")
     if len(keys) == 1:
         return
-    cls = SECTIONS[keys[0]]
-    names = [f.name for f in dataclasses.fields(cls)]
-    _check_keys({keys[1]: None}, names, prefix=f"{keys[0]}.")
-    if len(keys) > 2 and typing.get_type_hints(cls)[keys[1]] is not dict:
+    sections = {**recipe_sections("classification"), **TASK_SECTIONS}
+    if keys[0] not in sections:
+        raise UserError(f"unknown key '{'.'.join(keys)}' ({keys[0]} has no sub-keys)")
+    classes = DATA_SECTIONS.values() if keys[0] == "data" else [sections[keys[0]]]
+    hints = {k: v for cls in classes for k, v in typing.get_type_hints(cls).items()}
+    _check_keys({keys[1]: None}, hints, prefix=f"{keys[0]}.")
+    if len(keys) > 2 and hints[keys[1]] is not dict:
         raise UserError(f"unknown key '{'.'.join(keys)}' ({keys[0]}.{keys[1]} has no sub-keys)")
 
 
@@ -443,14 +628,42 @@ def _check_keys(mapping: dict, allowed: typing.Iterable[str], prefix: str) -> No
             raise UserError(f"unknown key '{prefix}{key}'{hint}")
 
 
+def _check_data_keys(content: dict, task: str) -> None:
+    """Raises for the first data key that belongs to other tasks' data sections only."""
+    own = _field_names(DATA_SECTIONS[task])
+    for key in content:
+        owners = [t for t, cls in DATA_SECTIONS.items() if key in _field_names(cls)]
+        if key not in own and owners:
+            raise UserError(_belongs_to(f"data.{key}", owners, task))
+
+
+def _belongs_to(key: str, tasks: list[str], task: str) -> str:
+    """The error for `key`, which only recipes of `tasks` have, in a recipe of `task`."""
+    return (
+        f"{key} belongs to {' and '.join(tasks)} recipes (task: {' or '.join(tasks)}); "
+        f"this recipe's task is {task}"
+    )
+
+
+def _field_names(cls: type) -> list[str]:
+    """The keys of a section."""
+    return [f.name for f in dataclasses.fields(cls)]
+
+
 def _build_section(cls: type, content: dict, section: str) -> Any:
-    """Validates one section's keys and value types and returns its dataclass."""
+    """Validates one section's keys, value types and ranges and returns its dataclass."""
     hints = typing.get_type_hints(cls)
     _check_keys(content, hints, prefix=f"{section}.")
     values = {
         key: _convert(value, hints[key], f"{section}.{key}") for key, value in content.items()
     }
-    return cls(**values)
+    built = cls(**values)
+    for f in dataclasses.fields(built):
+        rule, value = f.metadata.get("rule"), getattr(built, f.name)
+        if rule is not None and value is not None and not rule.ok(value):
+            raise UserError(f"{section}.{f.name}: {rule.message}")
+    built.check()
+    return built
 
 
 def _describe(kind: Any) -> str:
@@ -525,129 +738,3 @@ def _convert(value: Any, kind: Any, key: str) -> Any:
             raise fail
         return value
     raise TypeError(f"unsupported annotation {kind!r} for {key}")
-
-
-def _check_values(recipe: Recipe) -> None:
-    """Range checks that types alone cannot express."""
-    checks = [
-        ("data.image_size", recipe.data.image_size >= 32, "must be at least 32"),
-        ("data.num_workers", recipe.data.num_workers >= 0, "must be >= 0"),
-        ("data.crop_ratio", 0 < recipe.data.crop_ratio <= 1, "must be in (0, 1]"),
-        ("data.synthetic_samples", recipe.data.synthetic_samples > 0, "must be positive"),
-        ("optim.lr", recipe.optim.lr > 0, "must be positive"),
-        ("optim.weight_decay", recipe.optim.weight_decay >= 0, "must be >= 0"),
-        ("optim.betas", len(recipe.optim.betas) == 2, "expected two numbers [beta1, beta2]"),
-        ("augment.scale", len(recipe.augment.scale) == 2, "expected two numbers [min, max]"),
-        ("augment.ratio", len(recipe.augment.ratio) == 2, "expected two numbers [min, max]"),
-        ("augment.label_smoothing", 0 <= recipe.augment.label_smoothing < 1, "must be in [0, 1)"),
-        ("augment.random_erasing", 0 <= recipe.augment.random_erasing <= 1, "must be in [0, 1]"),
-        *_schedule_checks(recipe.schedule),
-        ("detection.fpn_channels", recipe.detection.fpn_channels >= 8, "must be at least 8"),
-        (
-            "detection.representation_size",
-            recipe.detection.representation_size >= 1,
-            "must be positive",
-        ),
-        ("detection.min_size", recipe.detection.min_size >= 32, "must be at least 32"),
-        (
-            "detection.max_size",
-            recipe.detection.max_size >= recipe.detection.min_size,
-            "must be at least detection.min_size",
-        ),
-        ("detection.rois_per_image", recipe.detection.rois_per_image >= 1, "must be positive"),
-        ("detection.rpn_proposals", recipe.detection.rpn_proposals >= 1, "must be positive"),
-        (
-            "detection.detections_per_image",
-            recipe.detection.detections_per_image >= 1,
-            "must be positive",
-        ),
-        ("detection.preview_images", recipe.detection.preview_images >= 0, "must be >= 0"),
-        *_segmentation_checks(recipe.segmentation),
-        ("train.batch_size", recipe.train.batch_size >= 1, "must be at least 1"),
-        ("train.accum_steps", recipe.train.accum_steps >= 1, "must be at least 1"),
-        ("train.eval_every", recipe.train.eval_every >= 1, "must be at least 1"),
-        ("train.ema_decay", 0 < recipe.train.ema_decay < 1, "must be in (0, 1)"),
-        (
-            "train.grad_checkpointing",
-            set(recipe.train.grad_checkpointing) <= {1, 2, 3, 4},
-            "expected a list of stages 1-4, e.g. [1, 3]",
-        ),
-        ("output.log_every", recipe.output.log_every >= 1, "must be at least 1"),
-        ("output.checkpoint_every", recipe.output.checkpoint_every >= 0, "must be >= 0"),
-    ]
-    for key, ok, message in checks:
-        if not ok:
-            raise UserError(f"{key}: {message}")
-    if recipe.optim.clip_grad is not None and recipe.optim.clip_grad <= 0:
-        raise UserError("optim.clip_grad: must be positive (or null for no clipping)")
-    if recipe.optim.layer_decay is not None and not 0 < recipe.optim.layer_decay <= 1:
-        raise UserError("optim.layer_decay: must be in (0, 1] (or null for none)")
-    resolve_architecture(
-        recipe.model.name, recipe.model.drop_path, recipe.model.arch, prefix="model.arch."
-    )
-
-
-def _schedule_checks(schedule: ScheduleConfig) -> list[tuple[str, bool, str]]:
-    """(key, ok, message) range checks of the schedule section."""
-    by_steps = schedule.steps is not None
-    length = schedule.steps if by_steps else schedule.epochs
-    unit = "steps" if by_steps else "epochs"
-    return [
-        (
-            "schedule.steps",
-            (schedule.epochs is None) == by_steps,
-            "give schedule.epochs or schedule.steps: set the other to null",
-        ),
-        (f"schedule.{unit}", length is None or length >= 1, "must be at least 1"),
-        ("schedule.warmup_epochs", schedule.warmup_epochs >= 0, "must be >= 0"),
-        ("schedule.warmup_steps", (schedule.warmup_steps or 0) >= 0, "must be >= 0"),
-        ("schedule.power", schedule.power > 0, "must be positive"),
-        ("schedule.gamma", 0 < schedule.gamma <= 1, "must be in (0, 1]"),
-        (
-            "schedule.milestones",
-            schedule.decay == "step" or not schedule.milestones,
-            "only step decay has milestones: set schedule.decay=step",
-        ),
-        (
-            "schedule.milestones",
-            length is None or all(0 < m < length for m in schedule.milestones),
-            f"expected {unit} between 0 and schedule.{unit}, e.g. [8, 11]",
-        ),
-    ]
-
-
-def _segmentation_checks(segmentation: SegmentationConfig) -> list[tuple[str, bool, str]]:
-    """(key, ok, message) range checks of the segmentation section."""
-    low, high = (segmentation.ratio_range + [0, 0])[:2]
-    return [
-        ("segmentation.channels", segmentation.channels >= 1, "must be positive"),
-        ("segmentation.fpn_channels", segmentation.fpn_channels >= 8, "must be at least 8"),
-        ("segmentation.aux_channels", segmentation.aux_channels >= 1, "must be positive"),
-        ("segmentation.aux_weight", segmentation.aux_weight >= 0, "must be >= 0"),
-        ("segmentation.dropout", 0 <= segmentation.dropout < 1, "must be in [0, 1)"),
-        (
-            "segmentation.scale",
-            len(segmentation.scale) == 2 and min(segmentation.scale) >= 32,
-            "expected two sizes of at least 32, [long, short], e.g. [2048, 512]",
-        ),
-        (
-            "segmentation.ratio_range",
-            len(segmentation.ratio_range) == 2 and 0 < low <= high,
-            "expected two ratios [min, max], 0 < min <= max, e.g. [0.5, 2.0]",
-        ),
-        ("segmentation.crop_size", segmentation.crop_size >= 32, "must be at least 32"),
-        ("segmentation.cat_max_ratio", 0 < segmentation.cat_max_ratio <= 1, "must be in (0, 1]"),
-        (
-            "segmentation.eval_stride",
-            segmentation.eval_mode == "whole"
-            or 0 < segmentation.eval_stride <= segmentation.crop_size,
-            "must be in (0, segmentation.crop_size] for sliding-window evaluation",
-        ),
-        (
-            "segmentation.eval_ratios",
-            bool(segmentation.eval_ratios) and all(r > 0 for r in segmentation.eval_ratios),
-            "expected positive ratios, e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]",
-        ),
-        ("segmentation.size_divisor", segmentation.size_divisor >= 1, "must be positive"),
-        ("segmentation.preview_images", segmentation.preview_images >= 0, "must be >= 0"),
-    ]

@@ -3,6 +3,8 @@
 A feature map is cut into S×S regions. Each query region picks its top-k key regions
 by the similarity of region means (`route`), then attends only to the pixels of those
 regions (`routed_attention`). `attend_routed_regions` does all of it on NHWC maps.
+`RegionGrid` describes how a padded map is cut; within `recording`, the attentions hand their
+grids, routing and agents to a callback (`debiformer show` draws them).
 
 The routed attention never builds the (regions × top-k) copy of the keys and values that
 a gather on an expanded tensor makes (nor that copy's gradient, S² times larger). It takes
@@ -25,6 +27,7 @@ backward pass whose memory the slots bound.
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +44,40 @@ def pad_to_regions(x: Tensor, regions_per_side: int) -> Tensor:
     if pad_h or pad_w:
         x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
     return x
+
+
+@dataclass(frozen=True)
+class RegionGrid:
+    """How an attention cuts a map into S×S regions: `size` the map's (h, w), `padded_size` its
+    (H, W) after `pad_to_regions`, S = `regions_per_side`; regions in `to_regions`' raster order."""
+
+    size: tuple[int, int]
+    padded_size: tuple[int, int]
+    regions_per_side: int
+
+    @property
+    def region_size(self) -> tuple[int, int]:
+        """The (h, w) of one region: H/S x W/S pixels, as `to_regions` cuts them."""
+        height, width = self.padded_size
+        return height // self.regions_per_side, width // self.regions_per_side
+
+    def region_map(self) -> Tensor:
+        """(h, w): the raster index of the region holding each pixel of the (unpadded) map."""
+        region_h, region_w = self.region_size
+        rows = torch.arange(self.size[0]) // region_h
+        columns = torch.arange(self.size[1]) // region_w
+        return rows[:, None] * self.regions_per_side + columns[None, :]
+
+    def region_boxes(self) -> Tensor:
+        """(S², 4) boxes (x0, y0, x1, y1) of the regions in map pixels, in raster order; the last
+        row and column of regions reach into the padding."""
+        region_h, region_w = self.region_size
+        regions = torch.arange(self.regions_per_side**2)
+        rows, columns = regions // self.regions_per_side, regions % self.regions_per_side
+        return torch.stack(
+            [columns * region_w, rows * region_h, (columns + 1) * region_w, (rows + 1) * region_h],
+            dim=-1,
+        )
 
 
 def to_regions(x: Tensor, regions_per_side: int) -> Tensor:
@@ -183,16 +220,19 @@ def implementation(name: str) -> Iterator[None]:
         _implementation = previous
 
 
-# what `record` hands tensors to inside a `recording` block; None outside one
-_recorder: Callable[[str, Tensor], None] | None = None
+# what `record` hands values to inside a `recording` block; None outside one
+_recorder: Callable[[str, Tensor | RegionGrid], None] | None = None
 
 
 @contextmanager
-def recording(recorder: Callable[[str, Tensor], None]) -> Iterator[None]:
-    """Within the block the attentions hand what they compute to `recorder(name, tensor)`:
-    "region_index" (the routing of BRA and of DBRA's agents), "agent_positions" and
-    "query_agent_attention" (DBRA). Outside one, `record` returns at once: the model keeps no
-    reference and computes nothing extra (`debiformer show` records through this)."""
+def recording(recorder: Callable[[str, Tensor | RegionGrid], None]) -> Iterator[None]:
+    """Within the block the attentions hand what they compute to `recorder(name, value)`:
+    "region_grid" (the `RegionGrid` of BRA's and DBRA's input map), "region_index" (the routing
+    of BRA and of DBRA's agents), and for DBRA "reference_points" (the agents' grid cell centres
+    (Hk, Wk, 2), (y, x) in [-1, 1]), "agent_positions" (those plus offsets, where the input is
+    sampled), "agent_grid" (the `RegionGrid` of the agent map) and "query_agent_attention".
+    Outside one, `record` returns at once: the model keeps no reference and computes nothing
+    extra (`debiformer show` records through this)."""
     global _recorder
     previous, _recorder = _recorder, recorder
     try:
@@ -205,6 +245,13 @@ def record(name: str, tensor: Tensor) -> None:
     """Hands `tensor` to the recorder of the active `recording` block, if any."""
     if _recorder is not None:
         _recorder(name, tensor)
+
+
+def record_grid(name: str, size: tuple[int, int], padded: Tensor, regions_per_side: int) -> None:
+    """Hands the `RegionGrid` of a map of `size` (h, w) that `pad_to_regions` made the NHWC
+    `padded` to the recorder of the active `recording` block, if any."""
+    if _recorder is not None:
+        _recorder(name, RegionGrid(tuple(size), tuple(padded.shape[1:3]), regions_per_side))
 
 
 def routed_attention(

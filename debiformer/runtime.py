@@ -29,14 +29,17 @@ DEVICES = ("auto", "cpu", "cuda")
 # ----------------------------------------------------------------------------- device, precision
 
 
-def select_device(choice: str | None = "auto", *, option: str = "--device") -> torch.device:
+def select_device(choice: str | None = "auto", *, option: str = "device") -> torch.device:
     """This process's device: `cuda:LOCAL_RANK` for "cuda", or "auto"/None when CUDA is present,
-    else the CPU. `option` names the setting in the error for "cuda" without a GPU."""
+    else the CPU. `option` is what a `UserError` is about: the parameter or recipe key
+    (`train.device`) that gave `choice`."""
     choice = choice or "auto"
     if choice not in DEVICES:
-        raise UserError(f"{option}: unknown device {choice!r}; choose one of {', '.join(DEVICES)}")
+        raise UserError(
+            f": unknown device {choice!r}; choose one of {', '.join(DEVICES)}", about=option
+        )
     if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"{option}: cuda requested but no CUDA device is available; use cpu")
+        raise UserError(": cuda requested but no CUDA device is available; use cpu", about=option)
     if choice in ("auto", "cuda") and torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -44,14 +47,16 @@ def select_device(choice: str | None = "auto", *, option: str = "--device") -> t
     return torch.device("cpu")
 
 
-def check_precision(precision: str, device: torch.device, *, option: str = "--precision") -> None:
-    """Rejects a precision that does not exist or that `device` cannot autocast to."""
+def check_precision(precision: str, device: torch.device, *, option: str = "precision") -> None:
+    """Rejects a precision that does not exist or that `device` cannot autocast to, with a
+    `UserError` about `option`: the parameter or recipe key (`train.precision`) that gave it."""
     if precision not in PRECISIONS:
         raise UserError(
-            f"{option}: unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}"
+            f": unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}",
+            about=option,
         )
     if precision == "fp16" and device.type != "cuda":
-        raise UserError(f"{option}: fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+        raise UserError(": fp16 needs a CUDA device; use bf16 or fp32 on the CPU", about=option)
 
 
 def autocast(device: torch.device, precision: str) -> AbstractContextManager:
@@ -139,8 +144,8 @@ def rank_and_world() -> tuple[int, int]:
 
 def init_process_group(device: torch.device) -> None:
     """Joins the torchrun job (NCCL on GPUs, gloo on the CPU), keying the rendezvous by restart
-    attempt: torchrun keeps its store across `--max-restarts` restarts, and restarted workers
-    must not read the dead ones' addresses."""
+    attempt: torchrun keeps its store when it restarts the workers, and restarted workers must
+    not read the dead ones' addresses."""
     store, rank, world_size = next(dist.rendezvous("env://"))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     store = dist.PrefixStore(f"debiformer/attempt_{attempt}", store)
@@ -248,20 +253,23 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     return stale
 
 
-def check_writable(path: str | os.PathLike, option: str) -> Path:
+def check_writable(path: str | os.PathLike, about: str) -> Path:
     """`path` as a file that can be written (its folder exists or can be made, and is writable;
-    the path is not a directory), checked before any work; a `UserError` naming `option` if not."""
+    the path is not a directory), checked before any work; if not, a `UserError` about `about`,
+    the parameter (`json_path`) or recipe key that gave the path."""
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"{option} {path}: is a directory; give a file name")
+        raise UserError(f"{path}: is a directory; give a file name", about=about)
     folder = path.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise UserError(f"{option} {path}: cannot create {folder} ({error.strerror})") from None
+        raise UserError(f"{path}: cannot create {folder} ({error.strerror})", about=about) from None
     try:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=f".probe{TEMP_MARK}"):
             pass
     except OSError as error:
-        raise UserError(f"{option} {path}: {folder} is not writable ({error.strerror})") from None
+        raise UserError(
+            f"{path}: {folder} is not writable ({error.strerror})", about=about
+        ) from None
     return path

@@ -27,12 +27,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import Conv2dNormActivation
 
-from debiformer.dense import StageMaps, build_body
+from debiformer.dense import StageMaps
 from debiformer.detection import FeaturePyramidBackbone
-from debiformer.recipe import ModelConfig, SegmentationConfig
+from debiformer.model import DeBiFormer
+from debiformer.recipe import SegmentationConfig
 
 ALL_STAGES = [0, 1, 2, 3]
 STRIDES = [4, 8, 16, 32]
+# the segmenter's class logits: rows = classes
+CLASS_LOGITS = "head.classifier.1.weight"
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.Module:
@@ -159,11 +162,10 @@ class Segmenter(nn.Module):
 
 
 def build_segmenter(
-    model: ModelConfig, segmentation: SegmentationConfig, num_classes: int
+    body: DeBiFormer, segmentation: SegmentationConfig, num_classes: int
 ) -> Segmenter:
-    """The recipe's Semantic FPN or UperNet on its DeBiFormer backbone, for `num_classes`
+    """The recipe's Semantic FPN or UperNet on `body` (`dense.build_body`), for `num_classes`
     classes."""
-    body = build_body(model)
     dropout = segmentation.dropout
     if segmentation.head == "fpn":
         width = segmentation.fpn_channels
@@ -176,3 +178,9 @@ def build_segmenter(
     if segmentation.aux_weight > 0:
         aux_head = FCNHead(backbone.channels[2], segmentation.aux_channels, num_classes, dropout)
     return Segmenter(backbone, head, aux_head)
+
+
+def segmenter_classes(state: dict[str, Tensor]) -> int:
+    """The class count of a segmenter's weights in `state`: the rows of its head's classifier
+    (0 for weights without one)."""
+    return state[CLASS_LOGITS].shape[0] if CLASS_LOGITS in state else 0

@@ -3,16 +3,15 @@ plain pickle, at the top level or nested in a dict, is refused by every way in w
 
 import os
 import pickle
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 import debiformer
 from debiformer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from debiformer.errors import UserError
+from tests.helpers.recipes import write_recipe
 
 
 class Payload:
@@ -39,57 +38,44 @@ def malicious_files(folder: Path) -> list[Path]:
     return files
 
 
-def synthetic_recipe(path: Path) -> Path:
-    recipe = {
-        "model": {"name": "debiformer_nano", "arch": {"dims": [32] * 4, "depths": [1] * 4}},
-        "data": {"backend": "synthetic", "image_size": 32, "num_classes": 4,
-                 "synthetic_samples": 16, "num_workers": 0},
-        "schedule": {"epochs": 1},
-        "train": {"batch_size": 8, "device": "cpu"},
-        "output": {"progress": False},
-    }  # fmt: skip
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    """Runs the `debiformer` command in this process; returns (exit code, stderr)."""
-    from debiformer.cli.main import main
-
-    monkeypatch.setattr(sys, "argv", ["debiformer", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    return exit_info.value.code, capsys.readouterr().err
+SYNTHETIC = {
+    "model": {"name": "debiformer_nano", "arch": {"dims": [32] * 4, "depths": [1] * 4}},
+    "data": {"backend": "synthetic", "image_size": 32, "num_classes": 4,
+             "synthetic_samples": 16, "num_workers": 0},
+    "schedule": {"epochs": 1},
+    "train": {"batch_size": 8, "device": "cpu"},
+    "output": {"progress": False},
+}  # fmt: skip
 
 
 @pytest.fixture
 def recipe(tmp_path) -> Path:
-    return synthetic_recipe(tmp_path / "recipe.yaml")
+    return write_recipe(tmp_path / "recipe.yaml", SYNTHETIC)
 
 
 @pytest.mark.parametrize("way", ["eval", "eval --official", "train --resume"])
-def test_the_cli_never_runs_a_payload(way, recipe, tmp_path, monkeypatch, capsys):
+def test_the_cli_never_runs_a_payload(way, recipe, tmp_path, run_main):
     for file in malicious_files(tmp_path):
         command, *flags = way.split()
         if command == "eval":
             args = ["eval", str(recipe), "--checkpoint", str(file), *flags]
         else:
             args = ["train", str(recipe), "--resume", str(file), "--out", str(tmp_path / "run")]
-        code, err = run_main(monkeypatch, capsys, *args)
+        code, _, err = run_main(*args)
         assert not (tmp_path / "PWNED").exists(), f"{way} {file.name} ran the payload"
         assert code == 2, err
         lines = err.strip().splitlines()
         assert len(lines) == 1 and "refused" in lines[0] and file.name in lines[0], err
 
 
-def test_a_crafted_training_checkpoint_is_a_one_line_error(recipe, tmp_path, monkeypatch, capsys):
+def test_a_crafted_training_checkpoint_is_a_one_line_error(recipe, tmp_path, run_main):
     crafted = tmp_path / "crafted.pt"
     torch.save({"format": "debiformer-train/2"}, crafted)
     for args in (
         ["eval", str(recipe), "--checkpoint", str(crafted)],
         ["train", str(recipe), "--resume", str(crafted), "--out", str(tmp_path / "run")],
     ):
-        code, err = run_main(monkeypatch, capsys, *args)
+        code, _, err = run_main(*args)
         assert code == 2, err
         lines = err.strip().splitlines()
         assert len(lines) == 1 and str(crafted) in lines[0], err

@@ -1,5 +1,6 @@
 """The engine on its own: a toy regression task plugged in through the `Task` interface alone,
-the schedule, the run-directory lock, resume semantics, recipe history, stale temporaries."""
+the schedule, best.pt by the declared metric, the run-directory lock, resume semantics, recipe
+history, stale temporaries."""
 
 import json
 import os
@@ -11,102 +12,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import debiformer
 from debiformer.checkpoint import load_checkpoint
 from debiformer.engine import (
+    Metric,
     NonFiniteLossError,
     StopRequest,
-    Task,
-    TrainState,
     fit,
     lr_factor,
     micro_batches,
     param_groups,
 )
 from debiformer.errors import UserError
-from debiformer.recipe import recipe_from_dict
 from tests.helpers.hold_run_lock import HOLD_RUN_LOCK
-
-# ----------------------------------------------------------------------------- a toy task
-
-
-class LineLoader:
-    """Noisy samples of y = x - 0.5 in batches; batch b of epoch e is a function of (e, b)."""
-
-    def __init__(self, batch_size: int, batches: int, seed: int, poison_from: int | None = None):
-        self.batch_size, self.num_batches, self.seed = batch_size, batches, seed
-        self.poison_from = poison_from
-        self.num_samples = batch_size * batches
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def batches(self, epoch: int, start_batch: int = 0):
-        for batch in range(start_batch, self.num_batches):
-            generator = torch.Generator().manual_seed(self.seed * 10_000 + epoch * 100 + batch)
-            x = torch.rand(self.batch_size, 1, generator=generator)
-            y = x - 0.5 + 0.01 * torch.randn(self.batch_size, 1, generator=generator)
-            if (
-                self.poison_from is not None
-                and epoch * self.num_batches + batch >= self.poison_from
-            ):
-                y = y * float("nan")
-            yield x, y
-
-    def __iter__(self):
-        return self.batches(0)
-
-
-class LineTask(Task):
-    """Fits a line with a linear layer: what any task must give the engine, and nothing more."""
-
-    best_metric = "neg_mse"
-
-    def __init__(self, poison_from: int | None = None):
-        self.poison_from = poison_from
-
-    def build_model(self) -> nn.Module:
-        return nn.Sequential(nn.Linear(1, 8), nn.Dropout(0.1), nn.Linear(8, 1))
-
-    def build_loaders(self, device, batch_size, eval_batch_size):
-        train = LineLoader(batch_size, 6, seed=1, poison_from=self.poison_from)
-        return train, LineLoader(eval_batch_size, 2, seed=2)
-
-    def prepare_batch(self, batch, generator):
-        x, y = batch
-        return x + 0.001 * torch.randn(x.shape, generator=generator), y
-
-    def loss(self, model, batch) -> torch.Tensor:
-        x, y = batch
-        return nn.functional.mse_loss(model(x), y)
-
-    @torch.no_grad()
-    def evaluate(self, model, loader) -> dict[str, float]:
-        model.eval()
-        errors = [nn.functional.mse_loss(model(x), y).item() for x, y in loader.batches(0)]
-        model.train()
-        return {"neg_mse": -sum(errors) / len(errors)}
-
-
-def toy_recipe(**sections: dict):
-    recipe = {
-        "model": {"name": "debiformer_nano"},
-        "optim": {"lr": 0.05, "lr_base_batch": None},
-        "schedule": {"epochs": 3, "warmup_epochs": 0.5, "warmup_lr": 1e-4, "min_lr": 1e-4},
-        "train": {"batch_size": 8, "device": "cpu", "seed": 7, "ema": True, "ema_decay": 0.5},
-        "output": {"log_every": 2, "checkpoint_every": 4, "progress": False},
-    }
-    for section, values in sections.items():
-        recipe[section] = {**recipe.get(section, {}), **values}
-    return recipe_from_dict({"name": "toy", **recipe})
-
-
-def lines(run_dir: Path, kind: str) -> list[dict]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [record for record in records if record["kind"] == kind]
-
+from tests.helpers.toy_task import LineTask, toy_recipe
+from tests.helpers.toy_task import metrics_lines as lines
 
 # ----------------------------------------------------------------------------- units
 
@@ -202,11 +123,26 @@ def test_micro_batches_take_every_nth_sample_of_each_item():
     assert parts[0][0].tolist() == [0, 2, 4] and parts[1][1] == ["b", "d", "f"]
 
 
-def test_train_state_round_trips_through_plain_values():
-    state = TrainState(epoch=2, batch=3, step=15, best_value=0.5, last_eval={"top1": 1.0})
-    again = TrainState()
-    again.load_state_dict(state.state_dict())
-    assert again == state
+def test_a_metric_declaration_prints_and_compares_values_its_way():
+    loss = Metric("loss", "loss", "{:.2f}", higher_is_better=False)
+    top1 = Metric("top1", "top-1", "{:.1f}%")
+    assert (loss.show(0.123), top1.show(81.25), top1.show(None)) == (
+        "loss 0.12",
+        "top-1 81.2%",
+        "top-1 n/a",
+    )
+    assert loss.better(0.1, 0.2) and not loss.better(0.3, 0.2) and loss.better(9.0, None)
+    assert top1.better(0.3, 0.2) and not top1.better(0.1, 0.2)
+    assert (loss.best_of([0.3, 0.1, 0.2]), top1.best_of([0.3, 0.1, 0.2])) == (0.1, 0.3)
+
+
+def test_a_task_whose_best_metric_is_not_declared_stops_before_any_work(tmp_path):
+    class Undeclared(LineTask):
+        best_metric = "mse"
+
+    with pytest.raises(TypeError, match="best_metric 'mse' is none of its declared metrics"):
+        fit(toy_recipe(), Undeclared(), run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 # ----------------------------------------------------------------------------- runs
@@ -221,6 +157,29 @@ def test_a_toy_task_trains_through_the_interface_alone(tmp_path):
     assert [record["epoch"] for record in lines(tmp_path / "run", "epoch")] == [1, 2, 3]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 18
     assert {p.name for p in (tmp_path / "run" / "checkpoints").iterdir()} == {"last.pt", "best.pt"}
+
+
+class MseTask(LineTask):
+    """The toy task with a lower-is-better best metric: the mean squared error itself."""
+
+    metrics = (Metric("mse", "MSE", "{:.5f}", higher_is_better=False),)
+    best_metric = "mse"
+
+    def evaluate(self, model, loader):
+        return {"mse": -super().evaluate(model, loader)["neg_mse"]}
+
+
+def test_best_pt_keeps_the_lowest_value_of_a_lower_is_better_metric(tmp_path):
+    """The error falls as the toy line is fitted: best.pt is the epoch of the lowest error, not
+    the highest, and the summary's best value is that lowest one."""
+    recipe = toy_recipe(train={"ema": False})
+    summary = fit(recipe, MseTask(), run_dir=tmp_path / "run")
+    errors = [record["mse"] for record in lines(tmp_path / "run", "epoch")]
+    assert errors[-1] < errors[0]
+    lowest = errors.index(min(errors)) + 1
+    assert (summary["best_mse"], summary["best_epoch"]) == (min(errors), lowest)
+    best = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")["train_state"][0]
+    assert (best["epoch"], best["best_value"]) == (lowest, min(errors))
 
 
 def test_a_stopped_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
@@ -291,7 +250,7 @@ def test_resume_refuses_a_changed_model_data_or_batch_in_one_line(tmp_path):
 
 
 def test_resume_and_fresh_together_is_a_usage_error(tmp_path):
-    with pytest.raises(UserError, match="--resume and --fresh"):
+    with pytest.raises(UserError, match="resume and fresh contradict"):
         fit(toy_recipe(), LineTask(), run_dir=tmp_path / "run", resume="x.pt", fresh=True)
     assert not (tmp_path / "run").exists()
 
@@ -309,9 +268,9 @@ def test_a_failed_validation_leaves_no_run_directory(tmp_path):
 def test_a_checkpoint_folder_that_cannot_be_written_stops_before_training(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "checkpoints").write_text("a file where the folder should be")
-    with pytest.raises(UserError, match="--out .*checkpoints.*cannot create") as error:
+    with pytest.raises(UserError, match="run_dir .*checkpoints.*cannot create") as error:
         fit(toy_recipe(), LineTask(), run_dir=tmp_path / "run")
-    assert "\n" not in str(error.value)
+    assert "\n" not in str(error.value) and error.value.about == "run_dir"
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", "checkpoints"]
 
 

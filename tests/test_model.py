@@ -7,8 +7,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import debiformer
 from debiformer.errors import UserError
-from debiformer.model import Mlp
-from debiformer.routing import implementation
+from debiformer.model import DeformableBiLevelRoutingAttention, Mlp
+from debiformer.routing import RegionGrid, implementation, recording
 
 EXACT_PARAMETERS = {
     "debiformer_tiny": 21_495_598,
@@ -101,6 +101,40 @@ def test_attention_pads_to_the_region_grid_and_crops_back(attention):
         padded = module(torch.nn.functional.pad(x, (0, 0, 0, 3, 0, 6)))
     assert output.shape == (1, 50, 53, 64)
     torch.testing.assert_close(output, padded[:, :50, :53])
+
+
+def test_attentions_record_the_geometry_they_compute(monkeypatch):
+    """Within `recording`, BRA and DBRA hand over the region grid of their padded input, DBRA its
+    reference points, the agent positions its grid_sample reads and its agent map's grid; the
+    outputs stay those of a pass without recording."""
+    block = debiformer.create_model("debiformer_tiny").eval().stages[0][0]
+    torch.nn.init.zeros_(block.attn2.offset_net[-1].weight)  # agents at their reference points
+    sampled = []
+    real_sample = DeformableBiLevelRoutingAttention._sample
+
+    def sample(module, x, positions):
+        sampled.append(positions)
+        return real_sample(module, x, positions)
+
+    monkeypatch.setattr(DeformableBiLevelRoutingAttention, "_sample", sample)
+    x = torch.randn(1, 50, 53, 64)
+    for module in (block.attn1, block.attn2):
+        records = {}
+        with torch.no_grad():
+            plain = module(x)
+            with recording(lambda name, value, records=records: records.setdefault(name, value)):
+                recorded = module(x)
+        assert torch.equal(plain, recorded)
+        assert records["region_grid"] == RegionGrid((50, 53), (56, 56), 7)
+        assert records["region_index"].shape == (1, 49, module.topk)
+    positions, reference = records["agent_positions"], records["reference_points"]
+    assert torch.equal(positions, sampled[-1])
+    agents_h, agents_w = reference.shape[:2]
+    centres_y = ((torch.arange(agents_h) + 0.5) / agents_h * 2 - 1).view(-1, 1).expand(-1, agents_w)
+    torch.testing.assert_close(reference[..., 0], centres_y)
+    torch.testing.assert_close(positions, reference.expand_as(positions))
+    padded = tuple(-(-side // 7) * 7 for side in (agents_h, agents_w))
+    assert records["agent_grid"] == RegionGrid((agents_h, agents_w), padded, 7)
 
 
 def test_wrong_input_channels_is_a_one_line_error():

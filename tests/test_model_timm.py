@@ -13,7 +13,9 @@ import debiformer
 VARIANTS = ["debiformer_nano", "debiformer_tiny", "debiformer_small", "debiformer_base"]
 
 
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize(
+    "name", [*VARIANTS[:-1], pytest.param("debiformer_base", marks=pytest.mark.slow)]
+)
 def test_features_only_gives_four_maps_at_strides_4_to_32(name):
     extractor = timm.create_model(name, features_only=True).eval()
     channels = extractor.feature_info.channels()

@@ -6,7 +6,8 @@ import torch
 
 import debiformer
 from debiformer.errors import UserError
-from tests.helpers.official_fixture import load_fixture, official_input, official_state_dict
+from tests.helpers.official_fixture import load_fixture, official_input
+from tests.helpers.tensors import assert_same_tensors
 
 
 @pytest.fixture(scope="module")
@@ -15,9 +16,9 @@ def fixture():
 
 
 @pytest.fixture(scope="module")
-def official_model(fixture):
+def official_model(official_state):
     model = debiformer.create_model("debiformer_tiny").eval()
-    debiformer.load_official_state_dict(model, official_state_dict(fixture))
+    debiformer.load_official_state_dict(model, official_state)
     return model
 
 
@@ -47,33 +48,32 @@ def test_stage_outputs_match_the_release(fixture, outputs, stage):
     assert (feature.flatten()[: len(first)] - first).abs().max() <= tolerance
 
 
-def test_checkpoint_files_load_raw_and_wrapped(fixture, official_model, tmp_path):
-    state = official_state_dict(fixture)
+def test_checkpoint_files_load_raw_and_wrapped(official_state, official_model, tmp_path):
+    state = dict(official_state)
     torch.save(state, tmp_path / "raw.pth")
     torch.save({"model": state, "epoch": 299}, tmp_path / "wrapped.pth")
     for name in ("raw.pth", "wrapped.pth"):
         model = debiformer.create_model("debiformer_tiny")
         debiformer.load_official_checkpoint(model, tmp_path / name)
-        for key, value in official_model.state_dict().items():
-            assert torch.equal(model.state_dict()[key], value), key
+        assert_same_tensors(model.state_dict(), official_model.state_dict())
 
 
-def test_missing_key_is_named(fixture):
-    state = official_state_dict(fixture)
+def test_missing_key_is_named(official_state):
+    state = dict(official_state)
     del state["stages.2.1.attn2.rpe_table"]
     with pytest.raises(UserError, match=r"lacks 'stages\.2\.1\.attn2\.rpe_table'"):
         debiformer.load_official_state_dict(debiformer.create_model("debiformer_tiny"), state)
 
 
-def test_extra_key_is_named(fixture):
-    state = official_state_dict(fixture)
+def test_extra_key_is_named(official_state):
+    state = dict(official_state)
     state["stages.0.0.attn1.extra.weight"] = torch.zeros(1)
     with pytest.raises(UserError, match=r"'stages\.0\.0\.attn1\.extra\.weight' has no place"):
         debiformer.load_official_state_dict(debiformer.create_model("debiformer_tiny"), state)
 
 
-def test_wrong_shape_is_named(fixture):
-    state = official_state_dict(fixture)
+def test_wrong_shape_is_named(official_state):
+    state = dict(official_state)
     with pytest.raises(UserError, match=r"'head\.weight' has shape \(1000, 512\)"):
         debiformer.load_official_state_dict(
             debiformer.create_model("debiformer_tiny", num_classes=10), state

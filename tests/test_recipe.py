@@ -1,6 +1,7 @@
-"""Recipes: defaults, `base:` inheritance, `--set` overrides and one-line validation errors."""
+"""Recipes: defaults, `base:` inheritance, overrides, one data section per task, and one-line
+validation errors."""
 
-from pathlib import Path
+import dataclasses
 
 import pytest
 import yaml
@@ -8,21 +9,23 @@ import yaml
 from debiformer.errors import UserError
 from debiformer.recipe import (
     RECIPES_DIR,
+    ClassificationDataConfig,
+    CocoDataConfig,
+    DetectionConfig,
+    MaskDataConfig,
+    SegmentationConfig,
     fixed_on_resume,
     load_recipe,
     recipe_from_dict,
+    recipe_from_stored,
     recipe_to_dict,
     recipe_to_yaml,
 )
-
-
-def write(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data))
-    return path
+from tests.helpers.recipes import write_recipe
 
 
 def test_defaults_fill_missing_keys(tmp_path):
-    recipe = load_recipe(write(tmp_path / "r.yaml", {"optim": {"lr": 0.01}}))
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", {"optim": {"lr": 0.01}}))
     assert recipe.name == "r"
     assert recipe.optim.lr == 0.01
     assert recipe.optim.betas == [0.9, 0.999]
@@ -50,7 +53,7 @@ def test_defaults_fill_missing_keys(tmp_path):
 )
 def test_invalid_values_name_the_key(tmp_path, data, message):
     with pytest.raises(UserError) as error:
-        load_recipe(write(tmp_path / "r.yaml", data))
+        load_recipe(write_recipe(tmp_path / "r.yaml", data))
     assert message in str(error.value)
     assert "\n" not in str(error.value)
 
@@ -63,26 +66,26 @@ def test_numeric_strings_are_numbers(tmp_path):
 
 
 def test_base_inheritance_deep_merges(tmp_path):
-    write(
+    write_recipe(
         tmp_path / "parent.yaml", {"optim": {"lr": 0.1, "weight_decay": 0.2}, "train": {"seed": 7}}
     )
-    child = write(tmp_path / "child.yaml", {"base": "parent", "optim": {"lr": 0.3}})
+    child = write_recipe(tmp_path / "child.yaml", {"base": "parent", "optim": {"lr": 0.3}})
     recipe = load_recipe(child)
     assert (recipe.optim.lr, recipe.optim.weight_decay, recipe.train.seed) == (0.3, 0.2, 7)
     assert recipe.name == "child"
 
 
 def test_base_cycle_and_missing_base_are_errors(tmp_path):
-    write(tmp_path / "a.yaml", {"base": "b"})
-    write(tmp_path / "b.yaml", {"base": "a"})
+    write_recipe(tmp_path / "a.yaml", {"base": "b"})
+    write_recipe(tmp_path / "b.yaml", {"base": "a"})
     with pytest.raises(UserError, match="cycle"):
         load_recipe(tmp_path / "a.yaml")
     with pytest.raises(UserError, match="base: recipe 'nowhere' not found"):
-        load_recipe(write(tmp_path / "c.yaml", {"base": "nowhere"}))
+        load_recipe(write_recipe(tmp_path / "c.yaml", {"base": "nowhere"}))
 
 
 def test_overrides_parse_yaml_values_and_validate(tmp_path):
-    path = write(tmp_path / "r.yaml", {})
+    path = write_recipe(tmp_path / "r.yaml", {})
     recipe = load_recipe(
         path,
         [
@@ -143,7 +146,7 @@ def test_saved_recipe_reloads_identically(tmp_path):
 
 def test_the_old_amp_key_says_what_replaced_it(tmp_path):
     with pytest.raises(UserError, match=r"'train.amp' is now train.precision"):
-        load_recipe(write(tmp_path / "r.yaml", {"train": {"amp": "bf16"}}))
+        load_recipe(write_recipe(tmp_path / "r.yaml", {"train": {"amp": "bf16"}}))
 
 
 def test_resume_keeps_model_data_and_batch_but_not_lr_or_workers():
@@ -165,3 +168,189 @@ def test_resume_keeps_model_data_and_batch_but_not_lr_or_workers():
 def test_architecture_overrides_are_checked_when_the_recipe_loads(arch, message):
     with pytest.raises(UserError, match=message):
         load_recipe("quickstart", [f"model.arch={arch}"])
+
+
+# every range check, on the shipped recipe of its task: (recipe, override(s), message)
+RANGE_CHECKS = [
+    ("quickstart", "data.image_size=31", "data.image_size: must be at least 32"),
+    ("quickstart", "data.num_workers=-1", "data.num_workers: must be >= 0"),
+    ("quickstart", "data.crop_ratio=0", "data.crop_ratio: must be in (0, 1]"),
+    ("quickstart", "data.crop_ratio=1.1", "data.crop_ratio: must be in (0, 1]"),
+    ("quickstart", "data.synthetic_samples=0", "data.synthetic_samples: must be positive"),
+    ("quickstart_detection", "data.num_workers=-1", "data.num_workers: must be >= 0"),
+    ("quickstart_segmentation", "data.num_workers=-1", "data.num_workers: must be >= 0"),
+    ("quickstart", "optim.lr=0", "optim.lr: must be positive"),
+    ("quickstart", "optim.weight_decay=-0.1", "optim.weight_decay: must be >= 0"),
+    ("quickstart", "optim.betas=[0.9]", "optim.betas: expected two numbers [beta1, beta2]"),
+    ("quickstart", "optim.clip_grad=0", "optim.clip_grad: must be positive (or null"),
+    ("quickstart", "optim.layer_decay=1.5", "optim.layer_decay: must be in (0, 1] (or null"),
+    ("quickstart", "augment.ratio=[1, 2, 3]", "augment.ratio: expected two numbers [min, max]"),
+    ("quickstart", "augment.label_smoothing=1", "augment.label_smoothing: must be in [0, 1)"),
+    ("quickstart", "augment.random_erasing=1.5", "augment.random_erasing: must be in [0, 1]"),
+    ("quickstart", "schedule.epochs=0", "schedule.epochs: must be at least 1"),
+    ("quickstart_segmentation", "schedule.steps=0", "schedule.steps: must be at least 1"),
+    ("quickstart", "schedule.steps=100", "give schedule.epochs or schedule.steps"),
+    ("quickstart", "schedule.warmup_epochs=-1", "schedule.warmup_epochs: must be >= 0"),
+    ("quickstart", "schedule.warmup_steps=-1", "schedule.warmup_steps: must be >= 0"),
+    ("quickstart", "schedule.power=0", "schedule.power: must be positive"),
+    ("quickstart", "schedule.gamma=0", "schedule.gamma: must be in (0, 1]"),
+    ("quickstart", "schedule.milestones=[2]", "only step decay has milestones"),
+    ("quickstart_detection", "schedule.milestones=[2]", "expected epochs between 0 and"),
+    ("quickstart_detection", "detection.fpn_channels=4", "detection.fpn_channels: must be at"),
+    ("quickstart_detection", "detection.representation_size=0", "representation_size: must be"),
+    ("quickstart_detection", "detection.min_size=16", "detection.min_size: must be at least 32"),
+    ("quickstart_detection", "detection.max_size=64", "must be at least detection.min_size"),
+    ("quickstart_detection", "detection.rpn_proposals=0", "detection.rpn_proposals: must be"),
+    ("quickstart_detection", "detection.rois_per_image=0", "detection.rois_per_image: must be"),
+    ("quickstart_detection", "detection.detections_per_image=0", "detections_per_image: must"),
+    ("quickstart_detection", "detection.preview_images=-1", "detection.preview_images: must be"),
+    ("quickstart_segmentation", "segmentation.channels=0", "segmentation.channels: must be"),
+    ("quickstart_segmentation", "segmentation.fpn_channels=4", "fpn_channels: must be at least 8"),
+    ("quickstart_segmentation", "segmentation.aux_channels=0", "aux_channels: must be positive"),
+    ("quickstart_segmentation", "segmentation.aux_weight=-1", "aux_weight: must be >= 0"),
+    ("quickstart_segmentation", "segmentation.dropout=1", "segmentation.dropout: must be in [0"),
+    ("quickstart_segmentation", "segmentation.scale=[512, 16]", "segmentation.scale: expected"),
+    ("quickstart_segmentation", "segmentation.ratio_range=[2, 1]", "ratio_range: expected two"),
+    ("quickstart_segmentation", "segmentation.crop_size=16", "crop_size: must be at least 32"),
+    ("quickstart_segmentation", "segmentation.cat_max_ratio=0", "cat_max_ratio: must be in (0"),
+    (
+        "quickstart_segmentation",
+        ["segmentation.eval_mode=slide", "segmentation.eval_stride=129"],
+        "segmentation.eval_stride: must be in (0, segmentation.crop_size]",
+    ),
+    ("quickstart_segmentation", "segmentation.eval_ratios=[]", "eval_ratios: expected positive"),
+    ("quickstart_segmentation", "segmentation.size_divisor=0", "size_divisor: must be positive"),
+    ("quickstart_segmentation", "segmentation.preview_images=-1", "preview_images: must be >= 0"),
+    ("quickstart", "train.batch_size=0", "train.batch_size: must be at least 1"),
+    ("quickstart", "train.accum_steps=0", "train.accum_steps: must be at least 1"),
+    ("quickstart", "train.eval_every=0", "train.eval_every: must be at least 1"),
+    ("quickstart", "train.ema_decay=1", "train.ema_decay: must be in (0, 1)"),
+    ("quickstart", "output.log_every=0", "output.log_every: must be at least 1"),
+    ("quickstart", "output.checkpoint_every=-1", "output.checkpoint_every: must be >= 0"),
+]
+
+
+@pytest.mark.parametrize(("name", "override", "message"), RANGE_CHECKS)
+def test_every_range_check_names_its_key(name, override, message):
+    with pytest.raises(UserError) as error:
+        load_recipe(name, override if isinstance(override, list) else [override])
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [
+        ("quickstart", ["data.image_size=32", "data.crop_ratio=1", "optim.clip_grad=null"]),
+        ("quickstart", ["optim.layer_decay=1", "augment.random_erasing=1", "train.ema_decay=0.5"]),
+        ("quickstart", ["schedule.decay=step", "schedule.milestones=[1, 3.5]"]),
+        ("quickstart_detection", ["detection.min_size=32", "detection.max_size=32"]),
+        (
+            "quickstart_segmentation",
+            ["segmentation.eval_mode=slide", "segmentation.eval_stride=128"],
+        ),
+        ("quickstart_segmentation", ["segmentation.ratio_range=[1, 1]", "segmentation.dropout=0"]),
+    ],
+)
+def test_values_at_the_edge_of_a_range_are_accepted(name, overrides):
+    load_recipe(name, overrides)
+
+
+@pytest.mark.parametrize(
+    ("task", "data_class", "own_section"),
+    [
+        ("classification", ClassificationDataConfig, None),
+        ("detection", CocoDataConfig, "detection"),
+        ("segmentation", MaskDataConfig, "segmentation"),
+    ],
+)
+def test_the_task_chooses_the_data_section_and_its_own_section(task, data_class, own_section):
+    recipe = recipe_from_dict({"task": task})
+    assert type(recipe.data) is data_class
+    assert (recipe.detection is not None, recipe.segmentation is not None) == (
+        own_section == "detection",
+        own_section == "segmentation",
+    )
+    saved = recipe_to_dict(recipe)
+    assert set(saved["data"]) == {f.name for f in dataclasses.fields(data_class)}
+    assert ("detection" in saved, "segmentation" in saved) == (
+        own_section == "detection",
+        own_section == "segmentation",
+    )
+    assert recipe_from_dict(yaml.safe_load(recipe_to_yaml(recipe))) == recipe
+
+
+@pytest.mark.parametrize(
+    ("name", "override", "message"),
+    [
+        (
+            "quickstart_detection",
+            "data.train_masks=labels",
+            "data.train_masks belongs to segmentation recipes (task: segmentation); "
+            "this recipe's task is detection",
+        ),
+        (
+            "quickstart",
+            "data.mosaics={out: x}",
+            "data.mosaics belongs to detection and segmentation recipes "
+            "(task: detection or segmentation); this recipe's task is classification",
+        ),
+        (
+            "quickstart_segmentation",
+            "data.image_size=64",
+            "data.image_size belongs to classification recipes (task: classification); "
+            "this recipe's task is segmentation",
+        ),
+        (
+            "quickstart",
+            "detection.min_size=64",
+            "detection belongs to detection recipes (task: detection); "
+            "this recipe's task is classification",
+        ),
+        (
+            "quickstart_detection",
+            "segmentation.head=fpn",
+            "segmentation belongs to segmentation recipes (task: segmentation); "
+            "this recipe's task is detection",
+        ),
+    ],
+)
+def test_a_key_of_another_task_names_that_task(name, override, message):
+    with pytest.raises(UserError) as error:
+        load_recipe(name, [override])
+    assert str(error.value) == message
+
+
+def test_an_unknown_data_key_suggests_one_of_the_tasks_keys():
+    with pytest.raises(UserError, match=r"unknown key 'data.imagesize' \(did you mean"):
+        load_recipe("quickstart", ["data.imagesize=64"])
+    with pytest.raises(UserError, match=r"unknown key 'data.train_mask'.*'data.train_masks'"):
+        recipe_from_dict({"task": "segmentation", "data": {"train_mask": "x"}})
+
+
+def stored_with_every_task(recipe) -> dict:
+    """The recipe as checkpoints of earlier versions stored it: every task's data keys (the
+    defaults of the other tasks) and both task sections."""
+    stored = recipe_to_dict(recipe)
+    other_data = {}
+    for data_class in (MaskDataConfig, CocoDataConfig, ClassificationDataConfig):
+        other_data.update(dataclasses.asdict(data_class()))
+    stored["data"] = {**other_data, **stored["data"]}
+    return {
+        "detection": dataclasses.asdict(DetectionConfig()),
+        "segmentation": dataclasses.asdict(SegmentationConfig()),
+        **stored,
+    }
+
+
+@pytest.mark.parametrize("name", ["quickstart", "quickstart_detection", "quickstart_segmentation"])
+def test_a_recipe_stored_with_every_tasks_keys_still_loads_and_resumes(name):
+    recipe = load_recipe(name)
+    stored = stored_with_every_task(recipe)
+    with pytest.raises(UserError, match="belongs to"):
+        recipe_from_dict(stored)
+    assert recipe_from_stored(stored) == recipe
+    assert recipe_from_stored(recipe_to_dict(recipe)) == recipe
+    before, now = fixed_on_resume(stored), fixed_on_resume(recipe_to_dict(recipe))
+    assert set(now) < set(before)
+    assert [key for key in now if before[key] != now[key]] == []

@@ -5,10 +5,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from debiformer.routing import (
+    RegionGrid,
     from_regions,
     gather_routed_attention,
     implementation,
     pad_to_regions,
+    record_grid,
+    recording,
     route,
     routed_attention,
     to_regions,
@@ -93,6 +96,29 @@ def test_regions_round_trip_and_padding():
     assert regions.shape == (2, 49, 4, 3)
     assert torch.equal(from_regions(regions, 7, 14, 14), padded)
     assert torch.equal(regions[0, 1, 0], padded[0, 0, 2])
+
+
+def test_region_grid_is_the_layout_of_to_regions():
+    """The recorded grid of a padded map puts each pixel in the region `to_regions` cuts it into,
+    and its boxes bound exactly the pixels of each region; nothing is recorded outside `recording`."""
+    x = torch.zeros(1, 10, 13, 1)
+    padded = pad_to_regions(x, 7)
+    recorded = []
+    record_grid("region_grid", (10, 13), padded, 7)
+    with recording(lambda name, value: recorded.append((name, value))):
+        record_grid("region_grid", (10, 13), padded, 7)
+    assert recorded == [("region_grid", RegionGrid((10, 13), (14, 14), 7))]
+    grid = recorded[0][1]
+    assert grid.region_size == (2, 2)
+    pixel_ids = torch.arange(14 * 14).view(1, 14, 14, 1)
+    region_map, boxes = grid.region_map(), grid.region_boxes()
+    assert region_map.shape == (10, 13) and boxes.shape == (49, 4)
+    for region, pixels in enumerate(to_regions(pixel_ids, 7)[0, :, :, 0]):
+        rows, columns = pixels // 14, pixels % 14
+        inside = (rows < 10) & (columns < 13)
+        assert (region_map[rows[inside], columns[inside]] == region).all()
+        x0, y0, x1, y1 = boxes[region].tolist()
+        assert (columns.min(), rows.min(), columns.max() + 1, rows.max() + 1) == (x0, y0, x1, y1)
 
 
 class _LargestAllocation(TorchDispatchMode):

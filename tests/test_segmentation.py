@@ -7,16 +7,22 @@ import torch
 from torch import nn
 
 import debiformer
-from debiformer.recipe import ModelConfig, SegmentationConfig
-from debiformer.segmentation import SemanticFPNHead, UperNetHead, build_segmenter
+from debiformer.segmentation import SemanticFPNHead, UperNetHead
+from debiformer.weights import ModelSpec, build_model
 
 SMALL_BACKBONE = {"dims": [32, 32, 32, 32], "depths": [1, 1, 1, 1], "offset_groups": [1, 1, 1, 1]}
 
 
-def segmenter(head: str, **model_options) -> nn.Module:
-    model = ModelConfig(name="debiformer_nano", arch=SMALL_BACKBONE, **model_options)
-    config = SegmentationConfig(head=head, fpn_channels=16, channels=24, aux_channels=8)
-    return build_segmenter(model, config, num_classes=5)
+def segmenter(head: str, pretrained: str | None = None) -> nn.Module:
+    """A nano segmenter of 5 classes on a small backbone, through `weights.build_model`."""
+    spec = ModelSpec(
+        "debiformer_nano",
+        task="segmentation",
+        num_classes=5,
+        arch=SMALL_BACKBONE,
+        head={"head": head, "fpn_channels": 16, "channels": 24, "aux_channels": 8},
+    )
+    return build_model(spec, pretrained=pretrained)[0]
 
 
 @pytest.mark.parametrize("head", ["fpn", "upernet"])

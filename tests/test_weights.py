@@ -13,18 +13,17 @@ from debiformer.checkpoint import save_checkpoint
 from debiformer.errors import UserError
 from debiformer.official import rename_official_state_dict
 from debiformer.weights import load_weights, read_state_dict
-from tests.helpers.official_fixture import load_fixture, official_state_dict
+from tests.helpers.tensors import assert_same_tensors
 
 
 @pytest.fixture(scope="module")
-def release_file(tmp_path_factory):
+def release_file(official_state, tmp_path_factory):
     """The release fixture's DeBiFormer-T state dict (1000 classes) as a released file, and the
     same weights in this project's names and shapes."""
-    released = official_state_dict(load_fixture())
     path = tmp_path_factory.mktemp("release") / "debi_tiny.pth"
-    torch.save({"model": released}, path)
+    torch.save({"model": dict(official_state)}, path)
     model = debiformer.create_model("debiformer_tiny")
-    debiformer.load_official_state_dict(model, released)
+    debiformer.load_official_state_dict(model, official_state)
     return path, model.state_dict()
 
 
@@ -164,3 +163,104 @@ def test_a_url_is_downloaded_once_into_the_hub_cache_with_its_hash_checked(tmp_p
 def test_release_names_are_renamed_to_this_projects():
     renamed = rename_official_state_dict({"downsample_layers.1.0.weight": torch.zeros(1)})
     assert list(renamed) == ["downsamples.0.0.weight"]
+
+
+# ----------------------------------------------------------------------------- the model service
+
+
+def nano_spec(**changes) -> weights.ModelSpec:
+    return weights.ModelSpec("debiformer_nano", **{"num_classes": 4, **changes})
+
+
+def test_a_spec_goes_through_plain_dicts_and_a_malformed_one_is_one_line():
+    spec = nano_spec(in_chans=1, drop_path=0.1, arch={"attn2_topks": (1, 1, 2, 2)})
+    again = weights.ModelSpec.from_dict(spec.to_dict())
+    assert again == weights.ModelSpec.from_dict(again.to_dict())
+    assert again.arch == {"attn2_topks": [1, 1, 2, 2]} and again.in_chans == 1
+    for raw, message in (
+        ({"num_classes": 3}, "not a model spec"),
+        ({"name": "debiformer_nano", "colour": 1}, "unknown model spec key 'colour'"),
+        ({"name": "debiformer_nano", "task": "pose"}, "unknown task 'pose'"),
+        ({"name": "debiformer_nano", "num_classes": -1}, "num_classes must be an integer"),
+    ):
+        with pytest.raises(UserError, match=message) as error:
+            weights.ModelSpec.from_dict(raw, "checkpoint x.pt")
+        assert str(error.value).startswith("checkpoint x.pt: ") and "\n" not in str(error.value)
+
+
+def test_build_model_records_where_its_weights_came_from(release_file, tmp_path):
+    path, expected = release_file
+    model, provenance = weights.build_model(
+        weights.ModelSpec("debiformer_tiny", num_classes=10, in_chans=1), pretrained=path
+    )
+    assert provenance.kind == "pretrained" and provenance.weights == "official"
+    assert provenance.adapted == (
+        "new 10-way head (the checkpoint's head has 1000 classes)",
+        "stem adapted from 3 to 1 input channels",
+    )
+    random_model, random = weights.build_model(nano_spec())
+    assert random == weights.Provenance() and random.describe() == "random"
+    trained = random_model.state_dict()
+    averaged = debiformer.create_model("debiformer_nano", num_classes=4).state_dict()
+    save_checkpoint({"model": trained, "ema": averaged}, tmp_path / "last.pt")
+    model, provenance = weights.build_model(nano_spec(), checkpoint=tmp_path / "last.pt", ema=True)
+    assert provenance.describe() == f"ema weights of {tmp_path / 'last.pt'}" and provenance.ema
+    assert_same_tensors(model.state_dict(), averaged)
+
+
+def test_create_model_and_build_model_start_from_the_same_weights(release_file):
+    path, _ = release_file
+    built, _ = weights.build_model(
+        weights.ModelSpec("debiformer_tiny", num_classes=10), pretrained=path
+    )
+    created = debiformer.create_model("debiformer_tiny", num_classes=10, pretrained=path)
+    assert_same_tensors(built.state_dict(), created.state_dict())
+
+
+def test_a_training_checkpoint_alone_rebuilds_its_model(tmp_path):
+    spec = nano_spec(arch={"attn2_topks": [1, 1, 2, 2]})
+    model, _ = weights.build_model(spec)
+    save_checkpoint({"model": model.state_dict(), **weights.spec_entry(spec)}, tmp_path / "a.pt")
+    assert weights.spec_of_checkpoint(tmp_path / "a.pt") == spec
+    rebuilt, provenance = weights.build_model(spec, checkpoint=tmp_path / "a.pt")
+    assert provenance.kind == "checkpoint" and provenance.weights == "model"
+    assert_same_tensors(rebuilt.state_dict(), model.state_dict())
+
+
+def test_older_checkpoints_fall_back_to_their_recipe_and_head_or_ask_for_one(tmp_path):
+    from debiformer.recipe import load_recipe, recipe_to_dict
+
+    recipe = load_recipe("quickstart")
+    model = debiformer.create_model("debiformer_nano", num_classes=7, in_chans=1)
+    stored = {"model": model.state_dict(), "recipe": recipe_to_dict(recipe)}
+    save_checkpoint(stored, tmp_path / "old.pt")
+    spec = weights.spec_of_checkpoint(tmp_path / "old.pt")
+    assert (spec.name, spec.num_classes, spec.in_chans) == ("debiformer_nano", 7, 1)
+    assert spec.preprocessing["input_size"] == [1, 32, 32]
+    torch.save(model.state_dict(), tmp_path / "bare.pt")
+    named = weights.spec_of_checkpoint(tmp_path / "bare.pt", model="debiformer_nano")
+    assert (named.num_classes, named.in_chans) == (7, 1)
+    with pytest.raises(UserError, match="give a recipe or a model name") as error:
+        weights.spec_of_checkpoint(tmp_path / "bare.pt")
+    assert "\n" not in str(error.value) and "--" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("task", "options"), [("detection", "retinanet"), ("segmentation", "upernet")]
+)
+def test_an_older_dense_checkpoint_gives_its_class_count(tmp_path, task, options):
+    import dataclasses
+
+    from debiformer.recipe import load_recipe, recipe_to_dict
+
+    recipe = load_recipe(f"quickstart_{task}")
+    key = "detector" if task == "detection" else "head"
+    section = dataclasses.replace(getattr(recipe, task), **{key: options})
+    recipe = dataclasses.replace(recipe, **{task: section})
+    model, _ = weights.build_model(weights.ModelSpec.from_recipe(recipe, 6))
+    stored = {"model": model.state_dict(), "recipe": recipe_to_dict(recipe)}
+    save_checkpoint(stored, tmp_path / "old.pt")
+    spec = weights.spec_of_checkpoint(tmp_path / "old.pt")
+    assert (spec.task, spec.num_classes, spec.head[key]) == (task, 6, options)
+    rebuilt, _ = weights.build_model(spec, checkpoint=tmp_path / "old.pt")
+    assert type(rebuilt) is type(model)

@@ -11,7 +11,7 @@ from debiformer.data.ffcv_files import (
     ffcv_summary,
     inspect_ffcv_file,
 )
-from debiformer.data.loaders import Loader, ShardPlan, build_loader, check_labels
+from debiformer.data.loaders import EpochLoader, Loader, ShardPlan, build_loader, check_labels
 from debiformer.data.sources import (
     FASHION_MNIST_DIR,
     FASHION_MNIST_PREFIX,
@@ -25,6 +25,7 @@ __all__ = [
     "FASHION_MNIST_DIR",
     "FASHION_MNIST_PREFIX",
     "Conversion",
+    "EpochLoader",
     "FashionMNIST",
     "FileSummary",
     "ImageFolder",

@@ -29,7 +29,7 @@ from debiformer.data.sources import (
     fashion_mnist_root,
     open_source,
 )
-from debiformer.errors import UserError
+from debiformer.errors import UserError, mention
 from debiformer.runtime import TEMP_MARK, check_writable, write_json
 
 WRITE_MODES = ("raw", "jpg", "proportion", "smart")
@@ -79,13 +79,17 @@ class WriterOptions:
         if self.split not in ("train", "test"):
             raise UserError(f"unknown Fashion-MNIST split {self.split!r}: use train or test")
         if self.subset is not None and self.subset < 1:
-            raise UserError(f"--subset must be a positive number of images, got {self.subset}")
+            raise UserError(
+                f"must be a positive number of images, got {self.subset}", about="subset"
+            )
         if self.max_resolution is not None and self.max_resolution < 1:
-            raise UserError(f"--max-resolution must be at least 1 pixel, got {self.max_resolution}")
+            raise UserError(
+                f"must be at least 1 pixel, got {self.max_resolution}", about="max_resolution"
+            )
         if self.num_workers < 1:
-            raise UserError(f"--workers (num_workers) must be at least 1, got {self.num_workers}")
+            raise UserError(f"must be at least 1, got {self.num_workers}", about="num_workers")
         if self.chunk_size < 1:
-            raise UserError(f"--chunk-size must be at least 1 image, got {self.chunk_size}")
+            raise UserError(f"must be at least 1 image, got {self.chunk_size}", about="chunk_size")
 
 
 @dataclass
@@ -141,7 +145,7 @@ def _unreadable_images(
         index, error = bad[0]
         raise UserError(
             f"cannot read image {dataset.samples[index][0]} ({error}): fix or remove it, "
-            "or pass --skip-bad to skip it"
+            f"or skip unreadable images with {mention('on_bad_image', 'skip')}"
             + (f" ({len(bad) - 1} more unreadable)" if len(bad) > 1 else "")
         )
     return bad
@@ -264,7 +268,7 @@ def convert_to_ffcv(
     options = options or WriterOptions()
     options.check()
     import_ffcv()
-    out_path = check_writable(out_path, "output file")
+    out_path = check_writable(out_path, "out_path")
     console = console or Console(stderr=True)
     start = time.perf_counter()
     dataset = open_source(source, options.split)
@@ -282,7 +286,7 @@ def convert_to_ffcv(
         write_json(classes_path(out_path), {"classes": dataset.classes, "samples": len(indices)})
         os.replace(partial_path, out_path)
     except UserError as error:
-        raise UserError(f"cannot convert {source}: {error}") from None
+        raise UserError(f"cannot convert {source}: {error.message}") from None
     finally:
         partial_path.unlink(missing_ok=True)
     skipped = [dataset.samples[index][0] for index, _ in bad]

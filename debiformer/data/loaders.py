@@ -1,10 +1,12 @@
-"""Loaders yielding normalised image batches on the device, from FFCV files, torchvision or noise.
+"""Loaders yielding batches on the device, by epoch: the `EpochLoader` protocol and its loaders.
 
-Every loader yields `(images, labels)` on the target device: images float32 (N, 3, S, S)
-normalised with the ImageNet mean/std, labels int64 (N,). Workers produce uint8 crops; the move to
-the device, normalisation and batch augmentations (flip, RandAugment, random erasing) happen on the
-device. Every random draw is a pure function of the seed, the epoch and a sample or batch index
-(see `debiformer.data.draws`), so an epoch can start at any batch (`set_epoch(epoch, start_batch)`).
+The image loaders (`build_loader`: FFCV files, torchvision, noise) yield `(images, labels)` on
+the target device: images float32 (N, 3, S, S) normalised with the ImageNet mean/std, labels
+int64 (N,). Workers produce uint8 crops; the move to the device, normalisation and batch
+augmentations (flip, RandAugment, random erasing) happen on the device. `KeyedLoader` reads
+datasets whose samples draw their own randomness (COCO, image+mask files). Every random draw is a
+pure function of the seed, the epoch and a sample or batch index (see `debiformer.data.draws`), so
+an epoch can start at any batch (`batches(epoch, start_batch)`).
 """
 
 from __future__ import annotations
@@ -14,16 +16,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import functional as TF
 
+from debiformer import runtime
 from debiformer.augment import DeviceRandAugment, DeviceRandomErasing, random_horizontal_flip
 from debiformer.data.draws import AUGMENT_STREAM, batch_generator, crop_uniforms, random_crop_box
 from debiformer.data.ffcv_files import FileSummary, ffcv_summary, import_ffcv
@@ -70,11 +72,174 @@ class ShardPlan:
         return len(range(self.rank, self.num_samples, self.world_size))
 
 
-def _rank_and_world(distributed: bool) -> tuple[int, int]:
-    """(rank, world size) of this process; (0, 1) unless distributed and torch.distributed is up."""
-    if distributed and dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+# ----------------------------------------------------------------------------- the loader protocol
+
+
+@runtime_checkable
+class EpochLoader(Protocol):
+    """Batches of this process, by epoch: what training reads and evaluation iterates.
+
+    - `len(loader)`: the batches in one epoch of this process (its shard of the samples).
+    - `loader.batches(epoch, start_batch=0)`: batches `start_batch`, ..., `len(loader) - 1` of
+      epoch `epoch` (0-based), on the device. Batch b of an epoch is the same whatever batch the
+      pass starts at, whatever passes came before and however many workers read it: a training
+      loader orders its samples by a permutation seeded by (seed, epoch) and draws every random
+      augmentation from (seed, epoch, sample or batch index); an evaluation loader reads its
+      samples in order, the same in every epoch. Resuming inside an epoch is
+      `batches(epoch, batch)`; `start_batch == len(loader)` yields nothing.
+    - `iter(loader)`: `batches(0)`, one whole pass over epoch 0 (for an evaluation loader: its
+      samples once, in order). A loader keeps no epoch of its own between passes.
+    """
+
+    def __len__(self) -> int: ...
+
+    def batches(self, epoch: int, start_batch: int = 0) -> Iterator[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class ShardedLoader(ABC):
+    """An `EpochLoader` of the samples a `ShardPlan` gives this rank, cut into batches of
+    `batch_size` (the last partial one dropped if `drop_last`); subclasses read the batches.
+
+    `source` names what it reads (for messages), `num_samples` counts the samples of all ranks.
+    """
+
+    source: str
+
+    def __init__(self, plan: ShardPlan, batch_size: int, drop_last: bool):
+        self.plan = plan
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.num_samples = plan.num_samples
+
+    def __len__(self) -> int:
+        """Batches in a whole epoch."""
+        if self.drop_last:
+            return len(self.plan) // self.batch_size
+        return math.ceil(len(self.plan) / self.batch_size)
+
+    def __iter__(self) -> Iterator[Any]:
+        """One whole pass over epoch 0."""
+        return self.batches(0)
+
+    def batches(self, epoch: int, start_batch: int = 0) -> Iterator[Any]:
+        """Batches `start_batch`, `start_batch + 1`, ... of `epoch` on the device."""
+        if not 0 <= start_batch <= len(self):
+            raise UserError(
+                f"start batch {start_batch} is outside the {len(self)} batches of an epoch of "
+                f"{self.source}"
+            )
+        return self._read(epoch, start_batch)
+
+    def epoch_indices(self, epoch: int, start_batch: int = 0) -> np.ndarray:
+        """The sample indices of batches `start_batch`, ... of `epoch`, in reading order."""
+        stop = len(self) * self.batch_size if self.drop_last else None
+        return self.plan.indices(epoch)[start_batch * self.batch_size : stop]
+
+    @abstractmethod
+    def _read(self, epoch: int, start_batch: int) -> Iterator[Any]:
+        """Batches `start_batch`, ... of `epoch` on the device (`start_batch` is in range)."""
+
+
+# ----------------------------------------------------------------------------- worker processes
+
+
+class EpochSampler(Sampler):
+    """A torch Sampler yielding the `(epoch, sample index)` keys of the samples set by `select`."""
+
+    def __init__(self):
+        self.epoch = 0
+        self.indices = np.zeros(0, dtype=np.int64)
+
+    def select(self, epoch: int, indices: np.ndarray) -> None:
+        """Read the samples `indices` of `epoch` on the next pass."""
+        self.epoch, self.indices = epoch, indices
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return ((epoch, index) for index in self.indices.tolist())
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class WorkerReader:
+    """A torch DataLoader over a dataset read by `(epoch, index)` keys, in `num_workers` worker
+    processes (none: in this one); `read(epoch, indices)` yields the batches of those samples,
+    made by `collate(samples)`."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        num_workers: int,
+        collate: Callable[[list], Any],
+        seed: int,
+        pin_memory: bool = False,
+    ):
+        self.sampler = EpochSampler()
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=self.sampler,
+            num_workers=num_workers,
+            collate_fn=collate,
+            pin_memory=pin_memory,
+            # its own generator: starting the workers then draws nothing from the global one
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def read(self, epoch: int, indices: np.ndarray) -> Iterator[Any]:
+        """The batches of samples `indices` of `epoch`, in that order."""
+        self.sampler.select(epoch, indices)
+        try:
+            yield from self.loader
+        except UserError as error:
+            raise UserError(worker_message(error)) from None
+
+
+def worker_message(error: UserError) -> str:
+    """The one-line message of a UserError raised in a loader's worker process, which the
+    DataLoader re-raises with the worker's traceback around it."""
+    text = str(error).rstrip()
+    if "DataLoader worker" not in text:
+        return text
+    return text.splitlines()[-1].split("UserError: ", 1)[-1]
+
+
+class KeyedLoader(ShardedLoader):
+    """Batches of one rank on the device from a dataset read by `(epoch, index)` keys (a sample's
+    randomness drawn from its key), in worker processes.
+
+    Training shuffles by (seed, epoch), every rank reads as many samples and the last partial
+    batch is dropped; evaluation reads every sample once across ranks, in order.
+    `collate(samples)` makes a batch of the samples, `to_device(batch, device)` moves it.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        source: str,
+        batch_size: int,
+        train: bool,
+        device: torch.device,
+        num_workers: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        collate: Callable[[list], Any],
+        to_device: Callable[[Any, torch.device], Any],
+    ) -> None:
+        plan = ShardPlan(len(dataset), train, seed, rank, world_size)
+        super().__init__(plan, batch_size, drop_last=train)
+        self.source, self.device, self.to_device = source, device, to_device
+        self.reader = WorkerReader(dataset, batch_size, num_workers, collate, seed)
+
+    def _read(self, epoch: int, start_batch: int) -> Iterator[Any]:
+        for batch in self.reader.read(epoch, self.epoch_indices(epoch, start_batch)):
+            yield self.to_device(batch, self.device)
 
 
 # ----------------------------------------------------------------------------- device transforms
@@ -133,78 +298,30 @@ class DeviceBatchTransform:
         return images
 
 
-# ----------------------------------------------------------------------------- loaders
+# ----------------------------------------------------------------------------- image loaders
 
 
-class Loader(ABC):
+class Loader(ShardedLoader):
     """Batches of (normalised float images, int64 labels) on the device; see `build_loader`.
 
-    `source` names what it reads, `num_classes` is the class count of the data (stored with an
-    FFCV file; an ImageFolder's class folders), `label_range` the lowest and highest label in it.
+    `num_classes` is the class count of the data (stored with an FFCV file; an ImageFolder's
+    class folders), `label_range` the lowest and highest label in it.
     """
 
-    source: str
-    num_samples: int
     num_classes: int
     label_range: tuple[int, int]
 
     def __init__(
         self, plan: ShardPlan, batch_size: int, drop_last: bool, transform: DeviceBatchTransform
     ):
-        self.plan = plan
-        self.batch_size = batch_size
-        self.drop_last = drop_last
+        super().__init__(plan, batch_size, drop_last)
         self.transform = transform
-        self.num_samples = plan.num_samples
-        self.epoch = 0
-        self.start_batch = 0
 
-    def __len__(self) -> int:
-        """Batches in a whole epoch."""
-        if self.drop_last:
-            return len(self.plan) // self.batch_size
-        return math.ceil(len(self.plan) / self.batch_size)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Make the next pass read epoch `epoch` from its batch `start_batch` on: the batches
-        `start_batch`, ..., `len(self) - 1` that a whole pass over `epoch` yields, without reading
-        the ones before (to resume in the middle of an epoch)."""
-        self._check_start(start_batch)
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The batches chosen by `set_epoch`; without it, the next epoch from its first batch."""
-        epoch, start_batch = self.epoch, self.start_batch
-        self.epoch, self.start_batch = epoch + 1, 0
-        return self.batches(epoch, start_batch)
-
-    def batches(
-        self, epoch: int, start_batch: int = 0
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches `start_batch`, `start_batch + 1`, ... of `epoch` on the device."""
-        self._check_start(start_batch)
-        return self._device_batches(epoch, start_batch)
-
-    def _check_start(self, start_batch: int) -> None:
-        """UserError unless 0 <= start_batch <= len(self)."""
-        if not 0 <= start_batch <= len(self):
-            raise UserError(
-                f"start batch {start_batch} is outside the {len(self)} batches of an epoch of "
-                f"{self.source}"
-            )
-
-    def _device_batches(
-        self, epoch: int, start_batch: int
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _read(self, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches = self.uint8_batches(epoch, start_batch)
         for batch, (images, labels) in enumerate(batches, start_batch):
             labels = labels.to(self.transform.device, non_blocking=True).long()
             yield self.transform(images, epoch, batch), labels
-
-    def epoch_indices(self, epoch: int, start_batch: int = 0) -> np.ndarray:
-        """The sample indices of batches `start_batch`, ... of `epoch`, in reading order."""
-        stop = len(self) * self.batch_size if self.drop_last else None
-        return self.plan.indices(epoch)[start_batch * self.batch_size : stop]
 
     @abstractmethod
     def uint8_batches(
@@ -223,12 +340,12 @@ def check_labels(data: Loader | FileSummary, num_classes: int, split: str) -> No
         raise UserError(
             f"{split} data {source}: labels run from {low} to {high}, outside the model's "
             f"{num_classes} classes (0..{num_classes - 1}): use data with the training classes "
-            "or set model.num_classes"
+            "or set data.num_classes"
         )
     if data.num_classes > num_classes:
         raise UserError(
             f"{split} data {source}: has {data.num_classes} classes, the model {num_classes}: "
-            "use data with the training classes or set model.num_classes"
+            "use data with the training classes or set data.num_classes"
         )
 
 
@@ -272,92 +389,6 @@ def _collate_uint8(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tenso
     images = torch.stack([image for image, _ in samples])
     labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
     return images, labels
-
-
-class EpochSampler(Sampler):
-    """A torch Sampler yielding the `(epoch, sample index)` keys of the samples set by `select`."""
-
-    def __init__(self):
-        self.epoch = 0
-        self.indices = np.zeros(0, dtype=np.int64)
-
-    def select(self, epoch: int, indices: np.ndarray) -> None:
-        """Read the samples `indices` of `epoch` on the next pass."""
-        self.epoch, self.indices = epoch, indices
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((self.epoch, index) for index in self.indices.tolist())
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-class KeyedLoader:
-    """Batches of one rank on the device from a dataset read by `(epoch, index)` keys (a sample's
-    randomness drawn from its key), in worker processes.
-
-    Training shuffles by (seed, epoch), every rank reads as many samples and the last partial
-    batch is dropped; evaluation reads every sample once across ranks, in order.
-    `collate(samples)` makes a batch of the samples, `to_device(batch, device)` moves it.
-    `batches(epoch, start_batch)` starts anywhere in an epoch without reading what comes before.
-    """
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        *,
-        batch_size: int,
-        train: bool,
-        device: torch.device,
-        num_workers: int,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-        collate: Callable[[list], Any],
-        to_device: Callable[[Any, torch.device], Any],
-    ) -> None:
-        self.num_samples = len(dataset)
-        self.plan = ShardPlan(len(dataset), train, seed, rank, world_size)
-        self.batch_size, self.drop_last, self.device = batch_size, train, device
-        self.to_device = to_device
-        self.sampler = EpochSampler()
-        self.loader = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=self.sampler,
-            num_workers=num_workers,
-            collate_fn=collate,
-            # its own generator: starting the workers then draws nothing from the global one
-            generator=torch.Generator().manual_seed(seed),
-        )
-
-    def __len__(self) -> int:
-        """Batches in a whole epoch."""
-        if self.drop_last:
-            return len(self.plan) // self.batch_size
-        return math.ceil(len(self.plan) / self.batch_size)
-
-    def __iter__(self) -> Iterator[Any]:
-        return self.batches(0)
-
-    def batches(self, epoch: int, start_batch: int = 0) -> Iterator[Any]:
-        """Batches `start_batch`, `start_batch + 1`, ... of `epoch` on the device."""
-        stop = len(self) * self.batch_size
-        self.sampler.select(epoch, self.plan.indices(epoch)[start_batch * self.batch_size : stop])
-        try:
-            for batch in self.loader:
-                yield self.to_device(batch, self.device)
-        except UserError as error:
-            raise UserError(worker_message(error)) from None
-
-
-def worker_message(error: UserError) -> str:
-    """The one-line message of a UserError raised in a loader's worker process, which the
-    DataLoader re-raises with the worker's traceback around it."""
-    text = str(error).rstrip()
-    if "DataLoader worker" not in text:
-        return text
-    return text.splitlines()[-1].split("UserError: ", 1)[-1]
 
 
 class _EpochSamples(Dataset):
@@ -426,23 +457,19 @@ class TorchvisionLoader(Loader):
         self.source = source
         self.num_classes = len(dataset.classes)
         self.label_range = (int(min(dataset.targets)), int(max(dataset.targets)))
-        self.sampler = EpochSampler()
-        self.loader = DataLoader(
+        self.reader = WorkerReader(
             _EpochSamples(dataset, crop),
-            batch_size=batch_size,
-            sampler=self.sampler,
-            num_workers=num_workers,
-            collate_fn=_collate_uint8,
+            batch_size,
+            num_workers,
+            _collate_uint8,
+            plan.seed,
             pin_memory=transform.device.type == "cuda",
-            # its own generator: starting the workers then draws nothing from the global one
-            generator=torch.Generator().manual_seed(plan.seed),
         )
 
     def uint8_batches(
         self, epoch: int, start_batch: int = 0
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self.sampler.select(epoch, self.epoch_indices(epoch, start_batch))
-        return iter(self.loader)
+        return self.reader.read(epoch, self.epoch_indices(epoch, start_batch))
 
 
 def _ffcv_order(indices: np.ndarray):
@@ -469,7 +496,7 @@ def _ffcv_order(indices: np.ndarray):
 class FfcvLoader(Loader):
     """An FFCV loader: decode and crop in compiled threads, uint8 straight to the device.
     On the CPU the uint8 batches are FFCV's own buffers, reused a few batches later (the
-    normalised batches of `__iter__` are new tensors)."""
+    normalised batches of `batches` are new tensors)."""
 
     def __init__(
         self,
@@ -560,12 +587,14 @@ def build_loader(
     Train: random resized crop to `image_size`, then on the device flip and the rest of
     `augment` (the defaults of `AugmentOptions` when None); the last partial batch is dropped.
     Val: resize to image_size/crop_ratio, centre crop, every sample once.
+    `distributed`: read this process's shard of the samples (the rank and world size of the
+    torch.distributed process group); otherwise all of them.
     """
     _check_settings(split, backend, path, batch_size, image_size, num_classes)
     device = torch.device(device)
     train = split == "train"
     options = augment or AugmentOptions()
-    rank, world_size = _rank_and_world(distributed)
+    rank, world_size = runtime.rank_and_world() if distributed else (0, 1)
     transform = DeviceBatchTransform(device, options if train else None, seed, rank)
 
     def plan_for(num_samples: int) -> ShardPlan:
@@ -611,7 +640,7 @@ def _check_settings(
     if backend == "synthetic":
         if not num_classes:
             raise UserError(
-                "the synthetic backend needs num_classes (model.num_classes in the recipe)"
+                "the synthetic backend needs num_classes (data.num_classes in the recipe)"
             )
         return
     if not path:

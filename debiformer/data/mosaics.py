@@ -39,7 +39,7 @@ from debiformer.data.sources import (
     fashion_mnist_root,
     read_fashion_mnist,
 )
-from debiformer.errors import UserError
+from debiformer.errors import UserError, mention
 from debiformer.runtime import TEMP_MARK, write_json, write_text
 
 SPLITS = {"train": "train", "val": "test"}  # mosaics split -> Fashion-MNIST split of its items
@@ -91,26 +91,31 @@ def _check_arguments(
     """A one-line UserError for the first argument that cannot make a mosaics set."""
     if train_images < 1 or val_images < 1:
         raise UserError(
-            f"--train and --val must be at least 1 canvas each, got {train_images} and {val_images}"
+            f"{mention('train_images')} and {mention('val_images')} must be at least 1 canvas "
+            f"each, got {train_images} and {val_images}"
         )
     if not 1 <= items[0] <= items[1]:
         raise UserError(
-            f"--items {items[0]} {items[1]}: give the fewest and most items per canvas with "
-            "1 <= fewest <= most, e.g. --items 2 6"
+            f"{items[0]} {items[1]}: give the fewest and most items per canvas with "
+            "1 <= fewest <= most, e.g. 2 6",
+            about="items",
         )
     if not 0 < scale[0] <= scale[1]:
         raise UserError(
-            f"--scale {scale[0]} {scale[1]}: give the smallest and largest item scale with "
-            "0 < smallest <= largest, e.g. --scale 1.0 2.0"
+            f"{scale[0]} {scale[1]}: give the smallest and largest item scale with "
+            "0 < smallest <= largest, e.g. 1.0 2.0",
+            about="scale",
         )
     largest = round(ITEM_SIZE * scale[1])
     if canvas_size < largest:
         raise UserError(
-            f"--size {canvas_size}: the canvas must hold the largest item ({largest} px at scale "
-            f"{scale[1]}); use --size {largest} or more, or a smaller --scale"
+            f"{canvas_size}: the canvas must hold the largest item ({largest} px at scale "
+            f"{scale[1]}); use {mention('canvas_size', largest)} or more, or a smaller "
+            f"{mention('scale')}",
+            about="canvas_size",
         )
     if seed < 0:
-        raise UserError(f"--seed must be 0 or more, got {seed}")
+        raise UserError(f"must be 0 or more, got {seed}", about="seed")
     if out.exists() and not _is_mosaics_folder(out) and (not out.is_dir() or any(out.iterdir())):
         raise UserError(
             f"{out} exists and is not a mosaics folder: delete it or choose another folder"

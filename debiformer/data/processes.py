@@ -45,7 +45,7 @@ def one_line(error: BaseException) -> str:
 
 def report_failure(report: Connection, message: str) -> None:
     """Tell the parent that this process of the group failed, with a one-line `message`."""
-    report.send(("error", message[:2000]))
+    report.send(("error", UserError(message[:2000])))
 
 
 def _child_main(parent_pid: int, report: Connection, work: Callable, args: tuple) -> None:
@@ -56,8 +56,8 @@ def _child_main(parent_pid: int, report: Connection, work: Callable, args: tuple
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         result = work(report, *args)
-    except UserError as error:
-        report_failure(report, str(error))
+    except UserError as error:  # sent whole, so the parent can name its parameters as it likes
+        report.send(("error", error))
     except BaseException as error:  # anything else still ends as one line in the parent
         report_failure(report, one_line(error))
     else:
@@ -108,7 +108,7 @@ def _await_result(reader: Connection, child: multiprocessing.Process) -> Any:
                 ) from None
             if kind == "done":
                 return payload
-            raise UserError(payload)
+            raise payload
         if not child.is_alive() and not reader.poll(0):
             raise UserError(
                 f"the worker process stopped (exit code {child.exitcode}) without a result"

@@ -414,29 +414,15 @@ class SegmentationLoader(KeyedLoader):
     rank reads as many images; evaluation reads every image once across ranks, in order.
     `batches(epoch, start_batch)` starts anywhere."""
 
-    def __init__(
-        self,
-        data: SegmentationData,
-        *,
-        batch_size: int,
-        train: bool,
-        device: torch.device,
-        num_workers: int,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
+    def __init__(self, data: SegmentationData, *, train: bool, **options: Any) -> None:
+        """`options`: the batch_size, device, num_workers, seed, rank and world_size of
+        `KeyedLoader`."""
         super().__init__(
             data.samples,
-            batch_size=batch_size,
+            source=str(data.images),
             train=train,
-            device=device,
-            num_workers=num_workers,
-            seed=seed,
-            rank=rank,
-            world_size=world_size,
             collate=_stack if train else _lists,
             to_device=_stacked_to_device if train else _lists_to_device,
+            **options,
         )
         self.data = data
-        self.source = str(data.images)

@@ -1,14 +1,19 @@
-"""Tasks the training engine runs (`debiformer.engine.Task`): what differs between them.
+"""The tasks the training engine runs, by the name a recipe gives (`task:`).
 
-`train` and `evaluate_checkpoint` pick the task a recipe names (`task:`), importing only its
-module, so classification never needs the dense tasks' extras.
+    classification   ClassificationTask   top-1 (FFCV, torchvision or synthetic images)
+    detection        DetectionTask        COCO box AP (torchvision's heads)
+    segmentation     SegmentationTask     mIoU (Semantic FPN, UperNet)
+
+A task class is imported on first use, so classification never needs the dense tasks' extras.
+Each is an `engine.Task` built as `TaskClass(recipe, run_dir=None)`, and evaluates a checkpoint
+for `debiformer eval` with `evaluate_checkpoint(checkpoint, use_ema=..., json_path=...)`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
-from collections.abc import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +21,69 @@ import torch
 from torch import nn
 
 from debiformer import runtime
-from debiformer.checkpoint import load_checkpoint
-from debiformer.recipe import ModelConfig, Recipe
-from debiformer.weights import load_weights
+from debiformer.engine import Task, fit
+from debiformer.errors import UserError
+from debiformer.recipe import Recipe, recipe_from_stored
+from debiformer.weights import ModelSpec, WeightsFile, build_model, open_weights
 
-MODULES = {
-    "classification": "debiformer.tasks.classification",
-    "detection": "debiformer.tasks.detection",
-    "segmentation": "debiformer.tasks.segmentation",
+TASKS = {
+    "classification": "debiformer.tasks.classification:ClassificationTask",
+    "detection": "debiformer.tasks.detection:DetectionTask",
+    "segmentation": "debiformer.tasks.segmentation:SegmentationTask",
 }
+TASK_NAMES = tuple(TASKS)
+
+
+@dataclass
+class Evaluation:
+    """What evaluating a model gives: its metrics (the same on every rank) and a few of this
+    rank's inputs with their predictions, for a figure (none for classification)."""
+
+    metrics: dict[str, Any]
+    previews: list[Any] = field(default_factory=list)
+
+
+def eval_batch_size(recipe: Recipe) -> int:
+    """The batch of an evaluation in one process: `train.eval_batch_size`, else a training
+    micro-batch."""
+    return recipe.train.eval_batch_size or recipe.train.batch_size // recipe.train.accum_steps
+
+
+def open_checkpoint(
+    recipe: Recipe, checkpoint: str | Path, json_path: str | Path | None
+) -> tuple[WeightsFile, torch.device]:
+    """What every `evaluate_checkpoint` starts with, before any long work: `json_path` checked
+    writable, the checkpoint read, the recipe's device and precision checked. Returns (the
+    checkpoint, read once, the device)."""
+    if json_path is not None:
+        runtime.check_writable(json_path, "json_path")
+    file = open_weights(checkpoint)
+    device = runtime.select_device(recipe.train.device, option="train.device")
+    runtime.check_precision(recipe.train.precision, device, option="train.precision")
+    return file, device
+
+
+def start_model(recipe: Recipe, spec: ModelSpec) -> nn.Module:
+    """The network `spec` describes, started from the recipe's `model.pretrained` when that is
+    set (`model.pretrained_ema`, `model.new_head`), through `weights.build_model`."""
+    model = recipe.model
+    network, _ = build_model(
+        spec, pretrained=model.pretrained, ema=model.pretrained_ema, new_head=model.new_head
+    )
+    return network
+
+
+def task_class(name: str) -> type[Task]:
+    """The Task class of the task `name`, its module imported now."""
+    if name not in TASKS:
+        raise UserError(f"task: {name!r} is not a task; choose one of {', '.join(TASKS)}")
+    module, cls = TASKS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_task(recipe: Recipe, run_dir: str | Path | None = None) -> Task:
+    """The task the recipe names, writing its figures (predictions.png) into `run_dir`."""
+    return task_class(recipe.task)(recipe, run_dir)
 
 
 def train(
@@ -35,51 +94,22 @@ def train(
     fresh: bool = False,
 ) -> dict[str, Any]:
     """Trains what the recipe describes (`debiformer train`); returns the run's summary."""
-    module = importlib.import_module(MODULES[recipe.task])
-    return module.train(recipe, run_dir=run_dir, resume=resume, fresh=fresh)
+    return fit(recipe, build_task(recipe, run_dir), run_dir=run_dir, resume=resume, fresh=fresh)
 
 
 def evaluate_checkpoint(recipe: Recipe, checkpoint: str | Path, **options: Any) -> dict[str, Any]:
-    """The validation metrics of a checkpoint for the recipe's task (`debiformer eval`)."""
-    module = importlib.import_module(MODULES[recipe.task])
-    return module.evaluate_checkpoint(recipe, checkpoint, **options)
+    """The validation metrics of a checkpoint for the recipe's task (`debiformer eval`):
+    `options` are the task's `evaluate_checkpoint` options."""
+    return build_task(recipe).evaluate_checkpoint(checkpoint, **options)
 
 
-@dataclasses.dataclass
-class CheckpointEvaluation:
-    """What `evaluate_checkpoint` of a dense task evaluates: the model with the checkpoint's
-    weights on the device, which weights those are, the validation data and its loader."""
-
-    model: nn.Module
-    weights: str
-    data: Any
-    loader: Any
-    device: torch.device
-
-
-def prepare_checkpoint_evaluation(
-    recipe: Recipe,
-    checkpoint: str | Path,
-    *,
-    use_ema: bool,
-    json_path: str | Path | None,
-    read_data: Callable[[Recipe, str], Any],
-    build_loader: Callable[..., Any],
-    build_model: Callable[[ModelConfig, int], nn.Module],
-) -> CheckpointEvaluation:
-    """The set-up `debiformer eval` shares between dense tasks: `--json` checked writable, the
-    device and precision checked, the validation split read with the task's `read_data` and
-    `build_loader`, the task's `build_model(model_config, num_classes)` given every weight from
-    the checkpoint (nothing is read from `model.pretrained`)."""
-    if json_path is not None:
-        runtime.check_writable(json_path, "--json")
-    state = load_checkpoint(checkpoint)
-    device = runtime.select_device(recipe.train.device, option="train.device")
-    runtime.check_precision(recipe.train.precision, device, option="train.precision")
-    data = read_data(recipe, "val")
-    batch_size = recipe.train.eval_batch_size or recipe.train.batch_size // recipe.train.accum_steps
-    loader = build_loader(recipe, data, device, batch_size, train=False)
-    backbone = dataclasses.replace(recipe.model, pretrained=None)
-    model = build_model(backbone, len(data.class_names))
-    weights = load_weights(model, state, Path(checkpoint), use_ema=use_ema, official=False)
-    return CheckpointEvaluation(model.to(device), weights, data, loader, device)
+def checkpoint_recipe(checkpoint: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """The recipe a training checkpoint of this tool stores, with `section.key=value`
+    `overrides`: what `debiformer eval` evaluates a checkpoint with when given no recipe."""
+    stored = open_weights(checkpoint).recipe
+    if stored is None:
+        raise UserError(
+            f"checkpoint {checkpoint} stores no recipe (only this tool's training checkpoints "
+            "do): give the recipe it was trained with"
+        )
+    return recipe_from_stored(stored, overrides)

@@ -1,8 +1,6 @@
-"""Image classification: the engine's first task, and the `eval` command's library side.
-
-ClassificationTask     model, loaders, loss (mixup/cutmix, label smoothing), top-1/top-5
-train                  `debiformer train`: fit(recipe, ClassificationTask(recipe))
-evaluate_checkpoint    `debiformer eval`: a checkpoint's metrics on the validation set
+"""Image classification (`task: classification`): the model, FFCV/torchvision/synthetic
+loaders, the loss (mixup/cutmix, label smoothing), top-1/top-5 accuracy, and a checkpoint's
+metrics on the validation set (`ClassificationTask.evaluate_checkpoint`, `debiformer eval`).
 """
 
 from __future__ import annotations
@@ -23,15 +21,14 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
-import debiformer
 from debiformer import runtime
-from debiformer.checkpoint import load_checkpoint
 from debiformer.data import build_loader, ensure_ffcv_file
 from debiformer.data.loaders import AugmentOptions, check_labels
-from debiformer.engine import Task, fit
+from debiformer.engine import Metric, Task
 from debiformer.errors import UserError
 from debiformer.recipe import Recipe
-from debiformer.weights import load_weights
+from debiformer.tasks import Evaluation, eval_batch_size, open_checkpoint, start_model
+from debiformer.weights import ModelSpec, build_model
 
 # ----------------------------------------------------------------------------- recipe -> parts
 
@@ -64,7 +61,8 @@ def prepare_ffcv_files(recipe: Recipe, splits: tuple[str, ...] = ("train", "val"
         path, source = getattr(data, f"{split}_path"), getattr(data, f"{split}_source")
         if path is None:
             raise UserError(
-                f"data.{split}_path: not set; add --set data.{split}_path=/path/to/{split}.beton"
+                f"data.{split}_path: not set; set it to the split's FFCV file, e.g. "
+                f"/path/to/{split}.beton"
             )
         if not Path(path).exists() and source is None:
             raise UserError(
@@ -76,32 +74,13 @@ def prepare_ffcv_files(recipe: Recipe, splits: tuple[str, ...] = ("train", "val"
             ensure_ffcv_file(source, path, **options)
 
 
-def build_model(recipe: Recipe, num_classes: int, pretrained: bool = True) -> nn.Module:
-    """The recipe's network with `num_classes` outputs, its drop path and architecture overrides,
-    started from `model.pretrained` when that is set (and `pretrained`)."""
-    model = debiformer.create_model(
-        recipe.model.name,
-        num_classes=num_classes,
-        drop_path_rate=recipe.model.drop_path,
-        **recipe.model.arch,
-    )
-    if pretrained and recipe.model.pretrained is not None:
-        debiformer.load_pretrained(
-            model,
-            recipe.model.pretrained,
-            use_ema=recipe.model.pretrained_ema,
-            new_head=recipe.model.new_head,
-        )
-    return model
-
-
 def build_split_loader(recipe: Recipe, split: str, device: torch.device, batch_size: int):
     """The loader of `split` ("train" or "val") that the recipe's `data` and `augment` describe."""
     data, aug = recipe.data, recipe.augment
     path = getattr(data, f"{split}_path")
     if data.backend != "synthetic" and not path:
         raise UserError(
-            f"data.{split}_path: not set; add --set data.{split}_path=... ({data.backend} backend)"
+            f"data.{split}_path: not set; set it to the split's data ({data.backend} backend)"
         )
     train = split == "train"
     augment = AugmentOptions(
@@ -162,7 +141,7 @@ def numpy_seeded(generator: torch.Generator) -> Iterator[None]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, *, channels_last: bool = False) -> dict[str, float]:
+def evaluate(model: nn.Module, loader, *, channels_last: bool = False) -> Evaluation:
     """Top-1/top-5 accuracy (%), mean cross-entropy and images/s of `model` over `loader`.
 
     Under torch.distributed each rank reads its shard and the counts are summed over ranks.
@@ -194,13 +173,14 @@ def evaluate(model: nn.Module, loader, *, channels_last: bool = False) -> dict[s
     loss_sum, top1, top5, count = totals.tolist()
     if count == 0:
         raise UserError("the validation set is empty")
-    return {
+    metrics = {
         "top1": 100.0 * top1 / count,
         "top5": 100.0 * top5 / count,
         "loss": loss_sum / count,
         "images": int(count),
         "images_per_s": count / elapsed,
     }
+    return Evaluation(metrics)
 
 
 # ----------------------------------------------------------------------------- the task
@@ -210,21 +190,30 @@ class ClassificationTask(Task):
     """Classification on the recipe's images: cross-entropy (with mixup/cutmix and label
     smoothing as the recipe says), top-1/top-5 accuracy; best.pt follows top-1."""
 
+    metrics = (
+        Metric("top1", "top-1", "{:.2f}%"),
+        Metric("top5", "top-5", "{:.2f}%"),
+        Metric("loss", "loss", "{:.4f}", higher_is_better=False),
+    )
     best_metric = "top1"
 
-    def __init__(self, recipe: Recipe, console: Console | None = None) -> None:
+    def __init__(
+        self, recipe: Recipe, run_dir: str | Path | None = None, console: Console | None = None
+    ) -> None:
+        """`run_dir` is every task's second argument; a classifier writes no figures there."""
         self.console = console or Console(stderr=True)
         self.recipe = fall_back_without_ffcv(recipe, self.console)
         self.num_classes: int | None = recipe.data.num_classes
         self.criterion: nn.Module | None = None
         self.mixup: Mixup | None = None
 
+    def prepare_data(self) -> None:
+        """Converts the FFCV files the recipe names from their sources where they are missing."""
+        prepare_ffcv_files(self.recipe)
+
     def build_loaders(self, device: torch.device, batch_size: int, eval_batch_size: int):
-        """Train and validation loaders (rank 0 converts missing FFCV files first); their labels
-        are checked against the class count before any training."""
-        if runtime.rank_and_world()[0] == 0:
-            prepare_ffcv_files(self.recipe)
-        runtime.barrier()
+        """Train and validation loaders; their labels are checked against the class count
+        before any training."""
         train_loader = build_split_loader(self.recipe, "train", device, batch_size)
         val_loader = build_split_loader(self.recipe, "val", device, eval_batch_size)
         self.num_classes = self.num_classes or train_loader.num_classes
@@ -233,8 +222,11 @@ class ClassificationTask(Task):
         self.criterion, self.mixup = build_criterion(self.recipe, self.num_classes)
         return train_loader, val_loader
 
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec.from_recipe(self.recipe, self.num_classes)
+
     def build_model(self) -> nn.Module:
-        return build_model(self.recipe, self.num_classes)
+        return start_model(self.recipe, self.model_spec())
 
     def start_epoch(self, epoch: int) -> None:
         """Switches mixup/cutmix off from `augment.mixup_off_epoch` on."""
@@ -255,63 +247,37 @@ class ClassificationTask(Task):
         return self.criterion(model(images), targets)
 
     def evaluate(self, model: nn.Module, loader) -> dict[str, float]:
-        return evaluate(model, loader, channels_last=self.recipe.train.channels_last)
+        return evaluate(model, loader, channels_last=self.recipe.train.channels_last).metrics
 
-    def describe(self, metrics: dict[str, float]) -> str:
-        return (
-            f"top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%, "
-            f"loss {metrics['loss']:.4f}"
-        )
-
-
-def train(
-    recipe: Recipe,
-    *,
-    run_dir: str | Path,
-    resume: str | Path | None = None,
-    fresh: bool = False,
-) -> dict[str, Any]:
-    """Trains the recipe's classifier (`debiformer train`); returns the run's summary."""
-    return fit(recipe, ClassificationTask(recipe), run_dir=run_dir, resume=resume, fresh=fresh)
-
-
-# ----------------------------------------------------------------------------- eval command
-
-
-def evaluate_checkpoint(
-    recipe: Recipe,
-    checkpoint: str | Path,
-    *,
-    use_ema: bool = False,
-    official: bool | None = None,
-    json_path: str | Path | None = None,
-) -> dict[str, Any]:
-    """Evaluates a checkpoint (this tool's, a bare state dict, or a released one) on the recipe's
-    validation set; writes the result as JSON to `json_path` when given."""
-    if json_path is not None:
-        runtime.check_writable(json_path, "--json")
-    state = load_checkpoint(checkpoint)
-    recipe = fall_back_without_ffcv(recipe, Console(stderr=True))
-    device = runtime.select_device(recipe.train.device, option="train.device")
-    runtime.check_precision(recipe.train.precision, device, option="train.precision")
-    prepare_ffcv_files(recipe, splits=("val",))
-    batch_size = recipe.train.eval_batch_size or recipe.train.batch_size // recipe.train.accum_steps
-    loader = build_split_loader(recipe, "val", device, batch_size)
-    model = build_model(recipe, recipe.data.num_classes or loader.num_classes, pretrained=False)
-    weights = load_weights(model, state, Path(checkpoint), use_ema=use_ema, official=official)
-    model.to(device)
-    if recipe.train.channels_last:
-        model.to(memory_format=torch.channels_last)
-    with runtime.autocast(device, recipe.train.precision):
-        metrics = evaluate(model, loader, channels_last=recipe.train.channels_last)
-    result = {
-        "checkpoint": str(checkpoint),
-        "weights": weights,
-        "model": recipe.model.name,
-        "image_size": recipe.data.val_image_size or recipe.data.image_size,
-        "device": str(device),
-        **metrics,
-    }
-    if json_path is not None:
-        runtime.write_json(json_path, result)
-    return result
+    def evaluate_checkpoint(
+        self,
+        checkpoint: str | Path,
+        *,
+        use_ema: bool = False,
+        official: bool | None = None,
+        json_path: str | Path | None = None,
+    ) -> dict[str, Any]:
+        """Evaluates a checkpoint (this tool's, a bare state dict, or a released one) on the
+        recipe's validation set; writes the result as JSON to `json_path` when given."""
+        recipe = self.recipe
+        file, device = open_checkpoint(recipe, checkpoint, json_path)
+        prepare_ffcv_files(recipe, splits=("val",))
+        loader = build_split_loader(recipe, "val", device, eval_batch_size(recipe))
+        spec = ModelSpec.from_recipe(recipe, recipe.data.num_classes or loader.num_classes)
+        model, provenance = build_model(spec, checkpoint=file, ema=use_ema, official=official)
+        model.to(device)
+        if recipe.train.channels_last:
+            model.to(memory_format=torch.channels_last)
+        with runtime.autocast(device, recipe.train.precision):
+            evaluation = evaluate(model, loader, channels_last=recipe.train.channels_last)
+        result = {
+            "checkpoint": str(checkpoint),
+            "weights": provenance.weights,
+            "model": recipe.model.name,
+            "image_size": recipe.data.val_image_size or recipe.data.image_size,
+            "device": str(device),
+            **evaluation.metrics,
+        }
+        if json_path is not None:
+            runtime.write_json(json_path, result)
+        return result

@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import debiformer
-from debiformer.errors import UserError
+from debiformer.errors import UserError, mention
 from debiformer.routing import IMPLEMENTATIONS, implementation
 from debiformer.runtime import (
     autocast,
@@ -60,6 +60,7 @@ from debiformer.tools.export import (
     onnx_session,
     require_onnx_packages,
 )
+from debiformer.weights import ModelSpec, build_model
 
 MODES = ("infer", "train")
 RUNTIMES = ("eager", "compile", "onnxruntime")
@@ -80,7 +81,7 @@ def is_debiformer(name: str) -> bool:
 def check_timm_model(name: str) -> None:
     """Rejects a name that timm does not know."""
     if not timm.list_models(name):
-        raise UserError(f"--compare: unknown timm model {name!r} (see timm.list_models())")
+        raise UserError(f": unknown timm model {name!r} (see timm.list_models())", about="compare")
 
 
 @dataclass(frozen=True)
@@ -117,31 +118,37 @@ class BenchOptions:
             object.__setattr__(self, name, tuple(getattr(self, name)))
         check_precision(self.precision, select_device(self.device))
         if not self.models and not self.compare:
-            raise UserError("--models: nothing to measure; name a DeBiFormer variant or --compare")
+            raise UserError(
+                f": nothing to measure; name a DeBiFormer variant or {mention('compare')}",
+                about="models",
+            )
         if not self.impls or not self.modes:
-            raise UserError(f"--{'impl' if not self.impls else 'mode'}: give at least one")
+            raise UserError(": give at least one", about="impls" if not self.impls else "modes")
         for name in self.models:
             if not is_debiformer(name):
                 raise UserError(
-                    f"--models: unknown model {name!r}; choose from "
-                    f"{', '.join(debiformer.list_models())} (timm models go in --compare)"
+                    f": unknown model {name!r}; choose from {', '.join(debiformer.list_models())} "
+                    f"(timm models go in {mention('compare')})",
+                    about="models",
                 )
         for impl in self.impls:
             if impl not in IMPLEMENTATIONS:
                 raise UserError(
-                    f"--impl: unknown implementation {impl!r}; "
-                    f"choose from {', '.join(IMPLEMENTATIONS)}"
+                    f": unknown implementation {impl!r}; choose from {', '.join(IMPLEMENTATIONS)}",
+                    about="impls",
                 )
         for mode in self.modes:
             if mode not in MODES:
-                raise UserError(f"--mode: unknown mode {mode!r}; choose infer, train or both")
-        check_at_least("--resolution", self.resolution, MIN_RESOLUTION)
-        check_at_least("--batch-size", self.batch_size, 1)
-        check_at_least("--warmup", self.warmup, 0)
-        check_at_least("--iterations", self.iterations, 1)
+                raise UserError(
+                    f": unknown mode {mode!r}; choose infer, train or both", about="modes"
+                )
+        check_at_least("resolution", self.resolution, MIN_RESOLUTION)
+        check_at_least("batch_size", self.batch_size, 1)
+        check_at_least("warmup", self.warmup, 0)
+        check_at_least("iterations", self.iterations, 1)
         if not set(self.grad_checkpointing) <= {1, 2, 3, 4}:
             raise UserError(
-                f"--grad-checkpointing takes stages 1-4, got {list(self.grad_checkpointing)}"
+                f"takes stages 1-4, got {list(self.grad_checkpointing)}", about="grad_checkpointing"
             )
         for name in self.compare:
             check_timm_model(name)
@@ -150,21 +157,25 @@ class BenchOptions:
     def _check_runtimes(self) -> None:
         """Rejects an unknown runtime, and onnxruntime where it cannot run."""
         if not self.runtimes:
-            raise UserError("--runtime: give at least one")
+            raise UserError(": give at least one", about="runtimes")
         for runtime in self.runtimes:
             if runtime not in RUNTIMES:
                 raise UserError(
-                    f"--runtime: unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}"
+                    f": unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}",
+                    about="runtimes",
                 )
         if "onnxruntime" not in self.runtimes:
             return
+        onnxruntime = mention("runtimes", "onnxruntime")
         if "train" in self.modes:
-            raise UserError("--runtime onnxruntime measures inference only: use --mode infer")
+            raise UserError(
+                f"{onnxruntime} measures inference only: use {mention('modes', 'infer')}"
+            )
         if self.precision != "fp32" or select_device(self.device).type != "cpu":
-            raise UserError("--runtime onnxruntime runs fp32 on the CPU: use --device cpu")
+            raise UserError(f"{onnxruntime} runs fp32 on the CPU: use {mention('device', 'cpu')}")
         if not self.models or "fast" not in self.impls:
-            raise UserError("--runtime onnxruntime runs DeBiFormer models with --impl fast")
-        require_onnx_packages("--runtime onnxruntime")
+            raise UserError(f"{onnxruntime} runs DeBiFormer models with {mention('impls', 'fast')}")
+        require_onnx_packages("runtimes", "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -214,7 +225,7 @@ def bench_rows(options: BenchOptions, device: torch.device) -> list[BenchRow]:
 def build_benchmark_model(name: str) -> nn.Module:
     """A DeBiFormer variant or a timm model, randomly initialised, 1000 classes."""
     if is_debiformer(name):
-        return debiformer.create_model(name)
+        return build_model(ModelSpec(name))[0]
     check_timm_model(name)
     return timm.create_model(name, pretrained=False)
 
@@ -383,7 +394,7 @@ def measure_in_fresh_process(row: BenchRow) -> dict:
     if "out_of_memory" in result:
         raise OutOfMemory(result["out_of_memory"])
     if "error" in result:
-        raise UserError(result["error"])
+        raise UserError(result["error"], about=result["about"])
     return result
 
 
@@ -523,7 +534,7 @@ def _worker(row_json: str, result_path: str) -> None:
     except OutOfMemory as error:
         result = {"out_of_memory": str(error)}
     except UserError as error:
-        result = {"error": str(error)}
+        result = {"error": error.message, "about": error.about}
     write_json(result_path, result)
 
 

@@ -1,5 +1,5 @@
-"""What `bench`, `profile` and the loader benchmark share: option range checks, the name of the
-peak-memory figure, and tables that stay whole on a narrow console or in a pipe."""
+"""What `bench`, `profile` and the loader benchmark share: range checks of their settings, the
+name of the peak-memory figure, and tables that stay whole on a narrow console or in a pipe."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ CPU_MEMORY = "CPU peak RSS rise"
 CUDA_MEMORY = "CUDA max allocated"
 
 
-def check_at_least(option: str, value: int, least: int) -> None:
-    """A one-line `UserError` naming `option` when `value` is below `least`."""
+def check_at_least(about: str, value: int, least: int) -> None:
+    """A one-line `UserError` about the parameter `about` when its `value` is below `least`."""
     if value < least:
-        raise UserError(f"{option} must be at least {least}, got {value}")
+        raise UserError(f"must be at least {least}, got {value}", about=about)
 
 
 def memory_kind(device: torch.device) -> str:

@@ -7,8 +7,8 @@ PyTorch before it replaces anything.
                  with `torch.export.load` and running it
     safetensors  the weights, with the architecture and preprocessing in the file's metadata;
                  checked by reading every tensor back, which must equal the model's bit for bit.
-                 `load_exported_weights(FILE)` (that is, `create_model(NAME, ...,
-                 pretrained=FILE)` with the recorded arguments) builds the model again
+                 `load_exported_weights(FILE)` (that is, `weights.build_model` with the
+                 recorded spec and `checkpoint=FILE`) builds the model again
 
 With `quantize="int8"` (ONNX only) the checked fp32 file is then quantised with onnxruntime's
 dynamic int8 quantisation of its matrix products (`MatMul`, `Gemm`: int8 weights, activations
@@ -19,7 +19,8 @@ int8 accuracy depends on the data (`benchmarks/quantize.py` measures it on Fashi
 ONNX and pt2 files are checked on seeded random images at batch 1 (and 3 with `dynamic_batch`):
 the largest |exported - PyTorch| over the spread of PyTorch's logits (max - min) must not exceed
 `TOLERANCE`. Every format records the same JSON (`export_config`: variant, classes, input
-channels, architecture overrides, and timm's preprocessing fields) under the key "debiformer":
+channels, architecture overrides, timm's preprocessing fields, and the `weights.ModelSpec` under
+"model_spec") under the key "debiformer":
 in the ONNX model's metadata_props, as the pt2 archive's extra file "debiformer", in the
 safetensors header's metadata.
 
@@ -31,9 +32,6 @@ per file: the padding to the region grid and the choice of attention path depend
 
 The file is written beside `out` under a temporary name, checked there, and only then renamed
 onto `out` (`runtime.atomic_writer`): a failed check leaves no file, and an older `out` stays.
-
-For tests: with the environment variable DEBIFORMER_EXPORT_PERTURB=1 the first weight of the
-PyTorch model is changed after the file is written, so the check must fail.
 """
 
 from __future__ import annotations
@@ -41,10 +39,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -57,67 +54,63 @@ from torch import Tensor, nn
 from torch.export import ExportedProgram
 
 import debiformer
-from debiformer.checkpoint import is_training_checkpoint, load_checkpoint
-from debiformer.errors import UserError
+from debiformer import weights
+from debiformer.errors import UserError, mention
 from debiformer.model import VARIANTS, Architecture
-from debiformer.recipe import Recipe, load_recipe, recipe_from_dict
+from debiformer.recipe import load_recipe
 from debiformer.routing import implementation
 from debiformer.runtime import atomic_writer, check_writable
 from debiformer.tools.common import MIN_RESOLUTION, check_at_least
-from debiformer.weights import local_file, match_model, read_state_dict
+from debiformer.weights import (
+    ModelSpec,
+    WeightsFile,
+    open_weights,
+    spec_entry,
+    spec_of_checkpoint,
+)
 
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "safetensors": ".safetensors"}
 ONNX_OPSET = 18
 ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
 TOLERANCE = 1e-4
-CONFIG_KEY = "debiformer"
+CONFIG_KEY = weights.EXPORT_CONFIG_KEY
 CONFIG_FORMAT = "debiformer-export/1"
-PERTURB_ENV = "DEBIFORMER_EXPORT_PERTURB"
 QUANTIZATIONS = ("int8",)
 QUANTIZED_OPS = ["MatMul", "Gemm"]
 QUANTIZATION_NOTE = "dynamic int8 of MatMul and Gemm weights (onnxruntime)"
 DEFAULT_RESOLUTION = 224
+IMAGENET_CLASSES = 1000
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
-# This tool's loaders resize with bilinear interpolation (torchvision) or area averaging (FFCV),
-# then normalise with ImageNet's mean and std.
-RECIPE_INTERPOLATION = "bilinear"
 
 
-def require_onnx_packages(option: str) -> None:
+def require_onnx_packages(parameter: str, value: str) -> None:
     """A one-line `UserError` naming the extra to install when onnx, onnxruntime or onnxscript
-    is missing."""
+    is missing, which the `parameter` set to `value` needs."""
     missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
         raise UserError(
-            f"{option} needs {', '.join(missing)}: install the extra with "
+            f"{mention(parameter, value)} needs {', '.join(missing)}: install the extra with "
             "pip install 'debiformer[export]'"
         )
 
 
-def parse_resolution(value: str | int | tuple[int, int]) -> tuple[int, int]:
-    """(height, width) from "224", "33x47", 224 or (33, 47); each side at least 32 pixels."""
-    if isinstance(value, str):
-        parts = value.lower().split("x")
-        if len(parts) > 2 or not all(part.strip().isdigit() for part in parts):
-            raise UserError(
-                f"--resolution takes H or HxW in pixels, e.g. 224 or 33x47; got {value!r}"
-            )
-        value = tuple(int(part) for part in parts)
-    sides = (value, value) if isinstance(value, int) else tuple(value)
-    if len(sides) == 1:
-        sides = sides * 2
+def resolution_sides(resolution: int | tuple[int, int]) -> tuple[int, int]:
+    """(height, width) from 224 or (33, 47); each side at least 32 pixels."""
+    sides = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
     for side in sides:
-        check_at_least("--resolution", side, MIN_RESOLUTION)
+        check_at_least("resolution", side, MIN_RESOLUTION)
     return sides
 
 
 def format_of(path: str | Path) -> str:
-    """The format whose suffix `path` has; a `UserError` for any other name."""
+    """The format whose suffix `path` (the `out` option) has; a `UserError` for any other name."""
     for name, suffix in FORMATS.items():
         if Path(path).suffix == suffix:
             return name
-    raise UserError(f"--out {path}: name it .onnx, .pt2 or .safetensors (or give --format)")
+    raise UserError(
+        f"{path}: name it .onnx, .pt2 or .safetensors (or give {mention('format')})", about="out"
+    )
 
 
 @dataclass(frozen=True)
@@ -126,12 +119,12 @@ class ExportOptions:
     before any work.
 
     The model: `model` (a variant name) or `recipe` (its `model` section and preprocessing), or
-    else what `checkpoint` records (a training checkpoint's recipe, an exported .safetensors
-    file's config). The weights: `checkpoint`, loaded exactly as `debiformer eval` does (classes
-    and input channels are read from it; `ema`: its EMA weights), or `pretrained`, as
-    `create_model(pretrained=...)` starts from it (a head for other classes starts at zero), or
-    neither (random weights, seed 0). `format`: None takes it from `out`'s suffix. `resolution`:
-    H or (H, W), default the recipe's image size, else 224. `dynamic_batch`: ONNX and pt2 files
+    else what `checkpoint` records (`weights.spec_of_checkpoint`: a training checkpoint's model
+    spec or recipe, an exported .safetensors file's config). The weights: `checkpoint`, loaded
+    exactly as `debiformer eval` does (classes and input channels are read from it; `ema`: its
+    EMA weights), or `pretrained`, as `create_model(pretrained=...)` starts from it (a head for
+    other classes starts at zero), or neither (random weights, seed 0). `format`: None takes it
+    from `out`'s suffix. `resolution`: H or (H, W), default the recipe's image size, else 224. `dynamic_batch`: ONNX and pt2 files
     take any batch (else batch 1). `quantize`: "int8" for onnxruntime's dynamic int8 quantisation
     of an ONNX file's matrix products."""
 
@@ -142,7 +135,7 @@ class ExportOptions:
     checkpoint: str | None = None
     pretrained: str | None = None
     ema: bool = False
-    resolution: str | int | tuple[int, int] | None = None
+    resolution: int | tuple[int, int] | None = None
     dynamic_batch: bool = False
     quantize: str | None = None
 
@@ -152,101 +145,70 @@ class ExportOptions:
             object.__setattr__(self, "format", format_of(self.out))
         if self.format not in FORMATS:
             raise UserError(
-                f"--format: unknown format {self.format!r}; choose one of {', '.join(FORMATS)}"
+                f": unknown format {self.format!r}; choose one of {', '.join(FORMATS)}",
+                about="format",
             )
-        if self.model is not None and self.recipe is not None:
-            raise UserError("--model and --recipe: give one (the recipe names its model)")
-        if self.model is not None and self.model not in debiformer.list_models():
-            raise UserError(
-                f"--model: unknown model {self.model!r}; "
-                f"choose from {', '.join(debiformer.list_models())}"
-            )
-        if self.checkpoint is not None and self.pretrained is not None:
-            raise UserError("--checkpoint and --pretrained: give one")
-        if self.ema and self.checkpoint is None:
-            raise UserError("--ema reads the EMA weights of a --checkpoint; give one")
-        if self.model is None and self.recipe is None and self.checkpoint is None:
-            raise UserError("name the model: --model NAME, --recipe RECIPE or a --checkpoint")
+        self._check_model()
         if self.resolution is not None:
-            object.__setattr__(self, "resolution", parse_resolution(self.resolution))
+            object.__setattr__(self, "resolution", resolution_sides(self.resolution))
         if self.dynamic_batch and self.format == "safetensors":
-            raise UserError("--dynamic-batch: safetensors files hold weights only, not a graph")
+            raise UserError(
+                ": safetensors files hold weights only, not a graph", about="dynamic_batch"
+            )
         suffix = FORMATS[self.format]
         if self.out.suffix != suffix:
-            raise UserError(f"--out {self.out}: a {self.format} file's name ends in {suffix}")
+            raise UserError(
+                f"{self.out}: a {self.format} file's name ends in {suffix}", about="out"
+            )
         if self.quantize is not None and self.quantize not in QUANTIZATIONS:
-            raise UserError(f"--quantize: unknown quantisation {self.quantize!r}; choose int8")
+            raise UserError(
+                f": unknown quantisation {self.quantize!r}; choose int8", about="quantize"
+            )
         if self.quantize is not None and self.format != "onnx":
-            raise UserError("--quantize int8 quantises ONNX files only: use --format onnx")
+            raise UserError(
+                f"{mention('quantize', 'int8')} quantises ONNX files only: use "
+                f"{mention('format', 'onnx')}"
+            )
         if self.format == "onnx":
-            require_onnx_packages("--format onnx")
-        check_writable(self.out, "--out")
+            require_onnx_packages("format", "onnx")
+        check_writable(self.out, "out")
+
+    def _check_model(self) -> None:
+        """One way to name the model, and one source of weights."""
+        if self.model is not None and self.recipe is not None:
+            raise UserError(
+                f"{mention('model')} and {mention('recipe')}: give one (the recipe names its model)"
+            )
+        if self.model is not None and self.model not in debiformer.list_models():
+            raise UserError(
+                f": unknown model {self.model!r}; choose from {', '.join(debiformer.list_models())}",
+                about="model",
+            )
+        if self.checkpoint is not None and self.pretrained is not None:
+            raise UserError(f"{mention('checkpoint')} and {mention('pretrained')}: give one")
+        if self.ema and self.checkpoint is None:
+            raise UserError(
+                f"reads the EMA weights of a {mention('checkpoint')}; give one", about="ema"
+            )
+        if self.model is None and self.recipe is None and self.checkpoint is None:
+            raise UserError(
+                f"name the model: {mention('model', 'NAME')}, {mention('recipe', 'RECIPE')} or a "
+                f"{mention('checkpoint')}"
+            )
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """The network to build: a variant, its `Architecture` overrides, and the preprocessing its
-    weights were trained with where that is known (timm's field names: `input_size`, `crop_pct`,
-    `interpolation`)."""
-
-    name: str
-    arch: dict
-    preprocessing: dict
-
-
-def recipe_spec(recipe: Recipe) -> ModelSpec:
-    """The model and evaluation preprocessing of a classification recipe."""
-    if recipe.task != "classification":
-        raise UserError(
-            f"recipe {recipe.name} trains a {recipe.task} model; export writes classifiers only"
-        )
-    size = recipe.data.val_image_size or recipe.data.image_size
-    preprocessing = {
-        "input_size": (3, size, size),
-        "crop_pct": recipe.data.crop_ratio,
-        "interpolation": RECIPE_INTERPOLATION,
-    }
-    return ModelSpec(recipe.model.name, dict(recipe.model.arch), preprocessing)
-
-
-def exported_config(path: str | Path) -> dict | None:
-    """The config an export recorded in a .safetensors file (see `export_config`); None for a
-    file without one."""
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as file:
-            metadata = file.metadata() or {}
-    except Exception as error:  # safetensors raises its own error types for a damaged file
-        detail = " ".join(str(error).split())[:200]
-        raise UserError(f"checkpoint {path} is not a readable safetensors file: {detail}") from None
-    return json.loads(metadata[CONFIG_KEY]) if CONFIG_KEY in metadata else None
-
-
-def recorded_spec(checkpoint: str) -> ModelSpec:
-    """What a checkpoint records about its model: a training checkpoint's recipe, or the config
-    an export wrote into a .safetensors file."""
-    path = local_file(checkpoint)
-    if path.suffix == ".safetensors":
-        config = exported_config(path)
-        if config is not None:
-            keys = ("input_size", "crop_pct", "interpolation")
-            return ModelSpec(config["model"], config["arch"], {key: config[key] for key in keys})
+def model_spec(options: ExportOptions, file: WeightsFile | None) -> ModelSpec:
+    """The network `options` name: `model` or `recipe` (with a checkpoint, its weights' class
+    count and input channels), else what the checkpoint `file` records; a classifier's."""
+    recipe = load_recipe(options.recipe) if options.recipe is not None else None
+    if file is not None:
+        spec = spec_of_checkpoint(file, recipe=recipe, model=options.model)
+    elif recipe is not None:
+        spec = ModelSpec.from_recipe(recipe, IMAGENET_CLASSES)
     else:
-        state = load_checkpoint(path)
-        if is_training_checkpoint(state) and isinstance(state.get("recipe"), dict):
-            return recipe_spec(recipe_from_dict(state["recipe"]))
-    raise UserError(
-        f"--checkpoint {checkpoint} does not record its model (only this tool's training "
-        "checkpoints and exported .safetensors files do): add --model NAME or --recipe RECIPE"
-    )
-
-
-def model_spec(options: ExportOptions) -> ModelSpec:
-    """The network `options` name: `model`, `recipe`, or what the checkpoint records."""
-    if options.model is not None:
-        return ModelSpec(options.model, {}, {})
-    if options.recipe is not None:
-        return recipe_spec(load_recipe(options.recipe))
-    return recorded_spec(options.checkpoint)
+        spec = ModelSpec(options.model)
+    spec.require_classifier("export")
+    return spec
 
 
 def architecture_overrides(model: nn.Module, name: str) -> dict[str, Any]:
@@ -265,62 +227,52 @@ def export_config(
     model: nn.Module, spec: ModelSpec, resolution: tuple[int, int], weights: str
 ) -> dict[str, Any]:
     """What a deployment needs to know beside the graph or weights: how to build the model again
-    (`model`, `num_classes`, `in_chans`, `arch`) and how to prepare its input (timm's
-    pretrained_cfg fields `input_size`, `mean`, `std`, `interpolation`, `crop_pct`)."""
+    (`model`, `num_classes`, `in_chans`, `arch`, and the whole `ModelSpec` under "model_spec")
+    and how to prepare its input (timm's pretrained_cfg fields `input_size`, `mean`, `std`,
+    `interpolation`, `crop_pct`)."""
     data = resolve_data_config({}, model=model)
     in_chans = model.stem[0].in_channels
+    preprocessing = {
+        "input_size": [in_chans, *resolution],
+        "interpolation": spec.preprocessing.get("interpolation", data["interpolation"]),
+        "crop_pct": spec.preprocessing.get("crop_pct", data["crop_pct"]),
+    }
     return {
         "format": CONFIG_FORMAT,
         "model": spec.name,
         "num_classes": model.num_classes,
         "in_chans": in_chans,
         "arch": architecture_overrides(model, spec.name),
-        "input_size": [in_chans, *resolution],
+        "input_size": preprocessing["input_size"],
         "mean": [float(value) for value in data["mean"]],
         "std": [float(value) for value in data["std"]],
-        "interpolation": spec.preprocessing.get("interpolation", data["interpolation"]),
-        "crop_pct": spec.preprocessing.get("crop_pct", data["crop_pct"]),
+        "interpolation": preprocessing["interpolation"],
+        "crop_pct": preprocessing["crop_pct"],
         "weights": weights,
+        **spec_entry(replace(spec, preprocessing=preprocessing)),
     }
 
 
 def build_model(options: ExportOptions) -> tuple[nn.Module, dict[str, Any]]:
-    """The model `options` describe, its weights loaded and in eval mode, and its export config."""
-    spec = model_spec(options)
+    """The model `options` describe, its weights loaded (`weights.build_model`) and in eval mode,
+    and its export config."""
+    file = open_weights(options.checkpoint) if options.checkpoint is not None else None
+    spec = model_spec(options, file)
     torch.manual_seed(0)
-    if options.checkpoint is not None:
-        state, kind = read_state_dict(options.checkpoint, use_ema=options.ema)
-        num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
-        in_chans = state["stem.0.weight"].shape[1] if "stem.0.weight" in state else 3
-        model = debiformer.create_model(
-            spec.name, num_classes=num_classes, in_chans=in_chans, **spec.arch
-        )
-        model.load_state_dict(match_model(model, state, options.checkpoint))
-        weights = f"{kind} weights of {options.checkpoint}"
-    elif options.pretrained is not None:
-        model = debiformer.create_model(spec.name, pretrained=options.pretrained, **spec.arch)
-        weights = f"started from {options.pretrained}"
-    else:
-        model = debiformer.create_model(spec.name, **spec.arch)
-        weights = "random (seed 0)"
+    model, provenance = weights.build_model(
+        spec, checkpoint=file, pretrained=options.pretrained, ema=options.ema
+    )
+    described = "random (seed 0)" if provenance.kind == "random" else provenance.describe()
     default_size = spec.preprocessing.get("input_size", (3, DEFAULT_RESOLUTION, DEFAULT_RESOLUTION))
     resolution = options.resolution or tuple(default_size[1:])
-    return model.eval(), export_config(model, spec, resolution, weights)
+    return model.eval(), export_config(model, spec, resolution, described)
 
 
 def load_exported_weights(path: str | Path) -> nn.Module:
-    """The model of a .safetensors file that `export_model` wrote: `create_model` with the
-    recorded name, classes, input channels and overrides, `pretrained=path`."""
-    config = exported_config(path)
-    if config is None:
-        raise UserError(f"{path} holds no '{CONFIG_KEY}' metadata: it was not written by export")
-    return debiformer.create_model(
-        config["model"],
-        num_classes=config["num_classes"],
-        in_chans=config["in_chans"],
-        pretrained=path,
-        **config["arch"],
-    )
+    """The model of a .safetensors file that `export_model` wrote, built from the spec it records
+    with exactly its weights."""
+    file = open_weights(path)
+    return weights.build_model(spec_of_checkpoint(file), checkpoint=file)[0]
 
 
 # ----------------------------------------------------------------------------- graphs
@@ -539,13 +491,6 @@ def check_int8(path: Path, model: nn.Module, config: dict, dynamic_batch: bool) 
     return {"max_relative_difference": max(differences)}
 
 
-def _perturb_if_asked(model: nn.Module) -> None:
-    """The test hook: with DEBIFORMER_EXPORT_PERTURB=1, adds 1 to the model's first weight."""
-    if os.environ.get(PERTURB_ENV) == "1":
-        with torch.no_grad():
-            next(model.parameters()).add_(1.0)
-
-
 def export_model(options: ExportOptions) -> dict[str, Any]:
     """Builds the model `options` describe, writes it in `options.format`, checks the file
     against the model, and only then puts it at `options.out`. Returns what was written and
@@ -557,7 +502,6 @@ def export_model(options: ExportOptions) -> dict[str, Any]:
     with atomic_writer(options.out, "wb") as file:
         WRITERS[options.format](model, config, options.dynamic_batch, file)
         file.flush()
-        _perturb_if_asked(model)
         check = CHECKS[options.format](Path(file.name), model, config, options.dynamic_batch)
         if options.quantize is not None:
             quantize_onnx(file)

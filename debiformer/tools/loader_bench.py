@@ -14,7 +14,7 @@ from rich.console import Console
 
 from debiformer.data.ffcv_files import WriterOptions, convert_to_ffcv, ffcv_summary
 from debiformer.data.loaders import Loader, build_loader
-from debiformer.errors import UserError
+from debiformer.errors import UserError, mention
 from debiformer.runtime import check_writable, write_json
 from debiformer.tools.common import check_at_least, fitting_table
 
@@ -49,8 +49,7 @@ class LoaderBench:
 
 def _epoch_rate(loader: Loader, epoch: int, normalised: bool) -> float:
     """Images/s of one full epoch: uint8 batches on the device, or normalised ones."""
-    loader.set_epoch(epoch)
-    batches = iter(loader) if normalised else loader.uint8_batches(epoch)
+    batches = loader.batches(epoch) if normalised else loader.uint8_batches(epoch)
     images = 0
     start = time.perf_counter()
     for batch, _ in batches:
@@ -63,7 +62,8 @@ def _rates(loader: Loader, repeats: int) -> tuple[float, float]:
     (FFCV compiles its pipeline and the OS caches the files then)."""
     if len(loader) == 0:
         raise UserError(
-            f"fewer images than one batch of {loader.batch_size}: use a smaller --batch-size"
+            f"fewer images than one batch of {loader.batch_size}: "
+            f"use a smaller {mention('batch_size')}"
         )
     _epoch_rate(loader, 0, normalised=True)
     uint8 = max(_epoch_rate(loader, 1 + 2 * r, normalised=False) for r in range(repeats))
@@ -92,12 +92,12 @@ def bench_loaders(
     and as normalised batches; each figure is the best of `repeats` epochs. The settings and
     `json_path` are checked before any work.
     """
-    check_at_least("--image-size", image_size, 1)
-    check_at_least("--batch-size", batch_size, 1)
-    check_at_least("--workers", num_workers, 0)
-    check_at_least("--repeats", repeats, 1)
+    check_at_least("image_size", image_size, 1)
+    check_at_least("batch_size", batch_size, 1)
+    check_at_least("num_workers", num_workers, 0)
+    check_at_least("repeats", repeats, 1)
     if json_path:
-        check_writable(json_path, "--json")
+        check_writable(json_path, "json_path")
     console = console or Console()
     settings = {
         "image_size": image_size,

@@ -1,115 +1,40 @@
-"""`debiformer plot` and each run's curves.png: training loss, the task's validation metric,
-the learning rate and training images/s against optimizer steps, read from run directories
-(metrics.jsonl, summary.json, recipe.yaml); several runs overlay. Figures need matplotlib (the
-`viz` extra), imported only when drawing."""
+"""`debiformer plot`: the training curves of run directories overlaid in one figure (drawn by
+`debiformer.curves`), each run's validation curve the metric its task declares to pick best.pt;
+and the figure checks that `debiformer show` shares. Figures need matplotlib (the `viz` extra)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from debiformer import runtime
+from debiformer.curves import draw_runs, read_mapping, read_records, read_run, save_figure
 from debiformer.errors import UserError
+from debiformer.tasks import TASK_NAMES, task_class
 
-# the metric that picks best.pt, per task (the engine's `Task.best_metric`)
-TASK_METRICS = {"classification": "top1", "detection": "bbox_ap", "segmentation": "miou"}
+__all__ = ["check_figure_path", "plot_runs", "require_matplotlib", "run_metric", "save_figure"]
+
 VIZ_INSTALL = "pip install 'debiformer[viz]'"
 
 
-@dataclass
-class Series:
-    """One curve: y values at optimizer steps."""
-
-    steps: list[int] = field(default_factory=list)
-    values: list[float] = field(default_factory=list)
-
-    def add(self, step: int, value: float | None) -> None:
-        """Appends a point; a missing value is skipped."""
-        if value is not None:
-            self.steps.append(step)
-            self.values.append(value)
-
-
-@dataclass
-class RunCurves:
-    """What a run directory's metrics.jsonl holds, by curve."""
-
-    name: str
-    run_dir: Path
-    metric: str | None
-    loss: Series = field(default_factory=Series)
-    val_metric: Series = field(default_factory=Series)
-    ema_metric: Series = field(default_factory=Series)
-    lr: Series = field(default_factory=Series)
-    images_per_s: Series = field(default_factory=Series)
-
-
-def read_run(run_dir: str | Path) -> RunCurves:
-    """The curves of a run directory. Training loss, lr and images/s come from the `train` lines
-    (the loss and lr from the `epoch` lines when a run logged none); the validation metric is
-    the run's `best_metric` (summary.json; else the recipe's task) from the evaluated epochs."""
+def run_metric(run_dir: str | Path) -> str | None:
+    """The validation metric of a run: its summary's `best_metric`; for an unfinished run, the
+    best metric its recipe's task declares (classification where the recipe names none), else
+    the first task's best metric that its metrics lines hold."""
     run_dir = Path(run_dir)
-    metrics_path = run_dir / "metrics.jsonl"
-    if not metrics_path.is_file():
-        what = "does not exist" if not run_dir.exists() else "has no metrics.jsonl"
-        raise UserError(f"run directory {run_dir} {what}: give the folder a training wrote")
-    records = _records(metrics_path)
-    summary = _read_mapping(run_dir / "summary.json", json.loads)
-    recipe = _read_mapping(run_dir / "recipe.yaml", yaml.safe_load)
-    metric = summary.get("best_metric") or _metric_of(recipe, records)
-    curves = RunCurves(summary.get("recipe") or recipe.get("name") or run_dir.name, run_dir, metric)
-    train_lines = [record for record in records if record.get("kind") == "train"]
-    for record in train_lines:
-        curves.loss.add(record["step"], record.get("loss"))
-        curves.lr.add(record["step"], record.get("lr"))
-        curves.images_per_s.add(record["step"], record.get("images_per_s"))
-    for record in records:
-        if record.get("kind") != "epoch":
-            continue
-        if not train_lines:
-            curves.loss.add(record["step"], record.get("train_loss"))
-            curves.lr.add(record["step"], record.get("lr"))
-        if metric is not None:
-            curves.val_metric.add(record["step"], record.get(metric))
-            curves.ema_metric.add(record["step"], record.get(f"ema_{metric}"))
-    return curves
-
-
-def _records(path: Path) -> list[dict]:
-    """The JSON lines of metrics.jsonl that hold a step (a line a killed write cut is skipped)."""
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-    return records
-
-
-def _read_mapping(path: Path, parse) -> dict:
-    """A JSON or YAML file's mapping; empty when the file is missing or holds something else."""
-    if not path.is_file():
-        return {}
-    try:
-        content = parse(path.read_text())
-    except (ValueError, yaml.YAMLError):
-        return {}
-    return content if isinstance(content, dict) else {}
-
-
-def _metric_of(recipe: dict, records: list[dict]) -> str | None:
-    """The best metric of an unfinished run: its recipe's task's (classification where the
-    recipe names none), else the first task metric its lines hold."""
+    summary = read_mapping(run_dir / "summary.json", json.loads)
+    if summary.get("best_metric"):
+        return summary["best_metric"]
+    recipe = read_mapping(run_dir / "recipe.yaml", yaml.safe_load)
     if recipe:
-        return TASK_METRICS.get(recipe.get("task", "classification"))
-    keys = {key for record in records for key in record}
-    return next((metric for metric in TASK_METRICS.values() if metric in keys), None)
+        task = recipe.get("task", "classification")
+        return task_class(task).best_metric if task in TASK_NAMES else None
+    keys = {key for record in read_records(run_dir) for key in record}
+    metrics = (task_class(name).best_metric for name in TASK_NAMES)
+    return next((metric for metric in metrics if metric in keys), None)
 
 
 def require_matplotlib() -> None:
@@ -121,20 +46,14 @@ def require_matplotlib() -> None:
 
 
 def check_figure_path(out: Path) -> None:
-    """A one-line `UserError` for an --out whose format matplotlib cannot write, or whose
-    folder is not writable; checked before any work."""
+    """A one-line `UserError` about `out` for a figure path whose format matplotlib cannot
+    write, or whose folder is not writable; checked before any work."""
     from matplotlib.backend_bases import FigureCanvasBase
 
     formats = FigureCanvasBase.get_supported_filetypes()
     if out.suffix[1:].lower() not in formats:
-        raise UserError(f"--out {out}: give a file name ending in .png (or .svg, .pdf, ...)")
-    runtime.check_writable(out, "--out")
-
-
-def save_figure(figure, path: Path, dpi: int) -> None:
-    """Writes a matplotlib `Figure` to `path` atomically, in the format its suffix names."""
-    with runtime.atomic_writer(path, "wb") as file:
-        figure.savefig(file, format=path.suffix[1:].lower(), dpi=dpi)
+        raise UserError(f"{out}: give a file name ending in .png (or .svg, .pdf, ...)", about="out")
+    runtime.check_writable(out, "out")
 
 
 def plot_runs(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
@@ -143,53 +62,6 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     require_matplotlib()
     out = Path(out)
     check_figure_path(out)
-    runs = [read_run(run_dir) for run_dir in run_dirs]
-    _draw(runs, out)
+    runs = [read_run(run_dir, run_metric(run_dir)) for run_dir in run_dirs]
+    draw_runs(runs, out)
     return out
-
-
-def write_run_curves(run_dir: str | Path) -> Path:
-    """<run_dir>/curves.png of one run (the engine writes it at the end of every training)."""
-    return plot_runs([run_dir], Path(run_dir) / "curves.png")
-
-
-def _labels(runs: list[RunCurves]) -> list[str]:
-    """Legend labels: recipe names, with the run folder added where names repeat."""
-    names = [run.name for run in runs]
-    return [
-        f"{run.name} ({run.run_dir.name})" if names.count(run.name) > 1 else run.name
-        for run in runs
-    ]
-
-
-def _draw(runs: list[RunCurves], out: Path) -> None:
-    """Writes the 2x2 figure of the runs' curves to `out`."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(11, 7.5), layout="constrained")
-    axes = figure.subplots(2, 2, sharex=True).ravel()
-    metrics = sorted({run.metric for run in runs if run.metric})
-    titles = ["training loss", f"validation {' / '.join(metrics) or 'metric'}"]
-    titles += ["learning rate", "training images/s"]
-    for panel, title in zip(axes, titles, strict=True):
-        panel.set_title(title, fontsize=10)
-        panel.grid(alpha=0.3)
-    for index, (run, label) in enumerate(zip(runs, _labels(runs), strict=True)):
-        colour = f"C{index % 10}"
-        axes[0].plot(run.loss.steps, run.loss.values, color=colour, label=label)
-        metric_label = f"{label}: {run.metric}" if len(metrics) > 1 else label
-        val, ema = run.val_metric, run.ema_metric
-        axes[1].plot(val.steps, val.values, "o-", color=colour, label=metric_label)
-        if ema.steps:
-            axes[1].plot(ema.steps, ema.values, "s--", color=colour, label=f"{metric_label} EMA")
-        axes[2].plot(run.lr.steps, run.lr.values, color=colour, label=label)
-        axes[3].plot(run.images_per_s.steps, run.images_per_s.values, color=colour, label=label)
-    for panel in axes:
-        if not any(len(line.get_xdata()) for line in panel.lines):
-            panel.text(0.5, 0.5, "no data", ha="center", va="center", transform=panel.transAxes)
-    for panel in axes[2:]:
-        panel.set_xlabel("optimizer step")
-    axes[0].legend(fontsize=8)
-    if len(metrics) > 1 or any(run.ema_metric.steps for run in runs):
-        axes[1].legend(fontsize=8)
-    save_figure(figure, out, dpi=100)

@@ -33,6 +33,7 @@ from debiformer.runtime import (
     synchronize,
 )
 from debiformer.tools.common import MIN_RESOLUTION, check_at_least, fitting_table, memory_kind
+from debiformer.weights import ModelSpec, build_model
 
 OPS = ("dbra", "bra", "block", "model")
 FORWARD = "profile/forward"
@@ -67,23 +68,24 @@ class ProfileOptions:
     def __post_init__(self) -> None:
         check_precision(self.precision, select_device(self.device))
         if self.op not in OPS:
-            raise UserError(f"--op: unknown op {self.op!r}; choose one of {', '.join(OPS)}")
+            raise UserError(f": unknown op {self.op!r}; choose one of {', '.join(OPS)}", about="op")
         if not 1 <= self.stage <= 4:
-            raise UserError(f"--stage must be 1 to 4, got {self.stage}")
+            raise UserError(f"must be 1 to 4, got {self.stage}", about="stage")
         if self.variant not in debiformer.list_models():
             raise UserError(
-                f"--variant: unknown model {self.variant!r}; "
-                f"choose from {', '.join(debiformer.list_models())}"
+                f": unknown model {self.variant!r}; "
+                f"choose from {', '.join(debiformer.list_models())}",
+                about="variant",
             )
         if self.impl not in IMPLEMENTATIONS:
             raise UserError(
-                f"--impl: unknown implementation {self.impl!r}; "
-                f"choose from {', '.join(IMPLEMENTATIONS)}"
+                f": unknown implementation {self.impl!r}; choose from {', '.join(IMPLEMENTATIONS)}",
+                about="impl",
             )
-        check_at_least("--resolution", self.resolution, MIN_RESOLUTION)
-        check_at_least("--batch-size", self.batch_size, 1)
-        check_at_least("--warmup", self.warmup, 1)
-        check_at_least("--iterations", self.iterations, 1)
+        check_at_least("resolution", self.resolution, MIN_RESOLUTION)
+        check_at_least("batch_size", self.batch_size, 1)
+        check_at_least("warmup", self.warmup, 1)
+        check_at_least("iterations", self.iterations, 1)
 
 
 def _stage_size(resolution: int, stage: int) -> int:
@@ -103,7 +105,7 @@ def build_op(
     that is a BRA; block: that block; model: the whole network on images. `op` and `stage` are
     those of a `ProfileOptions`.
     """
-    model = debiformer.create_model(variant).to(device).train()
+    model = build_model(ModelSpec(variant))[0].to(device).train()
     if op == "model":
         return model, torch.randn(batch_size, 3, resolution, resolution, device=device)
     block = model.stages[stage - 1][0]

@@ -11,16 +11,16 @@ Coordinates are pixels of the image file, (x, y) from its top-left corner (pixel
 [j, j + 1] x [i, i + 1]). The model sees the image resized; an h x w map of a stage (stride 4, 8,
 16, 32) covers the whole image, each of its pixels an (H/h) x (W/w) block of the file's. Each
 attention pads its map on the bottom and right to the region grid, so regions and agents may
-reach past the image's edge.
+reach past the image's edge. The region grids, reference points, agent positions and routing
+drawn are those the attentions record during the forward pass (`routing.recording`).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,18 +32,23 @@ from rich.console import Console
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
-import debiformer
 from debiformer import runtime
-from debiformer.checkpoint import is_training_checkpoint, load_checkpoint
 from debiformer.errors import UserError
-from debiformer.model import BiLevelRoutingAttention, DeformableBiLevelRoutingAttention
-from debiformer.recipe import Recipe, load_recipe, recipe_from_dict
-from debiformer.routing import recording
+from debiformer.model import BiLevelRoutingAttention
+from debiformer.recipe import Recipe, load_recipe, recipe_from_stored
+from debiformer.routing import RegionGrid, recording
 from debiformer.tools.plot import check_figure_path, require_matplotlib, save_figure
-from debiformer.weights import load_weights, match_model, read_state_dict
+from debiformer.weights import (
+    ModelSpec,
+    WeightsFile,
+    build_model,
+    open_weights,
+    spec_of_checkpoint,
+)
 
 TOP_CLASSES = 5
 IMAGENET_CLASSES = 1000
+DEFAULT_SIZE = 224
 # figure colours: agents per offset group (bright on photographs), BRA's and DBRA's regions
 GROUP_COLOURS = (
     "#ffd400",
@@ -63,9 +68,10 @@ DBRA_COLOUR = "#00e5ff"
 
 class AttentionCapture:
     """Within the block, a forward pass through `model` records, for each module of `names` (BRA
-    or DBRA), its input size and what it hands to `routing.record`: "region_index", and for DBRA
-    "agent_positions" and "query_agent_attention" (detached). The hooks and the recorder exist
-    only inside the block; outside it the model keeps and computes nothing for this."""
+    or DBRA), what it hands to `routing.recording`'s recorder: "region_grid" and "region_index",
+    and for DBRA "reference_points", "agent_positions", "agent_grid" and "query_agent_attention"
+    (tensors detached). The hooks and the recorder exist only inside the block; outside it the
+    model keeps and computes nothing for this."""
 
     def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
         self.model = model
@@ -77,9 +83,7 @@ class AttentionCapture:
     def __enter__(self) -> AttentionCapture:
         modules = [self.model.get_submodule(name) for name in self.names]
         for name, module in zip(self.names, modules, strict=True):
-            pre = module.register_forward_pre_hook(
-                lambda _, args, name=name: self._enter(name, args)
-            )
+            pre = module.register_forward_pre_hook(lambda *_, name=name: self._enter(name))
             post = module.register_forward_hook(lambda *_: self._leave())
             self._stack.callback(pre.remove)
             self._stack.callback(post.remove)
@@ -90,19 +94,20 @@ class AttentionCapture:
         self._current = None
         self._stack.close()
 
-    def _enter(self, name: str, args: tuple) -> None:
-        """Pre-hook: `name` runs now; its NHWC input gives the map size."""
+    def _enter(self, name: str) -> None:
+        """Pre-hook: `name` runs now."""
         self._current = name
-        self.records[name] = {"size": tuple(args[0].shape[1:3])}
+        self.records[name] = {}
 
     def _leave(self) -> None:
         """Forward hook: no recorded module runs any more."""
         self._current = None
 
-    def _record(self, key: str, tensor: Tensor) -> None:
-        """The recorder: keeps `tensor` under `key` while a chosen module runs."""
+    def _record(self, key: str, value: Tensor | RegionGrid) -> None:
+        """The recorder: keeps `value` (tensors detached) under `key` while a chosen module runs."""
         if self._current is not None:
-            self.records[self._current][key] = tensor.detach()
+            is_tensor = isinstance(value, Tensor)
+            self.records[self._current][key] = value.detach() if is_tensor else value
 
 
 @contextmanager
@@ -167,36 +172,11 @@ def choose_blocks(model: nn.Module, names: Sequence[str] | None) -> list[BlockCh
     unknown = [name for name in names if name not in by_name]
     if unknown:
         raise UserError(
-            f"--blocks: no block {unknown[0]!r} in this model; its blocks (stage.block) are "
-            f"{', '.join(by_name)}, or all"
+            f": no block {unknown[0]!r} in this model; its blocks (stage.block) are "
+            f"{', '.join(by_name)}, or all",
+            about="blocks",
         )
     return [by_name[name] for name in dict.fromkeys(names)]
-
-
-def parse_blocks(texts: Sequence[str]) -> list[str]:
-    """--blocks values, repeated or comma-separated ("1.1,3.2"), as a list of names."""
-    return [name.strip() for text in texts for name in text.split(",") if name.strip()]
-
-
-def parse_point(text: str) -> tuple[float, float]:
-    """--query "X,Y" as (x, y) pixels."""
-    parts = text.split(",")
-    try:
-        x, y = (float(part) for part in parts)
-    except ValueError:
-        raise UserError(f"--query {text!r}: expected X,Y in pixels, e.g. 120,80") from None
-    return x, y
-
-
-def parse_size(text: str) -> int | tuple[int, int]:
-    """--size "N" (the shorter side, keeping the aspect ratio) or "HxW"."""
-    try:
-        sides = [int(side) for side in text.lower().split("x")]
-    except ValueError:
-        sides = []
-    if len(sides) not in (1, 2) or min(sides) < 1:
-        raise UserError(f"--size {text!r}: expected N (the shorter side) or HxW, e.g. 64 or 97x131")
-    return sides[0] if len(sides) == 1 else (sides[0], sides[1])
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -204,78 +184,48 @@ def parse_size(text: str) -> int | tuple[int, int]:
 
 @dataclass(frozen=True)
 class MapGeometry:
-    """Where an attention's map lies on the image file: `size` its (h, w), `padded` that rounded
-    up to the region grid, `pixel` the (x, y) size of one map pixel in file pixels."""
+    """Where an attention's map lies on the image file: `grid`, the region grid the attention
+    recorded for it, and `pixel`, the (x, y) size of one map pixel in file pixels."""
 
-    size: tuple[int, int]
-    regions_per_side: int
+    grid: RegionGrid
     pixel: tuple[float, float]
 
-    @property
-    def padded(self) -> tuple[int, int]:
-        """The map's (h, w) after the attention pads it to its region grid."""
-        s = self.regions_per_side
-        return tuple(math.ceil(side / s) * s for side in self.size)
+    @classmethod
+    def on_image(cls, grid: RegionGrid, image_size: tuple[int, int]) -> MapGeometry:
+        """The geometry of a map of `grid` that covers an image of `image_size` (w, h)."""
+        height, width = grid.size
+        return cls(grid, (image_size[0] / width, image_size[1] / height))
 
     def pixels_of_normalised(self, points: np.ndarray) -> np.ndarray:
         """grid_sample coordinates (y, x) in [-1, 1] of the padded map (align_corners=True: -1
         and 1 are the centres of its first and last pixels) as file pixels (x, y)."""
-        height, width = self.padded
+        height, width = self.grid.padded_size
         y = ((points[..., 0] + 1) / 2 * (height - 1) + 0.5) * self.pixel[1]
         x = ((points[..., 1] + 1) / 2 * (width - 1) + 0.5) * self.pixel[0]
         return np.stack([x, y], axis=-1)
+
+    def normalised_of_map_pixel(self, row: int, column: int) -> np.ndarray:
+        """The grid_sample coordinates (y, x) of the centre of map pixel (row, column)."""
+        height, width = self.grid.padded_size
+        return np.array([row / max(height - 1, 1), column / max(width - 1, 1)]) * 2 - 1
 
     def map_pixel(self, point: tuple[float, float]) -> tuple[int, int]:
         """(row, column) of the map pixel over the file pixel `point` (x, y)."""
         column = int(point[0] // self.pixel[0])
         row = int(point[1] // self.pixel[1])
-        return min(max(row, 0), self.size[0] - 1), min(max(column, 0), self.size[1] - 1)
-
-    def region_of(self, row: int, column: int) -> int:
-        """The raster index of the region holding map pixel (row, column)."""
-        region_h, region_w = (side // self.regions_per_side for side in self.padded)
-        return (row // region_h) * self.regions_per_side + column // region_w
+        return min(max(row, 0), self.grid.size[0] - 1), min(max(column, 0), self.grid.size[1] - 1)
 
     def region_boxes(self) -> np.ndarray:
         """(S², 4) boxes (x0, y0, x1, y1) of the regions in file pixels, in raster order."""
-        s = self.regions_per_side
-        region_h, region_w = (side // s for side in self.padded)
-        rows, columns = np.divmod(np.arange(s * s), s)
-        boxes = np.stack(
-            [columns * region_w, rows * region_h, (columns + 1) * region_w, (rows + 1) * region_h],
-            axis=-1,
-        ).astype(float)
-        return boxes * np.array([self.pixel[0], self.pixel[1]] * 2)
+        return self.grid.region_boxes().double().numpy() * np.array([*self.pixel, *self.pixel])
 
 
-def reference_points(height: int, width: int) -> np.ndarray:
-    """DBRA's reference points, (height, width, 2) as (y, x) in [-1, 1]: the centres of a
-    height x width grid of cells (the model's `_sampling_positions` before offsets)."""
-    ys = (np.arange(height) + 0.5) / height * 2 - 1
-    xs = (np.arange(width) + 0.5) / width * 2 - 1
-    return np.stack(np.meshgrid(ys, xs, indexing="ij"), axis=-1)
-
-
-def agent_cell(geometry: MapGeometry, row: int, column: int, agents: tuple[int, int]) -> tuple:
-    """(row, column) of the agent grid cell whose reference area holds map pixel (row, column)."""
-    cell = []
-    for index, side, count in zip((row, column), geometry.padded, agents, strict=True):
-        fraction = index / max(side - 1, 1)
-        cell.append(min(int(fraction * count), count - 1))
-    return tuple(cell)
-
-
-def agent_region(cell: tuple[int, int], agents: tuple[int, int], regions_per_side: int) -> int:
-    """The raster index of the region of DBRA's (padded) agent map that holds agent `cell`."""
-    region_h, region_w = (math.ceil(side / regions_per_side) for side in agents)
-    return (cell[0] // region_h) * regions_per_side + cell[1] // region_w
-
-
-def agent_region_mask(agents: tuple[int, int], region: int, regions_per_side: int) -> np.ndarray:
-    """(Hk, Wk) booleans: the agents in region `region` of the (padded) agent map."""
-    rows, columns = np.meshgrid(np.arange(agents[0]), np.arange(agents[1]), indexing="ij")
-    regions = agent_region((rows, columns), agents, regions_per_side)
-    return regions == region
+def agent_cell(reference: np.ndarray, point: np.ndarray) -> tuple[int, int]:
+    """(row, column) of the agent grid cell that holds `point`: the cell whose reference point,
+    of DBRA's (Hk, Wk, 2) `reference`, lies nearest to it in each axis; both (y, x) in [-1, 1]."""
+    row = np.abs(reference[:, 0, 0] - point[0]).argmin()
+    column = np.abs(reference[0, :, 1] - point[1]).argmin()
+    return int(row), int(column)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -299,70 +249,57 @@ def load_show_model(
     checkpoint: str | Path | None = None,
     pretrained: str | None = None,
 ) -> ShowModel:
-    """The classifier that `show` draws: the variant `model_name` or the recipe's (`recipe`, else
-    the one a training `checkpoint` stores), with the weights of `checkpoint` (a file) or
-    `pretrained` (a file or URL), random without either. Class names come from the recipe's data
-    (its FFCV class files, Fashion-MNIST, class folders) or, for 1000 classes, ImageNet's."""
+    """The classifier that `show` draws: the variant `model_name`, else the recipe's, else the
+    one a `checkpoint` (or `pretrained` file) of this tool records, built by
+    `weights.build_model` with the exact weights of `checkpoint`, started from `pretrained` (a
+    file or URL), or random. Class names and image size come from `recipe`, else the recipe a
+    training checkpoint stores: its data's class names or, for 1000 classes, ImageNet's."""
     if checkpoint is not None and pretrained is not None:
-        raise UserError("give --checkpoint or --pretrained, not both")
-    stored_recipe, state, weights = None, None, "random"
-    if checkpoint is not None:
-        loaded = load_checkpoint(checkpoint)
-        if is_training_checkpoint(loaded):
-            stored_recipe = loaded.get("recipe")
-        state, weights = loaded, str(checkpoint)
-    elif pretrained is not None:
-        state, _ = read_state_dict(pretrained)
-        weights = str(pretrained)
-    the_recipe = _show_recipe(recipe, stored_recipe)
-    name = model_name or (the_recipe.model.name if the_recipe else None)
-    if name is None:
-        raise UserError(
-            "give --model NAME or --recipe R, or a training --checkpoint (it holds its recipe)"
-        )
-    arch = the_recipe.model.arch if the_recipe and name == the_recipe.model.name else {}
+        raise UserError("give checkpoint or pretrained weights, not both")
+    source = checkpoint if checkpoint is not None else pretrained
+    file = open_weights(source) if source is not None else None
+    given = load_recipe(recipe) if recipe is not None else None
+    the_recipe = given or (recipe_from_stored(file.recipe) if file and file.recipe else None)
+    spec = _show_spec(model_name, given, file)
+    recipe_spec = ModelSpec.from_recipe(the_recipe, 0) if the_recipe else spec
+    recipe_spec.require_classifier("show")
+    spec.require_classifier("show")
     names = recipe_class_names(the_recipe) if the_recipe else None
-    num_classes = _head_classes(state) or (len(names) if names else None)
-    num_classes = num_classes or (the_recipe.data.num_classes if the_recipe else None) or 1000
-    model = debiformer.create_model(name, num_classes=num_classes, **arch)
-    if checkpoint is not None:
-        load_weights(model, state, checkpoint)
-    elif state is not None:
-        model.load_state_dict(match_model(model, state, pretrained))
-    size = (the_recipe.data.val_image_size or the_recipe.data.image_size) if the_recipe else 224
-    return ShowModel(model.eval(), name, class_names(names, num_classes), size, weights)
+    if file is None:
+        declared = the_recipe.data.num_classes if the_recipe else None
+        spec = replace(spec, num_classes=len(names or []) or declared or IMAGENET_CLASSES)
+    exact = file if checkpoint is not None else None
+    start = file if pretrained is not None else None
+    model, provenance = build_model(spec, checkpoint=exact, pretrained=start)
+    input_size = recipe_spec.preprocessing.get("input_size")
+    size = input_size[1] if input_size else DEFAULT_SIZE
+    names = class_names(names, spec.num_classes)
+    return ShowModel(model.eval(), spec.name, names, size, provenance.source or "random")
 
 
-def _show_recipe(recipe: str | None, stored: dict | None) -> Recipe | None:
-    """The recipe `recipe` names, else the one a training checkpoint stored; a classifier's."""
-    the_recipe = load_recipe(recipe) if recipe is not None else None
-    if the_recipe is None and stored is not None:
-        the_recipe = recipe_from_dict(stored)
-    if the_recipe is not None and the_recipe.task != "classification":
-        raise UserError(f"show draws classifiers; this recipe's task is {the_recipe.task}")
-    return the_recipe
-
-
-def _head_classes(state: dict | None) -> int | None:
-    """The class count of the head weights in a loaded checkpoint or state dict, if any."""
-    if state is None:
-        return None
-    weights = state.get("model", state)
-    head = weights.get("head.weight") if isinstance(weights, dict) else None
-    return int(head.shape[0]) if isinstance(head, Tensor) else None
+def _show_spec(
+    model_name: str | None, recipe: Recipe | None, file: WeightsFile | None
+) -> ModelSpec:
+    """The network to draw: the variant `model_name`, else the recipe's, else what `file`
+    records; with a file, its weights' class count."""
+    if file is not None:
+        return spec_of_checkpoint(file, recipe=recipe, model=model_name)
+    if model_name is not None:
+        return ModelSpec(model_name)
+    if recipe is not None:
+        return ModelSpec.from_recipe(recipe, IMAGENET_CLASSES)
+    raise UserError(
+        "give a model name, a recipe or a checkpoint of this tool (it records its model)"
+    )
 
 
 def recipe_class_names(recipe: Recipe) -> list[str] | None:
-    """The class names of a recipe's data: `data.classes`, the class file beside an FFCV file,
+    """The class names of a classification recipe's data: the class file beside an FFCV file,
     Fashion-MNIST's, or the class folders of an image folder; None when none is found."""
     from debiformer.data.ffcv_files import classes_path
     from debiformer.data.sources import FASHION_MNIST_PREFIX, FashionMNIST, fashion_mnist_root
 
     data = recipe.data
-    if isinstance(data.classes, list):
-        return data.classes
-    if isinstance(data.classes, str) and Path(data.classes).is_file():
-        return Path(data.classes).read_text().splitlines()
     paths = [data.val_path, data.train_path]
     if data.backend == "ffcv":
         for path in paths:
@@ -433,8 +370,9 @@ def inspect_image(
     query = query or (width / 2, height / 2)
     if not (0 <= query[0] < width and 0 <= query[1] < height):
         raise UserError(
-            f"--query {query[0]:g},{query[1]:g}: outside the {width}x{height} image (x from 0 "
-            f"to {width - 1}, y from 0 to {height - 1})"
+            f"{query[0]:g},{query[1]:g}: outside the {width}x{height} image (x from 0 to "
+            f"{width - 1}, y from 0 to {height - 1})",
+            about="query",
         )
     pixels = model_input(image, size or loaded.image_size)
     names = [name for block in blocks for name in (block.dbra, block.bra) if name]
@@ -456,7 +394,7 @@ def inspect_image(
             for p, k in zip(top.values, top.indices, strict=True)
         ],
         "blocks": {
-            block.name: block_view(block, capture.records, query, (width, height), loaded.model)
+            block.name: block_view(block, capture.records, query, (width, height))
             for block in blocks
         },
         "grad_cam": {
@@ -471,41 +409,39 @@ def block_view(
     records: dict[str, dict[str, Any]],
     query: tuple[float, float],
     image_size: tuple[int, int],
-    model: nn.Module,
 ) -> dict[str, Any]:
-    """What `inspect_image` shows of one block (see there); `image_size` is the file's (w, h)."""
+    """What `inspect_image` shows of one block (see there), read from what its attentions
+    recorded (`AttentionCapture`); `image_size` is the file's (w, h)."""
     dbra = records[block.dbra]
-    module: DeformableBiLevelRoutingAttention = model.get_submodule(block.dbra)
-    map_h, map_w = dbra["size"]
-    geometry = MapGeometry(
-        dbra["size"], module.n_win, (image_size[0] / map_w, image_size[1] / map_h)
-    )
+    geometry = MapGeometry.on_image(dbra["region_grid"], image_size)
+    grid, agent_grid = geometry.grid, dbra["agent_grid"]
+    reference = dbra["reference_points"].double().numpy()  # (Hk, Wk, 2)
     positions = dbra["agent_positions"].double().numpy()  # (G, Hk, Wk, 2) for one image
-    groups, agent_h, agent_w, _ = positions.shape
     row, column = geometry.map_pixel(query)
-    query_region = geometry.region_of(row, column)
-    cell = agent_cell(geometry, row, column, (agent_h, agent_w))
-    agents_region = agent_region(cell, (agent_h, agent_w), module.n_win)
+    query_region = int(grid.region_map()[row, column])
+    cell = agent_cell(reference, geometry.normalised_of_map_pixel(row, column))
+    agent_regions = agent_grid.region_map().numpy()
+    agents_region = int(agent_regions[cell])
     agent_routing = dbra["region_index"][0].numpy()
-    attention = dbra["query_agent_attention"][0, :, row * geometry.padded[1] + column]
+    attention = dbra["query_agent_attention"][0, :, row * grid.padded_size[1] + column]
     view = {
         "dbra": block.dbra,
         "stride": block.stride,
-        "map_size": list(geometry.size),
-        "padded_size": list(geometry.padded),
-        "regions_per_side": module.n_win,
+        "map_size": list(grid.size),
+        "padded_size": list(grid.padded_size),
+        "regions_per_side": grid.regions_per_side,
         "region_boxes": geometry.region_boxes(),
         "query_map_pixel": [row, column],
         "query_region": query_region,
-        "agent_reference": geometry.pixels_of_normalised(reference_points(agent_h, agent_w)),
+        "agent_reference": geometry.pixels_of_normalised(reference),
         "agent_positions": geometry.pixels_of_normalised(positions),
-        "agent_groups": groups,
+        "agent_groups": positions.shape[0],
         "agent_cell": list(cell),
         "agent_region": agents_region,
-        "agent_region_mask": agent_region_mask((agent_h, agent_w), agents_region, module.n_win),
+        "agent_region_mask": agent_regions == agents_region,
         "agent_routing": agent_routing,
         "agent_routed_regions": agent_routing[agents_region],
-        "query_agent_attention": attention.reshape(-1, agent_h, agent_w).double().numpy(),
+        "query_agent_attention": attention.reshape(-1, *agent_grid.size).double().numpy(),
         "bra": block.bra,
         "bra_routing": None,
         "query_routed_regions": None,
@@ -601,7 +537,7 @@ def _draw_agents(axes, pixels: np.ndarray, name: str, block: dict[str, Any]) -> 
     reference = np.asarray(block["agent_reference"])
     positions = np.asarray(block["agent_positions"])
     _image_axes(axes, pixels, _padded_extent(block))
-    _draw_reference_cells(axes, block, reference.shape[:2])
+    _draw_reference_cells(axes, block, reference)
     axes.scatter(
         reference[..., 0],
         reference[..., 1],
@@ -646,17 +582,18 @@ def _padded_extent(block: dict[str, Any]) -> tuple[float, float]:
     return float(boxes[-1, 2]), float(boxes[-1, 3])
 
 
-def _draw_reference_cells(axes, block: dict[str, Any], agents: tuple[int, int]) -> None:
-    """The cells of the reference grid: they span the padded map from its first pixel centre to
-    its last (grid_sample's align_corners=True)."""
+def _draw_reference_cells(axes, block: dict[str, Any], reference: np.ndarray) -> None:
+    """The cells of the reference grid around its (Hk, Wk, 2) `reference` points (file pixels,
+    (x, y)): cut halfway between neighbouring points, the outer cells ending at the padded map's
+    first and last pixel centres (grid_sample's -1 and 1, align_corners=True)."""
     end_x, end_y = _padded_extent(block)
     padded_h, padded_w = block["padded_size"]
-    for count, end, padded, line in (
-        (agents[1], end_x, padded_w, axes.axvline),
-        (agents[0], end_y, padded_h, axes.axhline),
+    for centres, end, padded, line in (
+        (reference[0, :, 0], end_x, padded_w, axes.axvline),
+        (reference[:, 0, 1], end_y, padded_h, axes.axhline),
     ):
         pixel = end / padded  # one map pixel in file pixels
-        for edge in np.linspace(pixel / 2, end - pixel / 2, count + 1):
+        for edge in [pixel / 2, *(centres[1:] + centres[:-1]) / 2, end - pixel / 2]:
             line(edge, color="white", linewidth=0.4, alpha=0.5)
 
 
@@ -808,7 +745,7 @@ def show(
     out, image_paths = Path(out), [Path(image) for image in images]
     check_figure_path(out)
     if json_path is not None:
-        runtime.check_writable(json_path, "--json")
+        runtime.check_writable(json_path, "json_path")
     pictures = [read_image(path) for path in image_paths]
     loaded = load_show_model(model_name, recipe, checkpoint, pretrained)
     chosen = choose_blocks(loaded.model, blocks)

@@ -15,7 +15,8 @@ import typer
 from typer.testing import CliRunner
 
 import debiformer
-from debiformer.cli.main import app, main
+from debiformer.cli import flags
+from debiformer.cli.main import app, command_of, main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -125,6 +126,46 @@ def test_a_user_error_with_brackets_is_printed_as_is(monkeypatch, capsys):
     code, out, err = run_in_process(monkeypatch, capsys, "recipes", "show", "[bold]x")
     assert code == 2
     assert err.startswith("error: recipe '[bold]x' not found")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["data", "mosaics", "{tmp}/set", "--size", "40"],
+            "error: --size 40: the canvas must hold the largest item (56 px at scale 2.0); "
+            "use --size 56 or more, or a smaller --scale",
+        ),
+        (["data", "bench", "{tmp}", "--batch-size", "0"], "error: --batch-size must be at least 1"),
+        (["data", "bench", "{tmp}", "--json", "{tmp}"], "error: --json {tmp}: is a directory"),
+    ],
+)
+def test_a_user_error_names_the_flags_of_the_command(monkeypatch, capsys, tmp_path, args, expected):
+    args = [arg.format(tmp=tmp_path) for arg in args]
+    code, out, err = run_in_process(monkeypatch, capsys, *args)
+    assert code == 2
+    assert err.strip().startswith(expected.format(tmp=tmp_path)), err
+
+
+def test_the_flag_table_names_the_options_of_its_commands():
+    commands = typer.main.get_command(app).commands
+    for command, names in flags.FLAGS.items():
+        group, _, name = command.partition(" ")
+        command_object = commands[group].commands[name] if name else commands[group]
+        options = set()
+        for param in command_object.params:
+            options.update(
+                param.opts if param.param_type_name == "option" else [param.name.upper()]
+            )
+        assert set(names.values()) <= options, (command, set(names.values()) - options)
+
+
+@pytest.mark.parametrize(
+    ("args", "command"),
+    [(["train", "quickstart", "--fresh"], "train"), (["data", "convert", "a"], "data convert")],
+)
+def test_the_command_is_read_off_the_arguments(args, command):
+    assert command_of(args) == command
 
 
 def test_no_arguments_prints_the_help(monkeypatch, capsys):

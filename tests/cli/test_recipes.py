@@ -1,15 +1,23 @@
 """`debiformer recipes` lists the shipped recipes and `recipes show` prints one fully resolved;
 recipe names and paths work from any directory."""
 
+import dataclasses
 import importlib.resources
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from debiformer.cli.main import app
 from debiformer.errors import UserError
-from debiformer.recipe import RECIPES_DIR, find_recipe, list_recipes, load_recipe
+from debiformer.recipe import (
+    DATA_SECTIONS,
+    RECIPES_DIR,
+    find_recipe,
+    list_recipes,
+    load_recipe,
+)
 
 SHIPPED = (
     "ade20k_fpn_base",
@@ -66,6 +74,24 @@ def test_show_prints_yaml_that_loads_back_into_the_same_recipe(tmp_path, monkeyp
     saved.write_text(result.output)
     assert load_recipe(saved) == load_recipe(name)
     assert "base:" not in result.output  # bases merged in
+
+
+@pytest.mark.parametrize(
+    ("name", "task"),
+    [
+        ("tiny", "classification"),
+        ("coco_retinanet_tiny", "detection"),
+        ("ade20k_upernet_small", "segmentation"),
+    ],
+)
+def test_show_prints_only_the_keys_of_the_recipes_task(name, task):
+    result = invoke("recipes", "show", name)
+    assert result.exit_code == 0, result.output
+    shown = yaml.safe_load(result.output)
+    assert shown["task"] == task
+    assert set(shown["data"]) == {f.name for f in dataclasses.fields(DATA_SECTIONS[task])}
+    sections = {"classification", "detection", "segmentation"} & set(shown)
+    assert sections == ({task} - {"classification"})
 
 
 def test_show_applies_overrides_and_fills_defaults(tmp_path, monkeypatch):

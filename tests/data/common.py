@@ -41,9 +41,9 @@ def make_loader(split, backend, path, size=32, batch=8, workers=0, **kwargs):
     )
 
 
-def labels_of(loader) -> list[int]:
-    """Every label of one pass over `loader`."""
-    return [int(label) for _, labels in loader for label in labels]
+def labels_of(batches) -> list[int]:
+    """Every label of `batches` (a loader: one pass over it)."""
+    return [int(label) for _, labels in batches for label in labels]
 
 
 def write_idx_folder(folder: Path, images: np.ndarray, labels: np.ndarray) -> Path:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from debiformer.cli import flags
 from debiformer.cli.data import app
 from debiformer.data import (
     WriterOptions,
@@ -85,8 +86,10 @@ def test_corrupt_image_stops_by_default_and_is_skipped_on_request(photos, tmp_pa
     bad = sorted((folder / "01_coffee").iterdir())[0]
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
     out = tmp_path / "out.beton"
-    with pytest.raises(UserError, match=str(bad)):
+    with pytest.raises(UserError, match=str(bad)) as error:
         convert_to_ffcv(str(folder), out)
+    assert str(error.value).endswith("or skip unreadable images with on_bad_image=skip")
+    assert flags.message(error.value, "data convert").endswith("images with --skip-bad")
     assert not out.exists()
     conversion = convert_to_ffcv(str(folder), out, WriterOptions(on_bad_image="skip"))
     assert conversion.skipped == [str(bad)]
@@ -111,22 +114,23 @@ def test_a_failing_writer_process_stops_the_conversion_with_one_line(tmp_path, m
     assert os.listdir(tmp_path) == []
 
 
-BAD_OPTIONS = [
-    (["--chunk-size", "0"], "--chunk-size must be at least 1"),
-    (["--workers", "0"], "--workers"),
-    (["--max-resolution", "0"], "--max-resolution must be at least 1"),
-    (["--subset", "-5"], "--subset must be a positive"),
-    (["--jpeg-quality", "-1"], "jpeg quality must be in 1..100"),
-    (["--write-mode", "png"], "unknown write mode"),
+BAD_OPTIONS = [  # the command's arguments, the library's message, the command's message
+    (["--chunk-size", "0"], "chunk_size must be at least 1", "--chunk-size must be at least 1"),
+    (["--workers", "0"], "num_workers must be at least 1", "--workers must be at least 1"),
+    (["--max-resolution", "0"], "max_resolution must be at least 1", "--max-resolution must be"),
+    (["--subset", "-5"], "subset must be a positive", "--subset must be a positive"),
+    (["--jpeg-quality", "-1"], "jpeg quality must be in 1..100", "jpeg quality must be in"),
+    (["--write-mode", "png"], "unknown write mode", "unknown write mode"),
 ]
 
 
-@pytest.mark.parametrize("args, message", BAD_OPTIONS)
-def test_bad_options_are_one_line_errors_before_any_work(args, message, tmp_path):
+@pytest.mark.parametrize("args, library, command", BAD_OPTIONS)
+def test_bad_options_are_one_line_errors_before_any_work(args, library, command, tmp_path):
     out = tmp_path / "new" / "out.beton"
     result = CliRunner().invoke(app, ["convert", FASHION, str(out), *args])
     assert isinstance(result.exception, UserError), result.output
-    assert message in str(result.exception) and "\n" not in str(result.exception)
+    assert str(result.exception).startswith(library) and "\n" not in str(result.exception)
+    assert flags.message(result.exception, "data convert").startswith(command)
     assert os.listdir(tmp_path) == []
 
 

@@ -1,4 +1,5 @@
-"""Loaders: both backends' pixels and labels, sharding, and reproducible, resumable epochs.
+"""Loaders: both backends' pixels and labels, sharding, reproducible, resumable epochs, and the
+one meaning of epoch and start batch (`EpochLoader`) that every loader shares.
 
 Run as a script under torchrun, this file is the 2-rank sharding worker of `test_torchrun_sharding`.
 """
@@ -12,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import Dataset
 
-from debiformer.data import ShardPlan, check_labels, loaders, read_fashion_mnist
-from debiformer.data.loaders import AugmentOptions
+from debiformer import runtime
+from debiformer.data import EpochLoader, ShardPlan, check_labels, read_fashion_mnist
+from debiformer.data.loaders import AugmentOptions, KeyedLoader
 from debiformer.errors import UserError
 from tests.data.common import (
     FASHION,
@@ -109,25 +112,26 @@ def test_order_is_a_function_of_seed_and_epoch(backend, photos, photos_ffcv):
     loader = make_loader(
         "train", backend, path, size=16, batch=4, seed=3, num_classes=3, synthetic_samples=30
     )
-    loader.set_epoch(5)
-    first = labels_of(loader)
-    loader.set_epoch(6)
-    other = labels_of(loader)
-    loader.set_epoch(5)
-    assert labels_of(loader) == first != other
+    first = labels_of(loader.batches(5))
+    assert labels_of(loader.batches(6)) != first
+    assert labels_of(loader.batches(5)) == first
 
 
-def _batches(loader, epoch: int, start_batch: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Copies of the batches `start_batch`, ... of `epoch` (FFCV reuses its buffers)."""
-    loader.set_epoch(epoch, start_batch=start_batch)
-    return [(images.clone(), labels.clone()) for images, labels in loader]
+def _copies(batches) -> list[tuple[torch.Tensor, ...]]:
+    """Copies of `batches`, tuples of tensors (FFCV reuses its buffers)."""
+    return [tuple(tensor.clone() for tensor in batch) for batch in batches]
+
+
+def _batches(loader, epoch: int, start_batch: int = 0) -> list[tuple[torch.Tensor, ...]]:
+    """Copies of the batches `start_batch`, ... of `epoch`."""
+    return _copies(loader.batches(epoch, start_batch))
 
 
 def _same(batches, others) -> bool:
     """True if two lists of batches are bit-identical."""
     return len(batches) == len(others) and all(
-        torch.equal(a, c) and torch.equal(b, d)
-        for (a, b), (c, d) in zip(batches, others, strict=True)
+        len(batch) == len(other) and all(map(torch.equal, batch, other))
+        for batch, other in zip(batches, others, strict=True)
     )
 
 
@@ -166,12 +170,70 @@ def test_an_epoch_started_at_batch_k_yields_the_batches_from_k(backend, photos, 
     whole = _batches(loader, 4)
     for start in (1, 3, 5):
         assert _same(_batches(resumed, 4, start), whole[start:])
-    resumed.set_epoch(4, start_batch=2)
-    assert _same([(a.clone(), b.clone()) for a, b in resumed], whole[2:])
-    assert _same([(a.clone(), b.clone()) for a, b in resumed], _batches(loader, 5))
-    assert _same([(a.clone(), b.clone()) for a, b in loader.batches(4, 3)], whole[3:])
+    assert _same(_batches(loader, 4, 3), whole[3:])
     with pytest.raises(UserError, match="start batch 6 is outside the 5 batches"):
-        resumed.set_epoch(4, start_batch=6)
+        resumed.batches(4, 6)
+
+
+class _Keys(Dataset):
+    """30 samples, each the `(epoch, index)` key it was read by."""
+
+    def __len__(self) -> int:
+        return 30
+
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        return torch.tensor(key)
+
+
+def _indices_and_epochs(batch: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """A batch of `_Keys` as (sample indices, epochs) on `device`."""
+    return batch[:, 1].to(device), batch[:, 0].to(device)
+
+
+def _protocol_loader(backend: str, split: str, photos, photos_ffcv):
+    """A loader of 30 samples in batches of 8 from `backend` ("keyed": a `KeyedLoader`)."""
+    if backend == "keyed":
+        return KeyedLoader(
+            _Keys(),
+            source="keys",
+            batch_size=8,
+            train=split == "train",
+            device=torch.device("cpu"),
+            num_workers=0,
+            seed=3,
+            collate=torch.stack,
+            to_device=_indices_and_epochs,
+        )
+    path = {"torchvision": photos, "ffcv": photos_ffcv, "synthetic": None}[backend]
+    augment = EVERY_AUGMENTATION if split == "train" else None
+    return make_loader(
+        split, backend, path, size=16, seed=3, augment=augment, num_classes=3, synthetic_samples=30
+    )
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("backend", ["ffcv", "torchvision", "synthetic", "keyed"])
+def test_every_loader_gives_epoch_and_start_batch_one_meaning(backend, split, photos, photos_ffcv):
+    """`batches(epoch, k)` is the tail from k of `batches(epoch)` whatever was read before,
+    `iter(loader)` is always `batches(0)`, and only training batches depend on the epoch."""
+    loader = _protocol_loader(backend, split, photos, photos_ffcv)
+    assert isinstance(loader, EpochLoader)
+    whole = _batches(loader, 4)
+    assert len(whole) == len(loader) == (3 if split == "train" else 4)
+    for start in range(len(loader), -1, -1):
+        assert _same(_batches(loader, 4, start), whole[start:])
+    first_pass = _copies(loader)
+    assert _same(first_pass, _copies(loader)) and _same(first_pass, _batches(loader, 0))
+    with pytest.raises(UserError, match=f"start batch 5 is outside the {len(loader)} batches"):
+        loader.batches(4, 5)
+    if backend != "keyed":
+        assert _same(_batches(loader, 5), whole) == (split == "val")
+        return
+    plan = ShardPlan(30, shuffle=split == "train", seed=3)
+    for epoch in (4, 5):  # the batches of `_Keys` show what was read: the plan's order, `epoch`
+        batches = _batches(loader, epoch)
+        indices, epochs = (torch.cat(column).tolist() for column in zip(*batches, strict=True))
+        assert indices == plan.indices(epoch)[: len(indices)].tolist() and set(epochs) == {epoch}
 
 
 @pytest.mark.parametrize("backend", ["ffcv", "torchvision"])
@@ -180,7 +242,7 @@ def test_epochs_and_ranks_draw_differently(backend, photos, photos_ffcv, monkeyp
     loader, _ = _train_loaders(backend, photos, photos_ffcv)
     monkeypatch.setattr(ShardPlan, "indices", lambda plan, epoch: np.arange(plan.num_samples))
     epoch_0, epoch_1 = _batches(loader, 0), _batches(loader, 1)
-    monkeypatch.setattr(loaders, "_rank_and_world", lambda distributed: (1, 1))
+    monkeypatch.setattr(runtime, "rank_and_world", lambda: (1, 1))
     (rank_1,) = _train_loaders(backend, photos, photos_ffcv, workers=(1,), distributed=True)
     for other in (epoch_1, _batches(rank_1, 0)):
         for (images, labels), (other_images, other_labels) in zip(epoch_0, other, strict=True):
@@ -199,6 +261,18 @@ def test_check_labels_names_the_split_and_the_data(tmp_path):
     check_labels(synthetic, 5, "train")
     with pytest.raises(UserError, match="train data synthetic data: labels run from 0 to 4"):
         check_labels(synthetic, 4, "train")
+
+
+def test_class_count_messages_name_the_recipe_key(tmp_path):
+    images = np.zeros((4, 28, 28), dtype=np.uint8)
+    folder = write_idx_folder(tmp_path / "idx", images, np.array([0, 3, 1, 2]))
+    loader = make_loader("val", "torchvision", f"fashion-mnist:{folder}", batch=2)
+    with pytest.raises(UserError, match="labels run from 0 to 3.* or set data.num_classes$"):
+        check_labels(loader, 3, "val")
+    with pytest.raises(UserError, match="has 10 classes, the model 5.* or set data.num_classes$"):
+        check_labels(loader, 5, "val")
+    with pytest.raises(UserError, match=r"needs num_classes \(data.num_classes in the recipe\)"):
+        make_loader("train", "synthetic", None)
 
 
 def test_shard_plan_is_disjoint_and_complete():
@@ -242,7 +316,7 @@ def test_ffcv_eval_shards_read_every_sample_once(one_per_class, monkeypatch):
     distributed order would pad the ranks with repeated samples.)"""
     shards = []
     for rank in (0, 1):
-        monkeypatch.setattr(loaders, "_rank_and_world", lambda distributed, rank=rank: (rank, 2))
+        monkeypatch.setattr(runtime, "rank_and_world", lambda rank=rank: (rank, 2))
         loader = make_loader("val", "ffcv", one_per_class[1], batch=2, distributed=True)
         shards.append(labels_of(loader))
     assert sorted(shards[0] + shards[1]) == list(range(10)) and not set(shards[0]) & set(shards[1])

@@ -11,6 +11,7 @@ from pycocotools import mask as mask_api
 from pycocotools.coco import COCO
 from typer.testing import CliRunner
 
+from debiformer.cli import flags
 from debiformer.cli.main import app
 from debiformer.data import FashionMNIST
 from debiformer.data import mosaics as mosaics_module
@@ -150,21 +151,30 @@ def test_train_items_come_from_the_train_split_and_val_items_from_the_test_split
 
 
 @pytest.mark.parametrize(
-    ("options", "message"),
+    ("options", "library", "command"),
     [
-        ({"train_images": 0}, "--train and --val must be at least 1"),
-        ({"val_images": -2}, "--train and --val must be at least 1"),
-        ({"items": (3, 2)}, "--items 3 2: give the fewest and most"),
-        ({"items": (0, 2)}, "--items 0 2: give the fewest and most"),
-        ({"scale": (0.0, 1.0)}, "--scale 0.0 1.0: give the smallest and largest"),
-        ({"canvas_size": 40}, "--size 40: the canvas must hold the largest item (56 px"),
-        ({"seed": -1}, "--seed must be 0 or more"),
+        ({"train_images": 0}, "train_images and val_images must be", "--train and --val must be"),
+        ({"val_images": -2}, "train_images and val_images must be", "--train and --val must be"),
+        ({"items": (3, 2)}, "items 3 2: give the fewest and most", "--items 3 2: give the"),
+        ({"items": (0, 2)}, "items 0 2: give the fewest and most", "--items 0 2: give the"),
+        ({"scale": (0.0, 1.0)}, "scale 0.0 1.0: give the smallest", "--scale 0.0 1.0: give the"),
+        (
+            {"canvas_size": 40},
+            "canvas_size 40: the canvas must hold the largest item (56 px at scale 2.0); "
+            "use canvas_size=56 or more, or a smaller scale",
+            "--size 40: the canvas must hold the largest item (56 px at scale 2.0); "
+            "use --size 56 or more, or a smaller --scale",
+        ),
+        ({"seed": -1}, "seed must be 0 or more", "--seed must be 0 or more"),
     ],
 )
-def test_bad_arguments_are_one_line_errors_before_any_work(options, message, tiny_source, tmp_path):
+def test_bad_arguments_are_one_line_errors_before_any_work(
+    options, library, command, tiny_source, tmp_path
+):
     with pytest.raises(UserError) as error:
         write_mosaics(tmp_path / "set", **{**SMALL, **options}, source=tiny_source)
-    assert message in str(error.value) and "\n" not in str(error.value)
+    assert str(error.value).startswith(library) and "\n" not in str(error.value)
+    assert flags.message(error.value, "data mosaics").startswith(command)
     assert sorted(os.listdir(tmp_path)) == ["idx"]
 
 

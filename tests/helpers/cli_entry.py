@@ -6,14 +6,14 @@ import os
 import signal
 from pathlib import Path
 
-import debiformer.engine
+import debiformer.engine.trainer
 from debiformer.cli.main import main
 
 CLI_ENTRY = Path(__file__).resolve()
 
 kill_at = int(os.environ.get("KILL_AT_SAVE", "0"))
 saves = 0
-save = debiformer.engine.save_checkpoint
+save = debiformer.engine.trainer.save_checkpoint
 
 
 def save_then_maybe_die(state, path):
@@ -26,5 +26,5 @@ def save_then_maybe_die(state, path):
 
 
 if __name__ == "__main__":
-    debiformer.engine.save_checkpoint = save_then_maybe_die
+    debiformer.engine.trainer.save_checkpoint = save_then_maybe_die
     main()

@@ -5,7 +5,7 @@ import sys
 import time
 from pathlib import Path
 
-from debiformer.engine import open_run
+from debiformer.engine.rundir import open_run
 
 HOLD_RUN_LOCK = Path(__file__).resolve()
 

@@ -23,12 +23,8 @@ from debiformer.cli.main import app
 from debiformer.engine import NonFiniteLossError
 from debiformer.errors import UserError
 from debiformer.recipe import load_recipe
-from debiformer.tasks import classification
-from debiformer.tasks.classification import (
-    evaluate_checkpoint,
-    fall_back_without_ffcv,
-    train,
-)
+from debiformer.tasks import classification, evaluate_checkpoint, train
+from debiformer.tasks.classification import fall_back_without_ffcv
 from tests.helpers.cli_entry import CLI_ENTRY
 
 REPO = Path(__file__).resolve().parents[2]
@@ -105,9 +101,6 @@ def metric_lines(run_dir: Path, kind: str) -> list[dict]:
     return [line for line in lines if line["kind"] == kind]
 
 
-# ----------------------------------------------------------------------------- units
-
-
 # ----------------------------------------------------------------------------- training runs
 
 
@@ -163,6 +156,28 @@ def test_eval_cli_prints_metrics_and_writes_json(finished_run, tmp_path):
     assert done.exit_code == 0, done.output
     assert "top-1" in done.output
     assert set(json.loads(out.read_text())) >= {"top1", "top5", "loss", "images_per_s"}
+
+
+def test_eval_needs_no_recipe_for_a_checkpoint_of_this_tool(finished_run, tmp_path):
+    """The checkpoint's stored recipe and model spec rebuild its model; a recipe given still
+    wins, and overrides apply to the stored recipe."""
+    path, run_dir, summary = finished_run
+    best = run_dir / "checkpoints" / "best.pt"
+    assert torch.load(best, weights_only=True)["model_spec"]["num_classes"] == 4
+    out = tmp_path / "eval.json"
+    done = CliRunner().invoke(app, ["eval", "--checkpoint", str(best), "--json", str(out)])
+    assert done.exit_code == 0, done.output
+    assert json.loads(out.read_text())["top1"] == pytest.approx(summary["best_top1"])
+    overridden = CliRunner().invoke(
+        app, ["eval", "--checkpoint", str(best), "--set", "data.image_size=16"]
+    )
+    assert "data.image_size: must be at least 32" in str(overridden.exception)
+    bare = tmp_path / "bare.pt"
+    torch.save(torch.load(best, weights_only=True)["model"], bare)
+    done = CliRunner().invoke(app, ["eval", "--checkpoint", str(bare)])
+    assert isinstance(done.exception, UserError) and "stores no recipe" in str(done.exception)
+    with_recipe = CliRunner().invoke(app, ["eval", str(path), "--checkpoint", str(bare)])
+    assert with_recipe.exit_code == 0, with_recipe.output
 
 
 def test_fine_tuning_starts_from_pretrained_weights_with_frozen_parts_and_layer_decay(

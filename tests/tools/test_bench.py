@@ -2,12 +2,14 @@
 
 import io
 import json
+import shutil
 
 import pytest
 import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
+from debiformer.cli.flags import message as cli_message
 from debiformer.cli.main import app
 from debiformer.errors import UserError
 from debiformer.tools import bench
@@ -31,6 +33,7 @@ TINY = {"resolution": 32, "batch_size": 2, "warmup": 1, "iterations": 1}
 NANO = {"models": ("debiformer_nano",), "device": "cpu", **TINY}
 
 
+@pytest.mark.slow
 def test_bench_command_writes_records_measured_in_fresh_processes(tmp_path):
     out = tmp_path / "results" / "bench.json"
     result = CliRunner().invoke(
@@ -76,12 +79,26 @@ def test_bench_runs_both_implementations_and_timm_models_in_one_table():
     assert table.row_count == 3
 
 
-def test_bench_times_onnxruntime_beside_eager_pytorch_in_one_run():
-    pytest.importorskip("onnxruntime")
+@pytest.mark.slow
+def test_bench_times_onnxruntime_beside_eager_pytorch_in_one_run(exported_onnx, monkeypatch):
+    exported = []
+
+    def export_once(options):
+        """The session's ONNX export, which holds what `options` ask for."""
+        assert exported_onnx.same_options(options), options
+        exported.append(options.out)
+        shutil.copyfile(exported_onnx.path, options.out)
+        return exported_onnx.result
+
+    monkeypatch.setattr(bench, "export_model", export_once)
     options = BenchOptions(
-        **NANO, impls=("fast", "reference"), runtimes=("eager", "onnxruntime"), fresh_process=False
+        **{**NANO, "resolution": 33},
+        impls=("fast", "reference"),
+        runtimes=("eager", "onnxruntime"),
+        fresh_process=False,
     )
     records = bench.run_bench(options)
+    assert len(exported) == 1  # once per model
     assert [(r["impl"], r["runtime"]) for r in records] == [
         ("fast", "eager"),
         ("fast", "onnxruntime"),
@@ -140,26 +157,26 @@ def test_out_of_memory_at_batch_one_is_a_user_error(monkeypatch):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"models": ["debiformer_huge"]}, "--models: unknown model 'debiformer_huge'"),
-        ({"compare": ["no_such_timm_model"]}, "--compare: unknown timm model"),
-        ({"impls": ["faster"]}, "--impl: unknown implementation 'faster'"),
-        ({"modes": ["serve"]}, "--mode: unknown mode 'serve'"),
+        ({"models": ["debiformer_huge"]}, "models: unknown model 'debiformer_huge'"),
+        ({"compare": ["no_such_timm_model"]}, "compare: unknown timm model"),
+        ({"impls": ["faster"]}, "impls: unknown implementation 'faster'"),
+        ({"modes": ["serve"]}, "modes: unknown mode 'serve'"),
         ({"precision": "fp16"}, "fp16 needs a CUDA device"),
-        ({"precision": "int8"}, "--precision: unknown precision 'int8'"),
-        ({"device": "tpu"}, "--device: unknown device 'tpu'"),
-        ({"grad_checkpointing": (0, 3)}, r"--grad-checkpointing takes stages 1-4, got \[0, 3\]"),
-        ({"grad_checkpointing": (5,)}, "--grad-checkpointing takes stages 1-4"),
-        ({"iterations": 0}, "--iterations must be at least 1, got 0"),
-        ({"warmup": -1}, "--warmup must be at least 0, got -1"),
-        ({"batch_size": 0}, "--batch-size must be at least 1, got 0"),
-        ({"resolution": 0}, "--resolution must be at least 32, got 0"),
-        ({"models": (), "compare": ()}, "--models: nothing to measure"),
-        ({"impls": ()}, "--impl: give at least one"),
-        ({"runtimes": ["tensorrt"]}, "--runtime: unknown runtime 'tensorrt'"),
-        ({"runtimes": ()}, "--runtime: give at least one"),
+        ({"precision": "int8"}, "precision: unknown precision 'int8'"),
+        ({"device": "tpu"}, "device: unknown device 'tpu'"),
+        ({"grad_checkpointing": (0, 3)}, r"grad_checkpointing takes stages 1-4, got \[0, 3\]"),
+        ({"grad_checkpointing": (5,)}, "grad_checkpointing takes stages 1-4"),
+        ({"iterations": 0}, "iterations must be at least 1, got 0"),
+        ({"warmup": -1}, "warmup must be at least 0, got -1"),
+        ({"batch_size": 0}, "batch_size must be at least 1, got 0"),
+        ({"resolution": 0}, "resolution must be at least 32, got 0"),
+        ({"models": (), "compare": ()}, "models: nothing to measure"),
+        ({"impls": ()}, "impls: give at least one"),
+        ({"runtimes": ["tensorrt"]}, "runtimes: unknown runtime 'tensorrt'"),
+        ({"runtimes": ()}, "runtimes: give at least one"),
         ({"runtimes": ["onnxruntime"], "modes": ["train"]}, "measures inference only"),
         ({"runtimes": ["onnxruntime"], "precision": "bf16"}, "runs fp32 on the CPU"),
-        ({"runtimes": ["onnxruntime"], "impls": ["reference"]}, "with --impl fast"),
+        ({"runtimes": ["onnxruntime"], "impls": ["reference"]}, "with impls=fast"),
     ],
 )
 def test_bench_options_reject_bad_input(options, message):
@@ -207,7 +224,7 @@ def no_work(monkeypatch):
 def test_bench_command_checks_options_before_any_work(no_work, flags, message):
     result = CliRunner().invoke(app, ["bench", "--device", "cpu", *flags])
     assert isinstance(result.exception, UserError)
-    assert message in str(result.exception)
+    assert message in cli_message(result.exception, "bench")
     assert "\n" not in str(result.exception)
 
 
@@ -272,17 +289,12 @@ def test_bench_table_fits_80_columns_without_cutting_anything():
 
 
 def test_loader_bench_checks_its_settings_and_json_path_before_any_work(tmp_path):
+    from debiformer import data
     from debiformer.tools.loader_bench import bench_loaders
 
     missing = str(tmp_path / "no_such_folder")
-    with pytest.raises(UserError, match="--repeats must be at least 1, got 0"):
-        bench_loaders(missing, repeats=0)
-    with pytest.raises(UserError, match="--json .* is a directory"):
-        bench_loaders(missing, json_path=str(tmp_path))
-
-
-def test_loader_bench_is_still_importable_from_the_data_package():
-    from debiformer.data import bench_loaders
-    from debiformer.tools.loader_bench import bench_loaders as moved
-
-    assert bench_loaders is moved
+    for bench_loaders_of in (bench_loaders, data.bench_loaders):  # also in the data package
+        with pytest.raises(UserError, match="must be at least 1, got 0"):
+            bench_loaders_of(missing, repeats=0)
+        with pytest.raises(UserError, match="is a directory"):
+            bench_loaders_of(missing, json_path=str(tmp_path))

@@ -5,10 +5,11 @@ import json
 
 import pytest
 
-import debiformer.tools.plot
+import debiformer.curves
+from debiformer.curves import read_run
 from debiformer.engine import fit
-from debiformer.tools.plot import read_run
-from tests.test_engine import LineTask, toy_recipe
+from debiformer.tools.plot import run_metric
+from tests.helpers.toy_task import LineTask, toy_recipe
 
 pytest.importorskip("matplotlib")
 
@@ -69,7 +70,7 @@ def runs(tmp_path):
 
 
 def test_read_run_takes_the_curves_and_the_task_metric(runs):
-    evaluated, unevaluated = (read_run(run) for run in runs)
+    evaluated, unevaluated = (read_run(run, run_metric(run)) for run in runs)
     assert (evaluated.name, evaluated.metric) == ("quickstart_detection", "bbox_ap")
     assert evaluated.loss.steps == [5, 10, 15, 20] and evaluated.loss.values[-1] == 1.0
     assert evaluated.val_metric.steps == [10, 20] and evaluated.val_metric.values == [0.1, 0.2]
@@ -112,10 +113,10 @@ def test_training_writes_curves_and_tensorboard_events(tmp_path):
 
 
 def test_curves_never_fail_a_training(tmp_path, monkeypatch, capsys):
-    def broken(run_dir):
+    def broken(run_dir, metric):
         raise RuntimeError("no display")
 
-    monkeypatch.setattr(debiformer.tools.plot, "write_run_curves", broken)
+    monkeypatch.setattr(debiformer.curves, "write_run_curves", broken)
     summary = fit(toy_recipe(schedule={"epochs": 1}), LineTask(), run_dir=tmp_path / "broken")
     assert summary["steps"] == 6
     assert "warning: curves.png not written (RuntimeError: no display)" in capsys.readouterr().err

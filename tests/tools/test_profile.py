@@ -53,7 +53,13 @@ def test_profile_command_writes_dbra_steps_and_a_trace(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("op", "impl"), [("bra", "fast"), ("bra", "reference"), ("block", "fast"), ("model", "fast")]
+    ("op", "impl"),
+    [
+        ("bra", "fast"),
+        ("bra", "reference"),
+        ("block", "fast"),
+        pytest.param("model", "fast", marks=pytest.mark.slow),
+    ],
 )
 def test_profile_steps_cover_the_op(op, impl):
     profiled = run_profile(ProfileOptions(op=op, impl=impl, **NANO))
@@ -98,17 +104,17 @@ def test_profile_rejects_an_op_the_stage_lacks():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"op": "attention"}, "--op: unknown op 'attention'"),
-        ({"stage": 0}, "--stage must be 1 to 4, got 0"),
-        ({"stage": 5}, "--stage must be 1 to 4, got 5"),
-        ({"variant": "debiformer_huge"}, "--variant: unknown model 'debiformer_huge'"),
-        ({"impl": "faster"}, "--impl: unknown implementation 'faster'"),
+        ({"op": "attention"}, "op: unknown op 'attention'"),
+        ({"stage": 0}, "stage must be 1 to 4, got 0"),
+        ({"stage": 5}, "stage must be 1 to 4, got 5"),
+        ({"variant": "debiformer_huge"}, "variant: unknown model 'debiformer_huge'"),
+        ({"impl": "faster"}, "impl: unknown implementation 'faster'"),
         ({"precision": "fp16"}, "fp16 needs a CUDA device"),
-        ({"device": "tpu"}, "--device: unknown device 'tpu'"),
-        ({"warmup": 0}, "--warmup must be at least 1, got 0"),
-        ({"iterations": 0}, "--iterations must be at least 1, got 0"),
-        ({"batch_size": 0}, "--batch-size must be at least 1, got 0"),
-        ({"resolution": 0}, "--resolution must be at least 32, got 0"),
+        ({"device": "tpu"}, "device: unknown device 'tpu'"),
+        ({"warmup": 0}, "warmup must be at least 1, got 0"),
+        ({"iterations": 0}, "iterations must be at least 1, got 0"),
+        ({"batch_size": 0}, "batch_size must be at least 1, got 0"),
+        ({"resolution": 0}, "resolution must be at least 32, got 0"),
     ],
 )
 def test_profile_options_reject_bad_input(options, message):

@@ -13,7 +13,14 @@ from PIL import Image
 import debiformer
 from debiformer import routing
 from debiformer.model import DeformableBiLevelRoutingAttention
-from debiformer.tools.show import AttentionCapture, load_show_model
+from debiformer.routing import pad_to_regions, to_regions
+from debiformer.tools.show import (
+    AttentionCapture,
+    choose_blocks,
+    inspect_image,
+    load_show_model,
+    read_image,
+)
 
 pytest.importorskip("matplotlib")
 
@@ -106,6 +113,69 @@ def test_query_attention_over_the_agents_sums_to_one(run_main, moving_agents):
         attention = np.array(block["query_agent_attention"])  # (heads, Hk, Wk)
         assert attention.min() >= 0
         np.testing.assert_allclose(attention.sum(axis=(1, 2)), 1.0, atol=1e-5)
+
+
+def region_holding(pixel: tuple[int, int], size: tuple[int, int], regions_per_side: int) -> int:
+    """The region that `pad_to_regions` and `to_regions` put `pixel` (row, column) of an (h, w)
+    map into."""
+    marker = torch.zeros(1, *size, 1)
+    marker[0, pixel[0], pixel[1]] = 1
+    regions = to_regions(pad_to_regions(marker, regions_per_side), regions_per_side)
+    return int(regions.sum(dim=(2, 3))[0].argmax())
+
+
+def test_the_geometry_drawn_is_the_one_the_model_used(moving_agents, monkeypatch):
+    """At 131x97 every stage map needs padding. The agent positions, padded maps, regions and
+    agent cells of show's view are those of the tensors DBRA's grid_sample and `to_regions` got."""
+    loaded = load_show_model("debiformer_nano", checkpoint=moving_agents / "moving.pt")
+    sizes, used = {}, {}
+    real_sample = DeformableBiLevelRoutingAttention._sample
+
+    def sample(module, x, positions):
+        used[module] = (tuple(x.shape[1:3]), positions.detach()[0 : module.offset_groups].double())
+        return real_sample(module, x, positions)
+
+    monkeypatch.setattr(DeformableBiLevelRoutingAttention, "_sample", sample)
+    blocks = choose_blocks(loaded.model, ["all"])
+
+    def record_size(module, args):
+        sizes[module] = tuple(args[0].shape[1:3])
+
+    for block in blocks:
+        loaded.model.get_submodule(block.dbra).register_forward_pre_hook(record_size)
+    query = (120.0, 90.0)
+    image = read_image(moving_agents / "a.png")
+    view = inspect_image(loaded, image, blocks, query=query, size=97)
+    for block in blocks:
+        shown, module = view["blocks"][block.name], loaded.model.get_submodule(block.dbra)
+        (padded_h, padded_w), positions = used[module]
+        map_h, map_w = sizes[module]
+        assert (shown["map_size"], shown["padded_size"]) == ([map_h, map_w], [padded_h, padded_w])
+        assert (padded_h, padded_w) != (map_h, map_w)
+        pixel_x, pixel_y = 131 / map_w, 97 / map_h
+        # grid_sample, align_corners=True: -1 and 1 are the first and last pixel centres
+        xs = ((positions[..., 1] + 1) / 2 * (padded_w - 1) + 0.5) * pixel_x
+        ys = ((positions[..., 0] + 1) / 2 * (padded_h - 1) + 0.5) * pixel_y
+        expected = torch.stack([xs, ys], dim=-1).numpy()
+        np.testing.assert_allclose(shown["agent_positions"], expected, atol=1e-6)
+        row, column = int(query[1] // pixel_y), int(query[0] // pixel_x)
+        assert shown["query_map_pixel"] == [row, column]
+        regions = module.n_win
+        assert shown["query_region"] == region_holding((row, column), (map_h, map_w), regions)
+        x0, y0, x1, y1 = np.array(shown["region_boxes"])[shown["query_region"]]
+        assert x0 <= query[0] < x1 and y0 <= query[1] < y1
+        np.testing.assert_allclose(
+            shown["region_boxes"][-1][2:], [padded_w * pixel_x, padded_h * pixel_y]
+        )
+        reference = np.array(shown["agent_reference"])  # (Hk, Wk, (x, y))
+        centre = ((column + 0.5) * pixel_x, (row + 0.5) * pixel_y)
+        cell = shown["agent_cell"]
+        assert cell[0] == np.abs(reference[:, 0, 1] - centre[1]).argmin()
+        assert cell[1] == np.abs(reference[0, :, 0] - centre[0]).argmin()
+        agents = reference.shape[:2]
+        assert shown["agent_region"] == region_holding(tuple(cell), agents, regions)
+        mask = np.array(shown["agent_region_mask"])
+        assert mask[tuple(cell)] and mask.shape == agents
 
 
 def hand_set_routing(regions: int, topk: int) -> list[list[int]]:
@@ -224,10 +294,13 @@ def test_without_capture_a_forward_pass_keeps_no_tensor(monkeypatch):
     with AttentionCapture(model, ["stages.0.0.attn1", "stages.0.0.attn2"]) as capture:
         model(images)
     assert live_tensors() > before  # the capture holds what it recorded ...
+    assert set(capture.records["stages.0.0.attn1"]) == {"region_grid", "region_index"}
     assert set(capture.records["stages.0.0.attn2"]) == {
-        "size",
+        "region_grid",
         "region_index",
+        "reference_points",
         "agent_positions",
+        "agent_grid",
         "query_agent_attention",
     }
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
@@ -246,3 +319,40 @@ def test_class_names_come_from_the_checkpoint_recipe_or_imagenet(tmp_path):
     assert loaded.class_names[:2] == ["T-shirt/top", "Trouser"]  # torchvision's FashionMNIST
     imagenet = load_show_model(model_name="debiformer_nano")
     assert len(imagenet.class_names) == 1000 and imagenet.class_names[281] == "tabby"
+
+
+def test_a_checkpoint_of_this_tool_is_shown_without_a_recipe_and_a_recipe_still_wins(
+    run_main, tmp_path
+):
+    from debiformer.checkpoint import save_checkpoint
+    from debiformer.weights import ModelSpec, spec_entry
+
+    spec = ModelSpec("debiformer_nano", num_classes=10, preprocessing={"input_size": [3, 48, 48]})
+    checkpoint = tmp_path / "last.pt"
+    save_checkpoint({"model": nano().state_dict(), **spec_entry(spec)}, checkpoint)
+    Image.new("RGB", (40, 32), "gray").save(tmp_path / "img.png")
+    code, _, err = run_main(
+        "show",
+        str(tmp_path / "img.png"),
+        "--checkpoint",
+        str(checkpoint),
+        "--out",
+        str(tmp_path / "fig.png"),
+        "--json",
+        str(tmp_path / "show.json"),
+    )
+    assert code == 0, err
+    shown = json.loads((tmp_path / "show.json").read_text())
+    assert (shown["model"], shown["weights"]) == ("debiformer_nano", str(checkpoint))
+    loaded = load_show_model(checkpoint=checkpoint)
+    assert loaded.image_size == 48 and len(loaded.class_names) == 10
+    recipe = tmp_path / "nano40.yaml"
+    recipe.write_text("model:\n  name: debiformer_nano\ndata:\n  image_size: 40\n")
+    assert load_show_model(recipe=str(recipe), checkpoint=checkpoint).image_size == 40
+
+
+def test_a_dense_model_is_refused_in_one_line():
+    from debiformer.errors import UserError
+
+    with pytest.raises(UserError, match="show takes classifiers; .* is a detection model"):
+        load_show_model(recipe="quickstart_detection")

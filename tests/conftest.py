@@ -1,0 +1,29 @@
+"""Fixtures that every test package shares: the `debiformer` command run in this process, and the
+release fixture's weights computed once per session."""
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+import pytest
+import torch
+
+from tests.helpers.cli import run_in_process
+from tests.helpers.official_fixture import load_fixture, official_state_dict
+
+
+@pytest.fixture
+def run_main(monkeypatch, capsys):
+    """`run_main(*args)`: runs `debiformer ARGS` in this process; returns (exit code, stdout,
+    stderr)."""
+
+    def run(*args: str) -> tuple[int, str, str]:
+        return run_in_process(monkeypatch, capsys, *args)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def official_state() -> Mapping[str, torch.Tensor]:
+    """The release fixture's DeBiFormer-T state dict in the release's names (1000 classes),
+    read-only: a test that changes it changes a copy, `dict(official_state)`."""
+    return MappingProxyType(official_state_dict(load_fixture()))
