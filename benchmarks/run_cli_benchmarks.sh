@@ -13,38 +13,35 @@ debiformer() { "$python" -m debiformer.cli.main "$@"; }
 cpu=(--device cpu --precision fp32 --resolution 224 --batch-size 8 --warmup 1 --iterations 3)
 step=(--device cpu --precision fp32 --resolution 224 --batch-size 8 --warmup 2 --iterations 7)
 
-echo "== DeBiFormer-T training step: fast and reference routed attention"
-time debiformer bench "${step[@]}" --models debiformer_tiny --mode train --impl fast,reference \
-    --json "$results/train_step_impl.json"
+# measure TITLE NAME ARGS...: prints TITLE, then times `debiformer ARGS --json $results/NAME.json`
+measure() {
+    local title=$1 name=$2
+    shift 2
+    echo "== $title"
+    time debiformer "$@" --json "$results/$name.json"
+}
 
-echo "== DeBiFormer-T training step, stages 1 and 3 recomputed in the backward pass"
-time debiformer bench "${step[@]}" --models debiformer_tiny --mode train --grad-checkpointing 1,3 \
-    --json "$results/train_step_checkpointing_1_3.json"
-
-echo "== DeBiFormer-T training step, every stage recomputed in the backward pass"
-time debiformer bench "${step[@]}" --models debiformer_tiny --mode train \
-    --grad-checkpointing 1,2,3,4 --json "$results/train_step_checkpointing_all.json"
-
-echo "== DeBiFormer-T/S/B, inference and training"
-time debiformer bench "${cpu[@]}" --mode both --json "$results/bench_variants.json"
-
-echo "== fast vs reference routed attention, DeBiFormer-T training"
-time debiformer bench "${cpu[@]}" --models debiformer_tiny --mode train --impl fast,reference \
-    --json "$results/bench_impl.json"
-
-echo "== DeBiFormer-T training with stages 1 and 3 recomputed in the backward pass"
-time debiformer bench "${cpu[@]}" --models debiformer_tiny --mode train --grad-checkpointing 1,3 \
-    --json "$results/bench_checkpointing.json"
-
-echo "== DeBiFormer-T next to Swin-T and ConvNeXt-T"
-time debiformer bench "${cpu[@]}" --models debiformer_tiny --mode both \
-    --compare swin_tiny_patch4_window7_224,convnext_tiny --json "$results/bench_compare.json"
-
-echo "== profile: DBRA of stage 1, DeBiFormer-T"
-time debiformer profile --op dbra --stage 1 --variant debiformer_tiny --device cpu --precision fp32 \
+measure "DeBiFormer-T training step: fast and reference routed attention" train_step_impl \
+    bench "${step[@]}" --models debiformer_tiny --mode train --impl fast,reference
+measure "DeBiFormer-T training step, stages 1 and 3 recomputed in the backward pass" \
+    train_step_checkpointing_1_3 \
+    bench "${step[@]}" --models debiformer_tiny --mode train --grad-checkpointing 1,3
+measure "DeBiFormer-T training step, every stage recomputed in the backward pass" \
+    train_step_checkpointing_all \
+    bench "${step[@]}" --models debiformer_tiny --mode train --grad-checkpointing 1,2,3,4
+measure "DeBiFormer-T/S/B, inference and training" bench_variants bench "${cpu[@]}" --mode both
+measure "fast vs reference routed attention, DeBiFormer-T training" bench_impl \
+    bench "${cpu[@]}" --models debiformer_tiny --mode train --impl fast,reference
+measure "DeBiFormer-T training with stages 1 and 3 recomputed in the backward pass" \
+    bench_checkpointing \
+    bench "${cpu[@]}" --models debiformer_tiny --mode train --grad-checkpointing 1,3
+measure "DeBiFormer-T next to Swin-T and ConvNeXt-T" bench_compare \
+    bench "${cpu[@]}" --models debiformer_tiny --mode both \
+    --compare swin_tiny_patch4_window7_224,convnext_tiny
+measure "profile: DBRA of stage 1, DeBiFormer-T" profile_dbra_stage1 \
+    profile --op dbra --stage 1 --variant debiformer_tiny --device cpu --precision fp32 \
     --resolution 224 --batch-size 8 --warmup 1 --iterations 3 \
-    --json "$results/profile_dbra_stage1.json" --trace "$results/profile_dbra_stage1.trace.json"
-
-echo "== profile: whole DeBiFormer-T"
-time debiformer profile --op model --variant debiformer_tiny --device cpu --precision fp32 \
-    --resolution 224 --batch-size 8 --warmup 1 --iterations 2 --json "$results/profile_model.json"
+    --trace "$results/profile_dbra_stage1.trace.json"
+measure "profile: whole DeBiFormer-T" profile_model \
+    profile --op model --variant debiformer_tiny --device cpu --precision fp32 \
+    --resolution 224 --batch-size 8 --warmup 1 --iterations 2

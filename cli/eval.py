@@ -8,14 +8,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from debiformer.cli import options
 from debiformer.errors import UserError
 from debiformer.recipe import load_recipe
 
 RECIPE_HELP = (
-    "Recipe YAML file, or the name of a shipped one (e.g. quickstart, tiny); default: the recipe "
-    "a training checkpoint of this tool stores."
+    f"{options.RECIPE_HELP} Default: the recipe a training checkpoint of this tool stores."
 )
-SET_HELP = "Override a recipe value: section.key=value (repeatable), e.g. --set optim.lr=1e-3."
 
 
 def evaluate(
@@ -26,7 +25,7 @@ def evaluate(
     json_path: Path | None = typer.Option(
         None, "--json", help="Also write the results to this JSON file."
     ),
-    overrides: list[str] = typer.Option([], "--set", help=SET_HELP, metavar="SECTION.KEY=VALUE"),
+    overrides: list[str] = options.OVERRIDES,
     ema: bool = typer.Option(False, "--ema", help="Evaluate the checkpoint's EMA weights."),
     official: bool | None = typer.Option(
         None,

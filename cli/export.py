@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from debiformer.cli import options
 from debiformer.cli.parsing import sides
 from debiformer.errors import UserError
 
@@ -51,24 +52,10 @@ def export(
     format: str | None = typer.Option(
         None, "--format", help="onnx, pt2 or safetensors (default: from --out's suffix)."
     ),
-    model: str | None = typer.Option(
-        None, "--model", help="DeBiFormer variant, e.g. debiformer_tiny."
-    ),
-    recipe: str | None = typer.Option(
-        None, "--recipe", help="Recipe whose model (and image size, crop, resize) to export."
-    ),
-    checkpoint: str | None = typer.Option(
-        None,
-        "--checkpoint",
-        help="Weights to export exactly, as `eval` loads them: this tool's checkpoint (it names "
-        "its model), a released file or a .safetensors file.",
-    ),
-    pretrained: str | None = typer.Option(
-        None,
-        "--pretrained",
-        help="Weights to start from, as create_model(pretrained=) does (a head for other "
-        "classes starts at zero).",
-    ),
+    model: str | None = options.MODEL,
+    recipe: str | None = options.MODEL_RECIPE,
+    checkpoint: str | None = options.CHECKPOINT,
+    pretrained: str | None = options.PRETRAINED,
     ema: bool = typer.Option(False, "--ema", help="Export the checkpoint's EMA weights."),
     resolution: str | None = typer.Option(
         None,

@@ -2,6 +2,7 @@
 
 import typer
 
+from debiformer.cli import options
 from debiformer.recipe import list_recipes, load_recipe, recipe_to_yaml
 
 app = typer.Typer(
@@ -23,15 +24,8 @@ def recipes(ctx: typer.Context) -> None:
 
 @app.command()
 def show(
-    recipe: str = typer.Argument(
-        ..., help="Recipe YAML file, or the name of a shipped one (see `debiformer recipes`)."
-    ),
-    overrides: list[str] = typer.Option(
-        [],
-        "--set",
-        help="Override a recipe value: section.key=value (repeatable), e.g. --set optim.lr=1e-3.",
-        metavar="SECTION.KEY=VALUE",
-    ),
+    recipe: str = options.RECIPE,
+    overrides: list[str] = options.OVERRIDES,
 ) -> None:
     """Print RECIPE fully resolved (bases merged, defaults filled, its task's keys only) as YAML
     `debiformer train` accepts."""

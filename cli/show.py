@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from debiformer.cli import options
 from debiformer.cli.parsing import names, sides
 from debiformer.errors import UserError
 
@@ -32,22 +33,10 @@ def show(
     out: Path = typer.Option(
         ..., "--out", help="Figure file; with several images, OUT-<image stem>.png each."
     ),
-    model: str | None = typer.Option(
-        None, "--model", help="Variant, e.g. debiformer_tiny (default: the recipe's)."
-    ),
-    recipe: str | None = typer.Option(
-        None,
-        "--recipe",
-        help="Recipe: model, image size and class names (default: the checkpoint's).",
-    ),
-    checkpoint: Path | None = typer.Option(
-        None,
-        "--checkpoint",
-        help="This tool's checkpoint (it records its model) or a weights file.",
-    ),
-    pretrained: str | None = typer.Option(
-        None, "--pretrained", help="Weights file or URL, as model.pretrained takes."
-    ),
+    model: str | None = options.MODEL,
+    recipe: str | None = options.MODEL_RECIPE,
+    checkpoint: Path | None = options.CHECKPOINT,
+    pretrained: str | None = options.PRETRAINED,
     query: str | None = typer.Option(
         None, "--query", help="Query point X,Y in the image's pixels (default: the centre)."
     ),

@@ -9,16 +9,14 @@ from pathlib import Path
 
 import typer
 
+from debiformer.cli import options
 from debiformer.errors import UserError
 from debiformer.recipe import load_recipe
 
-RECIPE_HELP = "Recipe YAML file, or the name of a shipped one (e.g. quickstart, tiny)."
-SET_HELP = "Override a recipe value: section.key=value (repeatable), e.g. --set optim.lr=1e-3."
-
 
 def train(
-    recipe: str = typer.Argument(..., help=RECIPE_HELP),
-    overrides: list[str] = typer.Option([], "--set", help=SET_HELP, metavar="SECTION.KEY=VALUE"),
+    recipe: str = options.RECIPE,
+    overrides: list[str] = options.OVERRIDES,
     out: Path | None = typer.Option(
         None, "--out", help="Run directory (default: output.dir or runs/<recipe>)."
     ),

@@ -109,12 +109,14 @@ def test_no_weight_decay_on_norms_biases_and_position_bias_tables():
 
 
 def test_stop_request_turns_signals_into_a_flag_and_a_second_ctrl_c_aborts():
+    outside = signal.getsignal(signal.SIGTERM)
     with StopRequest() as stop:
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.signal_name == "SIGTERM"
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGTERM) is not stop._handle
+    assert signal.getsignal(signal.SIGTERM) == outside
 
 
 def test_micro_batches_take_every_nth_sample_of_each_item():
@@ -148,15 +150,22 @@ def test_a_task_whose_best_metric_is_not_declared_stops_before_any_work(tmp_path
 # ----------------------------------------------------------------------------- runs
 
 
-def test_a_toy_task_trains_through_the_interface_alone(tmp_path):
-    summary = fit(toy_recipe(), LineTask(), run_dir=tmp_path / "run")
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory) -> tuple[Path, dict]:
+    """The toy recipe trained to the end, uninterrupted: (run directory, summary), read-only."""
+    run_dir = tmp_path_factory.mktemp("toy") / "run"
+    return run_dir, fit(toy_recipe(), LineTask(), run_dir=run_dir)
+
+
+def test_a_toy_task_trains_through_the_interface_alone(toy_run):
+    run_dir, summary = toy_run
     assert (summary["steps"], summary["best_metric"]) == (18, "neg_mse")
-    evaluations = [record["neg_mse"] for record in lines(tmp_path / "run", "epoch")]
+    evaluations = [record["neg_mse"] for record in lines(run_dir, "epoch")]
     assert evaluations[-1] > 2 * evaluations[0] and summary["best_neg_mse"] == max(evaluations)
     assert "ema_neg_mse" in summary
-    assert [record["epoch"] for record in lines(tmp_path / "run", "epoch")] == [1, 2, 3]
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 18
-    assert {p.name for p in (tmp_path / "run" / "checkpoints").iterdir()} == {"last.pt", "best.pt"}
+    assert [record["epoch"] for record in lines(run_dir, "epoch")] == [1, 2, 3]
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 18
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"last.pt", "best.pt"}
 
 
 class MseTask(LineTask):
@@ -182,9 +191,10 @@ def test_best_pt_keeps_the_lowest_value_of_a_lower_is_better_metric(tmp_path):
     assert (best["epoch"], best["best_value"]) == (lowest, min(errors))
 
 
-def test_a_stopped_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_a_stopped_run_resumes_to_the_same_weights(toy_run, tmp_path, monkeypatch):
     """A stop request after step 5 (mid-epoch, off the checkpoint grid), then a resume."""
-    uninterrupted = fit(toy_recipe(), LineTask(), run_dir=tmp_path / "full")
+    full, uninterrupted = toy_run
     calls = {"n": 0}
     real_any_rank = debiformer.runtime.any_rank
 
@@ -198,12 +208,13 @@ def test_a_stopped_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     assert stopped["stopped"] and stopped["steps"] == 5
     resumed = fit(toy_recipe(), LineTask(), run_dir=tmp_path / "run")
     assert resumed["neg_mse"] == uninterrupted["neg_mse"]
-    weights = [load_checkpoint(tmp_path / r / "checkpoints" / "last.pt") for r in ("full", "run")]
+    weights = [load_checkpoint(r / "checkpoints" / "last.pt") for r in (full, tmp_path / "run")]
     for key, tensor in weights[0]["model"].items():
         assert torch.equal(tensor, weights[1]["model"][key]), key
     assert [r["step"] for r in lines(tmp_path / "run", "train")] == list(range(2, 19, 2))
 
 
+@pytest.mark.slow
 def test_a_resumed_run_after_a_nan_stop_uses_the_new_lr(tmp_path):
     with pytest.raises(NonFiniteLossError, match="Try a lower optim.lr"):
         fit(toy_recipe(optim={"lr": 0.05}), LineTask(poison_from=9), run_dir=tmp_path / "run")
@@ -283,6 +294,7 @@ def test_temporaries_of_killed_writes_are_removed_on_the_next_start(tmp_path):
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best.pt", "last.pt"]
 
 
+@pytest.mark.slow
 def test_a_second_training_into_a_live_run_directory_stops_in_one_line(tmp_path):
     run_dir = tmp_path / "run"
     fit(toy_recipe(schedule={"epochs": 1}), LineTask(), run_dir=run_dir)

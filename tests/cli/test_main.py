@@ -16,17 +16,9 @@ from typer.testing import CliRunner
 
 import debiformer
 from debiformer.cli import flags
-from debiformer.cli.main import app, command_of, main
+from debiformer.cli.main import app, command_of
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def run_main(*args: str, cwd: Path, code: str | None = None) -> subprocess.CompletedProcess:
-    """Runs `debiformer ARGS` (or the Python `code`) in a fresh interpreter, from `cwd`."""
-    command = ["-c", code] if code else ["-m", "debiformer.cli.main"]
-    return subprocess.run(
-        [sys.executable, *command, *args], cwd=cwd, capture_output=True, text=True
-    )
 
 
 def test_help_lists_the_subcommands():
@@ -42,28 +34,19 @@ def test_version():
     assert result.output.strip() == f"debiformer {debiformer.__version__}"
 
 
-def test_bad_input_is_a_one_line_error_not_a_traceback(tmp_path):
-    recipe = tmp_path / "typo.yaml"
-    recipe.write_text("optim:\n  lrr: 0.1\n")
-    result = run_main("train", "typo.yaml", "--out", str(tmp_path / "run"), cwd=tmp_path)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
+def test_bad_input_is_a_one_line_error_not_a_traceback(run_main, monkeypatch, tmp_path):
+    (tmp_path / "typo.yaml").write_text("optim:\n  lrr: 0.1\n")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main("train", "typo.yaml", "--out", str(tmp_path / "run"))
+    assert code == 2
+    lines = err.strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith("error:") and "optim.lrr" in lines[0]
+    assert not (tmp_path / "run").exists()
 
 
-def run_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Runs `main()` on ARGS in this process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["debiformer", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
-
-
-def test_a_bad_option_value_is_a_one_line_error(monkeypatch, capsys):
-    code, out, err = run_in_process(monkeypatch, capsys, "bench", "--grad-checkpointing", "one")
+def test_a_bad_option_value_is_a_one_line_error(run_main):
+    code, out, err = run_main("bench", "--grad-checkpointing", "one")
     assert code == 2
     assert err.strip() == "error: --grad-checkpointing takes stage numbers 1-4, e.g. 1,3; got 'one'"
 
@@ -77,8 +60,8 @@ def test_a_bad_option_value_is_a_one_line_error(monkeypatch, capsys):
         (["data", "convert", "a", "b", "--workers", "two"], "error: Invalid value for '--workers'"),
     ],
 )
-def test_usage_errors_are_one_line(monkeypatch, capsys, args, expected):
-    code, out, err = run_in_process(monkeypatch, capsys, *args)
+def test_usage_errors_are_one_line(run_main, args, expected):
+    code, out, err = run_main(*args)
     assert code == 2
     assert out == ""
     assert len(err.strip().splitlines()) == 1, err
@@ -95,25 +78,25 @@ def test_usage_errors_are_one_line(monkeypatch, capsys, args, expected):
     ],
 )
 def test_train_flags_that_contradict_or_are_out_of_range_are_one_line(
-    monkeypatch, capsys, tmp_path, args, expected
+    run_main, tmp_path, args, expected
 ):
     file = tmp_path / "a_file"
     file.write_text("")
     args = [arg.format(file=file) for arg in args]
-    code, out, err = run_in_process(monkeypatch, capsys, "train", "quickstart", *args)
+    code, out, err = run_main("train", "quickstart", *args)
     assert code == 2
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith(expected.format(file=file)), err
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_bad_parameter_raised_by_a_command_is_one_line(monkeypatch, capsys):
+def test_a_bad_parameter_raised_by_a_command_is_one_line(run_main):
     def odd(n: int = typer.Option(1, "--n")) -> None:
         raise typer.BadParameter(f"{n} is not odd,\nsecond line", param_hint="--n")
 
     app.command("odd")(odd)
     try:
-        code, out, err = run_in_process(monkeypatch, capsys, "odd", "--n", "2")
+        code, out, err = run_main("odd", "--n", "2")
     finally:
         app.registered_commands.pop()
     assert code == 2
@@ -122,8 +105,8 @@ def test_a_bad_parameter_raised_by_a_command_is_one_line(monkeypatch, capsys):
     )
 
 
-def test_a_user_error_with_brackets_is_printed_as_is(monkeypatch, capsys):
-    code, out, err = run_in_process(monkeypatch, capsys, "recipes", "show", "[bold]x")
+def test_a_user_error_with_brackets_is_printed_as_is(run_main):
+    code, out, err = run_main("recipes", "show", "[bold]x")
     assert code == 2
     assert err.startswith("error: recipe '[bold]x' not found")
 
@@ -140,9 +123,9 @@ def test_a_user_error_with_brackets_is_printed_as_is(monkeypatch, capsys):
         (["data", "bench", "{tmp}", "--json", "{tmp}"], "error: --json {tmp}: is a directory"),
     ],
 )
-def test_a_user_error_names_the_flags_of_the_command(monkeypatch, capsys, tmp_path, args, expected):
+def test_a_user_error_names_the_flags_of_the_command(run_main, tmp_path, args, expected):
     args = [arg.format(tmp=tmp_path) for arg in args]
-    code, out, err = run_in_process(monkeypatch, capsys, *args)
+    code, out, err = run_main(*args)
     assert code == 2
     assert err.strip().startswith(expected.format(tmp=tmp_path)), err
 
@@ -168,21 +151,23 @@ def test_the_command_is_read_off_the_arguments(args, command):
     assert command_of(args) == command
 
 
-def test_no_arguments_prints_the_help(monkeypatch, capsys):
-    code, out, err = run_in_process(monkeypatch, capsys)
+def test_no_arguments_prints_the_help(run_main):
+    code, out, err = run_main()
     assert code == 2
     assert "Usage: debiformer" in out + err
     assert "error:" not in err
 
 
-def test_success_exits_0(monkeypatch, capsys):
-    code, out, err = run_in_process(monkeypatch, capsys, "--version")
+def test_success_exits_0(run_main):
+    code, out, err = run_main("--version")
     assert code == 0 and out.strip() == f"debiformer {debiformer.__version__}"
 
 
 def test_there_is_no_cli_package(tmp_path):
     """Outside the clone a bare `cli` does not exist (the command is `debiformer.cli`)."""
-    result = run_main(cwd=tmp_path, code="import cli")
+    result = subprocess.run(
+        [sys.executable, "-c", "import cli"], cwd=tmp_path, capture_output=True, text=True
+    )
     assert result.returncode == 1 and "No module named 'cli'" in result.stderr
     spec = importlib.util.find_spec("debiformer.cli.main")
     assert spec is not None and Path(spec.origin) == ROOT / "cli" / "main.py"
@@ -217,6 +202,7 @@ def test_the_library_never_imports_the_cli():
                 )
 
 
+@pytest.mark.slow
 def test_the_wheel_holds_debiformer_only_with_the_cli_and_recipes_inside(tmp_path):
     """Builds the wheel from a copy of the sources and checks its file list."""
     source = tmp_path / "src"

@@ -187,6 +187,7 @@ def _wait_for_no_process(mark: str, seconds: float) -> list[int]:
     return _processes_marked(mark)
 
 
+@pytest.mark.slow
 @needs_fashion_mnist
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_stops_the_cli_conversion_and_all_its_processes(signum, code, tmp_path):
@@ -200,6 +201,7 @@ def test_a_signal_stops_the_cli_conversion_and_all_its_processes(signum, code, t
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 @needs_fashion_mnist
 def test_killing_the_cli_conversion_kills_its_workers_and_the_next_one_cleans_up(tmp_path):
     out = tmp_path / "fashion.beton"
@@ -225,6 +227,7 @@ def test_ensure_refuses_a_file_that_is_not_ffcv(tmp_path):
         ensure_ffcv_file(FASHION, junk, workers=2)
 
 
+@pytest.mark.slow
 def test_cli_convert_inspect_and_bench(photos, tmp_path):
     runner = CliRunner()
     out = tmp_path / "photos.beton"

@@ -30,11 +30,14 @@ from tests.data.common import (
     write_idx_folder,
 )
 
+# FFCV compiles its pipelines on first use in each process: seconds per loader
+SLOW_FFCV = pytest.param("ffcv", marks=pytest.mark.slow)
 EVERY_AUGMENTATION = AugmentOptions(
     hflip=0.5, scale=(0.25, 1.0), randaugment="rand-m9-mstd0.5-inc1", random_erasing=0.5
 )
 
 
+@pytest.mark.slow
 @needs_fashion_mnist
 def test_fashion_mnist_both_loaders_return_the_source_pixels_and_labels(fashion_ffcv):
     images, labels = read_fashion_mnist(FASHION_MNIST_DIR, "test")
@@ -55,6 +58,7 @@ def test_fashion_mnist_both_loaders_return_the_source_pixels_and_labels(fashion_
         assert torch.allclose(pixels(batch), expected, atol=0.01)
 
 
+@pytest.mark.slow
 @needs_fashion_mnist
 def test_fashion_mnist_train_loaders_upscale_to_three_channel_crops(fashion_ffcv):
     for loader in (
@@ -154,7 +158,7 @@ def _train_loaders(backend, photos, photos_ffcv, workers=(1, 2), **kwargs):
     ]
 
 
-@pytest.mark.parametrize("backend", ["ffcv", "torchvision", "synthetic"])
+@pytest.mark.parametrize("backend", [SLOW_FFCV, "torchvision", "synthetic"])
 def test_same_seed_gives_bit_identical_batches_whatever_the_worker_count(
     backend, photos, photos_ffcv
 ):
@@ -164,7 +168,7 @@ def test_same_seed_gives_bit_identical_batches_whatever_the_worker_count(
     assert _same(batches, _batches(first, 2))
 
 
-@pytest.mark.parametrize("backend", ["ffcv", "torchvision", "synthetic"])
+@pytest.mark.parametrize("backend", [SLOW_FFCV, "torchvision", "synthetic"])
 def test_an_epoch_started_at_batch_k_yields_the_batches_from_k(backend, photos, photos_ffcv):
     loader, resumed = _train_loaders(backend, photos, photos_ffcv)
     whole = _batches(loader, 4)
@@ -212,7 +216,7 @@ def _protocol_loader(backend: str, split: str, photos, photos_ffcv):
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
-@pytest.mark.parametrize("backend", ["ffcv", "torchvision", "synthetic", "keyed"])
+@pytest.mark.parametrize("backend", [SLOW_FFCV, "torchvision", "synthetic", "keyed"])
 def test_every_loader_gives_epoch_and_start_batch_one_meaning(backend, split, photos, photos_ffcv):
     """`batches(epoch, k)` is the tail from k of `batches(epoch)` whatever was read before,
     `iter(loader)` is always `batches(0)`, and only training batches depend on the epoch."""
@@ -236,7 +240,7 @@ def test_every_loader_gives_epoch_and_start_batch_one_meaning(backend, split, ph
         assert indices == plan.indices(epoch)[: len(indices)].tolist() and set(epochs) == {epoch}
 
 
-@pytest.mark.parametrize("backend", ["ffcv", "torchvision"])
+@pytest.mark.parametrize("backend", [SLOW_FFCV, "torchvision"])
 def test_epochs_and_ranks_draw_differently(backend, photos, photos_ffcv, monkeypatch):
     """Same samples in the same order: only the draws of the epoch or the rank differ."""
     loader, _ = _train_loaders(backend, photos, photos_ffcv)
@@ -290,6 +294,7 @@ def test_shard_plan_is_disjoint_and_complete():
         assert sorted(np.concatenate(val).tolist()) == list(range(31))
 
 
+@pytest.mark.slow
 def test_torchrun_sharding(tmp_path, one_per_class):
     folder, _ = one_per_class
     result = tmp_path / "shards.json"
@@ -310,6 +315,7 @@ def test_torchrun_sharding(tmp_path, one_per_class):
     assert len(rank0) == len(rank1) == 4 and not set(rank0) & set(rank1)
 
 
+@pytest.mark.slow
 def test_ffcv_eval_shards_read_every_sample_once(one_per_class, monkeypatch):
     """FFCV pipelines take seconds to compile per process, so its two ranks run in this one; the
     rank and world size come from torch.distributed exactly as in the torchrun test. (FFCV's own

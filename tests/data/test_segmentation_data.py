@@ -12,6 +12,7 @@ from torchvision import tv_tensors
 from debiformer.data.segmentation import (
     CategoryBalancedCrop,
     RandomRescale,
+    SegmentationData,
     SegmentationLoader,
     SegmentationSamples,
     SegmentationTransform,
@@ -58,6 +59,20 @@ def samples(root: Path, transform=SMALL, *, train=True, seed=0, **options) -> Se
     options = {"num_classes": 2, "reduce_zero_label": False, **options}
     return SegmentationSamples(
         root / "images", root / "masks", train=train, seed=seed, transform=transform, **options
+    )
+
+
+def split(root: Path, masks: str = "masks", *, train: bool, seed: int = 0) -> SegmentationData:
+    """The split of `root/images` and `root/<masks>`: classes background and thing, zero label
+    kept."""
+    return read_segmentation_split(
+        root / "images",
+        root / masks,
+        class_names=["background", "thing"],
+        reduce_zero_label=False,
+        train=train,
+        transform=SMALL,
+        seed=seed,
     )
 
 
@@ -166,25 +181,11 @@ def test_an_image_and_a_mask_of_different_sizes_are_refused(tmp_path):
 def test_pairs_and_split_follow_image_names(tmp_path):
     for stem in ("b", "a"):
         write_pair(tmp_path, stem, np.zeros((2, 2, 3)), np.zeros((2, 2)))
-    data = read_segmentation_split(
-        tmp_path / "images",
-        tmp_path / "masks",
-        class_names=["background", "thing"],
-        reduce_zero_label=False,
-        train=False,
-        transform=SMALL,
-    )
+    data = split(tmp_path, train=False)
     assert [image.name for image, _ in data.samples.pairs] == ["a.png", "b.png"]
     assert [mask.parent for _, mask in data.samples.pairs] == [tmp_path / "masks"] * 2
     with pytest.raises(UserError, match="mask folder .*labels not found"):
-        read_segmentation_split(
-            tmp_path / "images",
-            tmp_path / "labels",
-            class_names=["background"],
-            reduce_zero_label=False,
-            train=False,
-            transform=SMALL,
-        )
+        split(tmp_path, "labels", train=False)
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -319,17 +320,13 @@ def folder(tmp_path) -> Path:
 
 def loader(root: Path, *, train: bool, batch_size: int = 2, workers: int = 0):
     """A CPU loader of the pairs under `root`."""
-    data = read_segmentation_split(
-        root / "images",
-        root / "masks",
-        class_names=["background", "thing"],
-        reduce_zero_label=False,
-        train=train,
-        transform=SMALL,
-        seed=4,
-    )
     return SegmentationLoader(
-        data, batch_size=batch_size, train=train, device=CPU, num_workers=workers, seed=4
+        split(root, train=train, seed=4),
+        batch_size=batch_size,
+        train=train,
+        device=CPU,
+        num_workers=workers,
+        seed=4,
     )
 
 

@@ -4,12 +4,9 @@ interruption at a known point, through the real signal. Run it as `python cli_en
 
 import os
 import signal
-from pathlib import Path
 
 import debiformer.engine.trainer
 from debiformer.cli.main import main
-
-CLI_ENTRY = Path(__file__).resolve()
 
 kill_at = int(os.environ.get("KILL_AT_SAVE", "0"))
 saves = 0

@@ -4,7 +4,6 @@ evaluation."""
 
 import importlib.util
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -25,80 +23,30 @@ from debiformer.errors import UserError
 from debiformer.recipe import load_recipe
 from debiformer.tasks import classification, evaluate_checkpoint, train
 from debiformer.tasks.classification import fall_back_without_ffcv
-from tests.helpers.cli_entry import CLI_ENTRY
+from tests.helpers.cli import CLI_ENTRY, child_env, run_in_child
+from tests.helpers.recipes import SMALL_BACKBONE, write_recipe
+from tests.helpers.tensors import assert_same_tensors
+from tests.helpers.toy_task import metrics_lines
 
-REPO = Path(__file__).resolve().parents[2]
 STEPS_PER_EPOCH = 8  # 64 synthetic images, global batch 8
-
-
-def tiny_recipe(path: Path, **sections: dict) -> Path:
-    """Writes a recipe for a 0.2 M-parameter DeBiFormer on 64 synthetic 32x32 images."""
-    recipe = {
-        "model": {
-            "name": "debiformer_nano",
-            "arch": {
-                "dims": [32, 32, 32, 32],
-                "depths": [1, 1, 1, 1],
-                "offset_groups": [1, 1, 1, 1],
-            },
-        },
-        "data": {
-            "backend": "synthetic",
-            "image_size": 32,
-            "num_classes": 4,
-            "synthetic_samples": 64,
-            "num_workers": 0,
-        },
-        "optim": {"lr": 2e-3, "lr_base_batch": None, "clip_grad": 1.0},
-        "schedule": {"epochs": 2, "warmup_epochs": 0.5, "warmup_lr": 1e-5, "min_lr": 1e-5},
-        "train": {"batch_size": 8, "device": "cpu", "seed": 3},
-        "output": {"log_every": 1, "checkpoint_every": 3, "progress": False},
-    }
-    for section, values in sections.items():
-        recipe[section] = {**recipe.get(section, {}), **values}
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-def subprocess_env(**extra: str) -> dict[str, str]:
-    """The environment for child processes: this repository importable, the same thread count."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    return {**env, **extra}
-
-
-def run_cli(tmp_path: Path, *args: str, env: dict | None = None, torchrun: list[str] | None = None):
-    """Runs the train/eval commands in a child process (under torchrun when given its options)."""
-    script = str(CLI_ENTRY)
-    launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", *torchrun]
-        if torchrun
-        else [sys.executable]
-    )
-    return subprocess.run(
-        [*launcher, script, *args],
-        env=env or subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+TINY = {
+    "model": {"name": "debiformer_nano", "arch": SMALL_BACKBONE},
+    "data": {
+        "backend": "synthetic",
+        "image_size": 32,
+        "num_classes": 4,
+        "synthetic_samples": 64,
+        "num_workers": 0,
+    },
+    "optim": {"lr": 2e-3, "lr_base_batch": None, "clip_grad": 1.0},
+    "schedule": {"epochs": 2, "warmup_epochs": 0.5, "warmup_lr": 1e-5, "min_lr": 1e-5},
+    "train": {"batch_size": 8, "device": "cpu", "seed": 3},
+    "output": {"log_every": 1, "checkpoint_every": 3, "progress": False},
+}  # a 0.2 M-parameter DeBiFormer on 64 synthetic 32x32 images
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)["model"]
-
-
-def assert_same_tensors(a: dict, b: dict, atol: float = 0.0) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        if atol == 0:
-            assert torch.equal(a[key], b[key]), key
-        else:
-            torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
-
-
-def metric_lines(run_dir: Path, kind: str) -> list[dict]:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [line for line in lines if line["kind"] == kind]
 
 
 # ----------------------------------------------------------------------------- training runs
@@ -106,9 +54,14 @@ def metric_lines(run_dir: Path, kind: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """One complete 2-epoch run with EMA: (recipe path, run directory, summary)."""
+    """One complete run with EMA of 2 epochs of 4 steps: (recipe path, run directory, summary)."""
     tmp_path = tmp_path_factory.mktemp("finished")
-    path = tiny_recipe(tmp_path / "tiny.yaml", train={"ema": True, "ema_decay": 0.9})
+    path = write_recipe(
+        tmp_path / "tiny.yaml",
+        TINY,
+        data={"synthetic_samples": 32},
+        train={"ema": True, "ema_decay": 0.9},
+    )
     summary = train(load_recipe(path), run_dir=tmp_path / "run")
     return path, tmp_path / "run", summary
 
@@ -119,9 +72,9 @@ def test_run_writes_summary_metrics_checkpoints_and_recipe(finished_run):
     assert on_disk == pytest.approx(summary)
     for key in ("top1", "top5", "ema_top1", "loss", "wall_s", "images_per_s"):
         assert isinstance(summary[key], float)
-    assert (summary["epochs"], summary["steps"]) == (2, 2 * STEPS_PER_EPOCH)
-    assert [line["step"] for line in metric_lines(run_dir, "train")] == list(range(1, 17))
-    assert [line["epoch"] for line in metric_lines(run_dir, "epoch")] == [1, 2]
+    assert (summary["epochs"], summary["steps"]) == (2, 8)
+    assert [line["step"] for line in metrics_lines(run_dir, "train")] == list(range(1, 9))
+    assert [line["epoch"] for line in metrics_lines(run_dir, "epoch")] == [1, 2]
     assert (run_dir / "checkpoints" / "last.pt").is_file() and (
         run_dir / "checkpoints" / "best.pt"
     ).is_file()
@@ -197,6 +150,7 @@ def test_fine_tuning_starts_from_pretrained_weights_with_frozen_parts_and_layer_
         "optim.lr=1e-7",
         "schedule.epochs=1",
         "data.image_size=48",
+        "data.synthetic_samples=16",
     ]
     train(load_recipe(path, overrides), run_dir=tmp_path / "fine")
     state = load_checkpoint(tmp_path / "fine" / "checkpoints" / "last.pt")
@@ -234,19 +188,21 @@ def test_unreadable_checkpoint_is_a_one_line_user_error(finished_run, tmp_path):
 
 
 def test_missing_ffcv_path_and_bad_batch_are_user_errors(tmp_path):
-    path = tiny_recipe(tmp_path / "r.yaml")
+    path = write_recipe(tmp_path / "r.yaml", TINY)
     with pytest.raises(UserError, match="data.train_path: not set"):
         train(load_recipe(path, ["data.backend=ffcv"]), run_dir=tmp_path / "a")
     with pytest.raises(UserError, match="train.batch_size: 8 does not divide into 1 processes x 3"):
         train(load_recipe(path, ["train.accum_steps=3"]), run_dir=tmp_path / "b")
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     """Killed right after the checkpoint at step 9 (mid-epoch 2, after an evaluation), resumed to
     the end: model, EMA and optimizer state are bit-for-bit those of an uninterrupted run. Mixup,
     cutmix, drop path and random erasing make every RNG stream matter."""
-    path = tiny_recipe(
+    path = write_recipe(
         tmp_path / "tiny.yaml",
+        TINY,
         schedule={"epochs": 3},
         model={"drop_path": 0.1},
         augment={"mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1, "random_erasing": 0.5},
@@ -255,15 +211,15 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     train(load_recipe(path), run_dir=tmp_path / "full")
 
     run_dir = tmp_path / "interrupted"
-    killed = run_cli(
-        tmp_path, "train", str(path), "--out", str(run_dir), env=subprocess_env(KILL_AT_SAVE="6")
+    killed = run_in_child(
+        "train", str(path), "--out", str(run_dir), env=child_env(KILL_AT_SAVE="6")
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     at_kill = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     position = at_kill["train_state"][0]
     assert (position["epoch"], position["batch"], position["step"]) == (1, 1, 9)
 
-    resumed = run_cli(tmp_path, "train", str(path), "--out", str(run_dir))
+    resumed = run_in_child("train", str(path), "--out", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr
     full = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
@@ -272,11 +228,12 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     assert_same_tensors(full["model"], done["model"])
     assert_same_tensors(full["ema"], done["ema"])
     assert_same_tensors(full["optimizer"]["state"][0], done["optimizer"]["state"][0])
-    assert [line["loss"] for line in metric_lines(run_dir, "train")] == [
-        line["loss"] for line in metric_lines(tmp_path / "full", "train")
+    assert [line["loss"] for line in metrics_lines(run_dir, "train")] == [
+        line["loss"] for line in metrics_lines(tmp_path / "full", "train")
     ]
 
 
+@pytest.mark.slow
 def test_ffcv_runs_with_flips_and_randaugment_are_bit_identical_and_resume_exactly(tmp_path):
     """Real photographs through FFCV with random resized crops, flips, RandAugment and random
     erasing: two runs of one recipe give the same weights bit for bit, and so does a run killed
@@ -288,8 +245,9 @@ def test_ffcv_runs_with_flips_and_randaugment_are_bit_identical_and_resume_exact
     options = WriterOptions(write_mode="jpg", num_workers=1)
     ffcv_file = convert_to_ffcv(str(photos), tmp_path / "photos.beton", options).path
     data = {"backend": "ffcv", "train_path": str(ffcv_file), "val_path": str(ffcv_file)}
-    path = tiny_recipe(
+    path = write_recipe(
         tmp_path / "ffcv.yaml",
+        TINY,
         data={**data, "num_classes": 3, "num_workers": 2},
         augment={"hflip": True, "randaugment": "rand-m9-mstd0.5-inc1", "random_erasing": 0.5},
         output={"checkpoint_every": 2},
@@ -303,26 +261,27 @@ def test_ffcv_runs_with_flips_and_randaugment_are_bit_identical_and_resume_exact
 
     run_dir = tmp_path / "killed"
     # saves: step 2; epoch 1's end (before and after its evaluation, with best.pt); step 4
-    env = subprocess_env(KILL_AT_SAVE="5")
-    killed = run_cli(tmp_path, "train", str(path), "--out", str(run_dir), env=env)
+    env = child_env(KILL_AT_SAVE="5")
+    killed = run_in_child("train", str(path), "--out", str(run_dir), env=env)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     position = load_checkpoint(run_dir / "checkpoints" / "last.pt")["train_state"][0]
     assert (position["epoch"], position["batch"], position["step"]) == (1, 1, 4)
-    resumed = run_cli(tmp_path, "train", str(path), "--out", str(run_dir))
+    resumed = run_in_child("train", str(path), "--out", str(run_dir))
     assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr
     done = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert_same_tensors(final["first"]["model"], done["model"])
     assert_same_tensors(final["first"]["optimizer"]["state"][0], done["optimizer"]["state"][0])
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    path = tiny_recipe(
-        tmp_path / "tiny.yaml", schedule={"epochs": 200}, output={"checkpoint_every": 2}
+    path = write_recipe(
+        tmp_path / "tiny.yaml", TINY, schedule={"epochs": 200}, output={"checkpoint_every": 2}
     )
     run_dir = tmp_path / "run"
     process = subprocess.Popen(
         [sys.executable, str(CLI_ENTRY), "train", str(path), "--out", str(run_dir)],
-        env=subprocess_env(),
+        env=child_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -366,7 +325,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
         return PoisonedLoader(loader, 5) if split == "train" else loader
 
     monkeypatch.setattr(classification, "build_split_loader", poisoned)
-    path = tiny_recipe(tmp_path / "tiny.yaml", output={"log_every": 4, "checkpoint_every": 3})
+    path = write_recipe(
+        tmp_path / "tiny.yaml", TINY, output={"log_every": 4, "checkpoint_every": 3}
+    )
     with pytest.raises(NonFiniteLossError, match="training loss is nan") as error:
         train(load_recipe(path), run_dir=tmp_path / "run")
     assert "last good checkpoint" in str(error.value)
@@ -375,29 +336,29 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_even_across_a_torchrun_restart(tmp_path):
     """2 DDP processes with 4 images each compute what 1 process accumulating 2 micro-batches of 4
     does (batch norm sees the same 4 images per forward either way): same losses, same weights.
     Rank 0 is SIGKILLed after its second checkpoint; torchrun --max-restarts 1 restarts both
     workers, which resume from that checkpoint and finish the same run. Flips are off: each rank
     draws its batch's augmentations from its own stream, so only unaugmented runs coincide."""
-    path = tiny_recipe(tmp_path / "tiny.yaml", augment={"hflip": False})
+    path = write_recipe(tmp_path / "tiny.yaml", TINY, augment={"hflip": False})
     single = train(load_recipe(path, ["train.accum_steps=2"]), run_dir=tmp_path / "one")
-    done = run_cli(
-        tmp_path,
+    done = run_in_child(
         "train",
         str(path),
         "--out",
         str(tmp_path / "two"),
-        env=subprocess_env(KILL_AT_SAVE="2"),
+        env=child_env(KILL_AT_SAVE="2"),
         torchrun=["--nproc-per-node=2", "--max-restarts=1"],
     )
     assert done.returncode == 0, done.stderr
     assert "resuming from" in done.stderr
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert (two["world_size"], two["steps"]) == (2, single["steps"])
-    losses_one = [line["loss"] for line in metric_lines(tmp_path / "one", "train")]
-    losses_two = [line["loss"] for line in metric_lines(tmp_path / "two", "train")]
+    losses_one = [line["loss"] for line in metrics_lines(tmp_path / "one", "train")]
+    losses_two = [line["loss"] for line in metrics_lines(tmp_path / "two", "train")]
     assert losses_two == pytest.approx(losses_one, rel=1e-4)
     # batch-norm running statistics differ by design (DDP keeps rank 0's); parameters must not
     one, two = (weights(tmp_path / name / "checkpoints" / "last.pt") for name in ("one", "two"))
@@ -410,26 +371,28 @@ def test_two_processes_match_one_even_across_a_torchrun_restart(tmp_path):
 
 
 def test_fp16_on_the_cpu_is_refused_before_any_work(tmp_path):
-    path = tiny_recipe(tmp_path / "tiny.yaml")
+    path = write_recipe(tmp_path / "tiny.yaml", TINY)
     with pytest.raises(UserError, match="train.precision: fp16 needs a CUDA device"):
         train(load_recipe(path, ["train.precision=fp16"]), run_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_bf16_channels_last_checkpointing_and_accumulation_train(tmp_path):
-    precision = "bf16"
-    path = tiny_recipe(tmp_path / "tiny.yaml", schedule={"epochs": 1})
+    path = write_recipe(
+        tmp_path / "tiny.yaml", TINY, schedule={"epochs": 1}, data={"synthetic_samples": 16}
+    )
     overrides = [
-        f"train.precision={precision}",
+        "train.precision=bf16",
         "train.channels_last=true",
         "train.accum_steps=2",
         "train.grad_checkpointing=[1,3]",
     ]
     summary = train(load_recipe(path, overrides), run_dir=tmp_path / "run")
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
-    assert summary["steps"] == STEPS_PER_EPOCH
-    assert all(line["loss"] > 0 for line in metric_lines(tmp_path / "run", "train"))
-    assert bool(state["scaler"]) == (precision == "fp16")
+    assert summary["steps"] == 2
+    assert all(line["loss"] > 0 for line in metrics_lines(tmp_path / "run", "train"))
+    assert not state["scaler"]  # bf16 needs no loss scaling
 
 
 def test_without_ffcv_the_quick_start_reads_its_sources_with_torchvision(monkeypatch):
@@ -448,9 +411,12 @@ def test_without_ffcv_the_quick_start_reads_its_sources_with_torchvision(monkeyp
     )
 
 
+@pytest.mark.slow
 def test_fashion_mnist_subset_through_ffcv_conversion(tmp_path):
     """The quick start's path on 256 images: idx files -> FFCV files on first use -> training."""
     pytest.importorskip("ffcv")
+    from debiformer.data import ffcv_summary
+
     fashion_mnist = Path("/usr/share/datasets/fashion-mnist")
     if not (fashion_mnist / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("Fashion-MNIST idx files not installed (Debian package dataset-fashion-mnist)")
@@ -468,4 +434,4 @@ def test_fashion_mnist_subset_through_ffcv_conversion(tmp_path):
     summary = train(recipe, run_dir=tmp_path / "run")
     assert (tmp_path / "train.beton").is_file() and (tmp_path / "val.beton").is_file()
     assert summary["steps"] == 256 // 32
-    assert 0 <= summary["top1"] <= 100
+    assert summary["images"] == ffcv_summary(tmp_path / "val.beton").num_samples

@@ -213,6 +213,7 @@ def gather_on_rank(rank: int, world_size: int, port: int, out: Path) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="needs the fork start method")
 def test_gather_results_collects_every_rank_on_rank_0(tmp_path):
     """Two gloo ranks, forked: spawned ones would each import torch and timm again (over 10 s on

@@ -3,69 +3,24 @@ nano backbone each train a step, evaluate with COCO metrics, write predictions.p
 best.pt by box AP; `debiformer eval` prints the AP table; bad data gives one line."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from typer.testing import CliRunner
 
 from debiformer.cli.main import app
 from debiformer.data.coco import DetectionLoader, read_split
-from debiformer.data.mosaics import write_mosaics
 from debiformer.errors import UserError
 from debiformer.recipe import load_recipe
 from debiformer.tasks import evaluate_checkpoint, train
 from debiformer.weights import ModelSpec, build_model
-from tests.tasks.test_classification import run_cli
-
-SMALL_BACKBONE = {"dims": [32, 32, 32, 32], "depths": [1, 1, 1, 1], "offset_groups": [1, 1, 1, 1]}
-
-
-@pytest.fixture(scope="module")
-def mosaics(tmp_path_factory) -> Path:
-    """6 training and 2 validation mosaics of 64x64 with 1-2 items each."""
-    out = tmp_path_factory.mktemp("mosaics") / "set"
-    return write_mosaics(
-        out, train_images=6, val_images=2, canvas_size=64, items=(1, 2), scale=(1.0, 1.0)
-    )
-
-
-def detection_recipe(path: Path, mosaics: Path, detector: str, **sections: dict) -> Path:
-    """A detection recipe for the mosaics with a 0.2 M-parameter backbone and narrow heads."""
-    recipe = {
-        "task": "detection",
-        "model": {"name": "debiformer_nano", "arch": SMALL_BACKBONE},
-        "data": {
-            "train_path": str(mosaics / "images" / "train"),
-            "train_annotations": str(mosaics / "annotations" / "instances_train.json"),
-            "val_path": str(mosaics / "images" / "val"),
-            "val_annotations": str(mosaics / "annotations" / "instances_val.json"),
-            "num_workers": 0,
-        },
-        "detection": {
-            "detector": detector,
-            "fpn_channels": 16,
-            "representation_size": 32,
-            "min_size": 64,
-            "max_size": 64,
-            "rois_per_image": 16,
-            "preview_images": 2,
-        },
-        "optim": {"lr": 1e-3, "lr_base_batch": None},
-        "schedule": {"epochs": 1, "warmup_epochs": 0.5, "decay": "step", "milestones": [0.5]},
-        "train": {"batch_size": 3, "device": "cpu", "seed": 1},
-        "output": {"log_every": 1, "progress": False},
-    }
-    for section, values in sections.items():
-        recipe[section] = {**recipe.get(section, {}), **values}
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+from tests.helpers.cli import run_in_child
+from tests.helpers.recipes import detection_recipe, write_recipe
 
 
 @pytest.mark.parametrize("detector", ["maskrcnn", "retinanet"])
 def test_a_detector_trains_and_evaluates_on_mosaics(mosaics, tmp_path, detector):
-    recipe = load_recipe(detection_recipe(tmp_path / "r.yaml", mosaics, detector))
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", detection_recipe(mosaics, detector)))
     run_dir = tmp_path / "run"
     summary = train(recipe, run_dir=run_dir)
     assert summary["steps"] == 2 and summary["best_metric"] == "bbox_ap"
@@ -93,7 +48,7 @@ def test_training_batches_hold_flipped_tv_tensors_the_same_for_any_start(mosaics
         data, batch_size=2, train=True, device=torch.device("cpu"), num_workers=0, seed=5
     )
     batches = list(loader.batches(epoch=1))
-    assert len(batches) == len(loader) == 3
+    assert len(batches) == len(loader) == 4
     images, targets = batches[1]
     for image, target in zip(images, targets, strict=True):
         assert image.dtype == torch.float32 and image.min() >= 0 and image.max() <= 1
@@ -107,7 +62,7 @@ def test_training_batches_hold_flipped_tv_tensors_the_same_for_any_start(mosaics
 
 
 def test_eval_command_prints_the_coco_table_and_writes_json(mosaics, tmp_path):
-    path = detection_recipe(tmp_path / "r.yaml", mosaics, "maskrcnn")
+    path = write_recipe(tmp_path / "r.yaml", detection_recipe(mosaics, "maskrcnn"))
     recipe = load_recipe(path)
     model = build_model(ModelSpec.from_recipe(recipe, 10))[0]
     checkpoint = tmp_path / "weights.pt"
@@ -118,21 +73,20 @@ def test_eval_command_prints_the_coco_table_and_writes_json(mosaics, tmp_path):
     assert done.exit_code == 0, done.output
     assert "AP50" in done.output and "mask" in done.output
     result = json.loads(out.read_text())
-    assert {"bbox_ap", "segm_ap", "images"} <= result.keys() and result["images"] == 2
+    assert {"bbox_ap", "segm_ap", "images"} <= result.keys() and result["images"] == 3
     assert (out.parent / "predictions.png").is_file()
     refused = CliRunner().invoke(app, [*args, "--official"])
     assert isinstance(refused.exception, UserError)
     assert "only classification checkpoints" in str(refused.exception)
 
 
+@pytest.mark.slow
 def test_two_processes_evaluate_every_image_once_gathered_on_rank_0(mosaics, tmp_path):
     """Trained and evaluated under torchrun (gloo, 2 processes, a shard each), the summary's COCO
     metrics equal those of one process evaluating the same checkpoint on all images."""
-    path = detection_recipe(tmp_path / "r.yaml", mosaics, "retinanet", train={"batch_size": 2})
+    path = write_recipe(tmp_path / "r.yaml", detection_recipe(mosaics, "retinanet"))
     run_dir = tmp_path / "run"
-    done = run_cli(
-        tmp_path, "train", str(path), "--out", str(run_dir), torchrun=["--nproc-per-node=2"]
-    )
+    done = run_in_child("train", str(path), "--out", str(run_dir), torchrun=["--nproc-per-node=2"])
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2
@@ -145,9 +99,8 @@ def test_a_corrupt_annotation_file_stops_training_in_one_line(mosaics, tmp_path)
     broken = tmp_path / "instances_train.json"
     text = (mosaics / "annotations" / "instances_train.json").read_text()
     broken.write_text(text[: len(text) // 2])
-    path = detection_recipe(
-        tmp_path / "r.yaml", mosaics, "retinanet", data={"train_annotations": str(broken)}
-    )
+    recipe = detection_recipe(mosaics, "retinanet", data={"train_annotations": str(broken)})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
     with pytest.raises(UserError, match=f"{broken}: not JSON") as error:
         train(load_recipe(path), run_dir=tmp_path / "run")
     assert "\n" not in str(error.value)

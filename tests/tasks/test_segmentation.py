@@ -4,73 +4,25 @@ best.pt by mIoU, alone and under a two-process gloo run; `debiformer eval` print
 table whole, sliding and multi-scale + flip; bad masks give one line."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
 from debiformer.cli.main import app
-from debiformer.data.mosaics import write_mosaics
 from debiformer.errors import UserError
 from debiformer.recipe import load_recipe
 from debiformer.tasks import evaluate_checkpoint, train
 from debiformer.weights import ModelSpec, build_model
-from tests.tasks.test_classification import run_cli
-
-SMALL_BACKBONE = {"dims": [32, 32, 32, 32], "depths": [1, 1, 1, 1], "offset_groups": [1, 1, 1, 1]}
-
-
-@pytest.fixture(scope="module")
-def mosaics(tmp_path_factory) -> Path:
-    """8 training and 3 validation mosaics of 64x64 with 1-2 items each."""
-    out = tmp_path_factory.mktemp("mosaics") / "set"
-    return write_mosaics(
-        out, train_images=8, val_images=3, canvas_size=64, items=(1, 2), scale=(1.0, 1.0)
-    )
-
-
-def segmentation_recipe(path: Path, mosaics: Path, head: str, **sections: dict) -> Path:
-    """A segmentation recipe for the mosaics with a 0.2 M-parameter backbone and narrow heads."""
-    recipe = {
-        "task": "segmentation",
-        "model": {"name": "debiformer_nano", "arch": SMALL_BACKBONE},
-        "data": {
-            "train_path": str(mosaics / "images" / "train"),
-            "train_masks": str(mosaics / "labels" / "train"),
-            "val_path": str(mosaics / "images" / "val"),
-            "val_masks": str(mosaics / "labels" / "val"),
-            "classes": str(mosaics / "classes.txt"),
-            "num_workers": 0,
-        },
-        "segmentation": {
-            "head": head,
-            "fpn_channels": 16,
-            "channels": 16,
-            "aux_channels": 8,
-            "scale": [256, 64],
-            "ratio_range": [0.75, 1.25],
-            "crop_size": 48,
-            "eval_stride": 32,
-            "preview_images": 2,
-        },
-        "optim": {"lr": 1e-3, "lr_base_batch": None},
-        "schedule": {"epochs": None, "steps": 5, "warmup_steps": 1, "decay": "poly"},
-        "train": {"batch_size": 4, "device": "cpu", "seed": 1},
-        "output": {"log_every": 1, "progress": False},
-    }
-    for section, values in sections.items():
-        recipe[section] = {**recipe.get(section, {}), **values}
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+from tests.helpers.cli import run_in_child
+from tests.helpers.recipes import segmentation_recipe, write_recipe
 
 
 @pytest.mark.parametrize("head", ["fpn", "upernet"])
 def test_a_segmenter_trains_and_evaluates_on_mosaics(mosaics, tmp_path, head):
-    path = segmentation_recipe(tmp_path / "r.yaml", mosaics, head)
+    path = write_recipe(tmp_path / "r.yaml", segmentation_recipe(mosaics, head))
     run_dir = tmp_path / "run"
     summary = train(load_recipe(path), run_dir=run_dir)
     assert summary["steps"] == 5 and summary["best_metric"] == "miou"
@@ -84,7 +36,7 @@ def test_a_segmenter_trains_and_evaluates_on_mosaics(mosaics, tmp_path, head):
 
 
 def test_eval_command_prints_the_class_table_in_each_mode(mosaics, tmp_path):
-    path = segmentation_recipe(tmp_path / "r.yaml", mosaics, "upernet")
+    path = write_recipe(tmp_path / "r.yaml", segmentation_recipe(mosaics, "upernet"))
     recipe = load_recipe(path)
     torch.manual_seed(0)
     model = build_model(ModelSpec.from_recipe(recipe, 11))[0]
@@ -115,14 +67,15 @@ def test_eval_command_prints_the_class_table_in_each_mode(mosaics, tmp_path):
     assert len({results[name]["miou"] for name in modes}) > 1
 
 
+@pytest.mark.slow
 def test_two_processes_train_both_heads_and_count_every_pixel_once(mosaics, tmp_path):
     """Under torchrun (gloo, 2 processes) each head takes its training steps, and the confusion
     matrix summed over both shards gives the mIoU one process gives on all images."""
     for head in ("fpn", "upernet"):
-        path = segmentation_recipe(tmp_path / f"{head}.yaml", mosaics, head)
+        path = write_recipe(tmp_path / f"{head}.yaml", segmentation_recipe(mosaics, head))
         run_dir = tmp_path / head
-        done = run_cli(
-            tmp_path, "train", str(path), "--out", str(run_dir), torchrun=["--nproc-per-node=2"]
+        done = run_in_child(
+            "train", str(path), "--out", str(run_dir), torchrun=["--nproc-per-node=2"]
         )
         assert done.returncode == 0, done.stderr[-3000:]
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -139,18 +92,18 @@ def test_a_mask_with_a_value_beyond_the_classes_stops_training_in_one_line(mosai
         (masks / source.name).write_bytes(source.read_bytes())
     bad = masks / sorted(p.name for p in masks.iterdir())[2]
     Image.fromarray(np.full((64, 64), 12, dtype=np.uint8)).save(bad)
-    path = segmentation_recipe(
-        tmp_path / "r.yaml", mosaics, "fpn", data={"train_masks": str(masks), "num_workers": 1}
-    )
+    recipe = segmentation_recipe(mosaics, "fpn", data={"train_masks": str(masks), "num_workers": 1})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
     with pytest.raises(UserError, match=f"{bad}") as error:
         train(load_recipe(path), run_dir=tmp_path / "run")
     assert "\n" not in str(error.value) and "12" in str(error.value)
 
 
 def test_a_recipe_without_classes_or_masks_says_which_key_is_missing(mosaics, tmp_path):
-    path = segmentation_recipe(tmp_path / "r.yaml", mosaics, "fpn", data={"classes": None})
+    recipe = segmentation_recipe(mosaics, "fpn")
+    path = write_recipe(tmp_path / "r.yaml", recipe, data={"classes": None})
     with pytest.raises(UserError, match="data.classes"):
         train(load_recipe(path), run_dir=tmp_path / "run")
-    path = segmentation_recipe(tmp_path / "r.yaml", mosaics, "fpn", data={"val_masks": None})
+    path = write_recipe(tmp_path / "r.yaml", recipe, data={"val_masks": None})
     with pytest.raises(UserError, match="data.val_masks: is not set"):
         train(load_recipe(path), run_dir=tmp_path / "run")
