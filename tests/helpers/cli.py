@@ -39,15 +39,17 @@ def run_in_child(
     timeout: float = 240,
 ) -> subprocess.CompletedProcess:
     """Runs `debiformer ARGS` in a child process (`tests/helpers/cli_entry.py`, which can kill
-    itself at a checkpoint save); `torchrun`: the launcher's options, e.g. ["--nproc-per-node=2"].
-    """
-    launcher = [sys.executable]
+    itself at a checkpoint save); `torchrun`: the launcher's options for two processes, e.g.
+    ["--nproc-per-node=2"]."""
+    launcher, env = [sys.executable], env or child_env()
     if torchrun:
         launcher += ["-m", "torch.distributed.run", "--standalone", *torchrun]
+        # the two processes share this process's threads, as they would share its cores
+        env = {**env, "OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // 2))}
     return subprocess.run(
         [*launcher, str(CLI_ENTRY), *args],
         cwd=cwd,
-        env=env or child_env(),
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,

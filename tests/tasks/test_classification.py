@@ -344,7 +344,12 @@ def test_two_processes_match_one_even_across_a_torchrun_restart(tmp_path):
     workers, which resume from that checkpoint and finish the same run. Flips are off: each rank
     draws its batch's augmentations from its own stream, so only unaugmented runs coincide."""
     path = write_recipe(tmp_path / "tiny.yaml", TINY, augment={"hflip": False})
-    single = train(load_recipe(path, ["train.accum_steps=2"]), run_dir=tmp_path / "one")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // 2))  # as each of the two processes runs
+    try:
+        single = train(load_recipe(path, ["train.accum_steps=2"]), run_dir=tmp_path / "one")
+    finally:
+        torch.set_num_threads(threads)
     done = run_in_child(
         "train",
         str(path),

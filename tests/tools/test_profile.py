@@ -62,7 +62,8 @@ def test_profile_command_writes_dbra_steps_and_a_trace(tmp_path):
     ],
 )
 def test_profile_steps_cover_the_op(op, impl):
-    profiled = run_profile(ProfileOptions(op=op, impl=impl, **NANO))
+    # three timed iterations: one alone leaves the share of tiny unnamed work to chance
+    profiled = run_profile(ProfileOptions(op=op, impl=impl, **{**NANO, "iterations": 3}))
     outermost = [row for row in profiled["steps"] if row["parent"] is None]
     assert profiled["coverage"] == pytest.approx(sum(row["share"] for row in outermost), abs=1e-3)
     assert profiled["coverage"] >= 0.9
