@@ -169,6 +169,9 @@ def _start_cli_conversion(out: Path) -> tuple[subprocess.Popen, str]:
         env={**os.environ, mark: "1"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        # Ctrl-C's default action, as in a terminal: a test run started in the background by a
+        # non-interactive shell inherits SIGINT ignored, and Python then keeps it ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while not list(out.parent.glob(f"{out.name}.partial-*")):
