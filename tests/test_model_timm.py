@@ -90,6 +90,7 @@ def test_layer_decay_groups_follow_depth():
     assert stem < first_block < last_block < head == 1.0
 
 
+@pytest.mark.slow
 def test_torch_fx_extracts_features_and_the_model_trains_at_the_config_size():
     model = debiformer.create_model("debiformer_tiny", num_classes=5)
     extractor = create_feature_extractor(model.eval(), return_nodes={"norm": "features"})

@@ -48,6 +48,7 @@ def test_stage_outputs_match_the_release(fixture, outputs, stage):
     assert (feature.flatten()[: len(first)] - first).abs().max() <= tolerance
 
 
+@pytest.mark.slow
 def test_checkpoint_files_load_raw_and_wrapped(official_state, official_model, tmp_path):
     state = dict(official_state)
     torch.save(state, tmp_path / "raw.pth")

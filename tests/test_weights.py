@@ -62,6 +62,7 @@ def test_a_stem_for_other_input_channels_is_adapted(release_file):
     torch.testing.assert_close(adapted, expected["stem.0.weight"].sum(dim=1, keepdim=True))
 
 
+@pytest.mark.slow
 def test_every_kind_of_file_loads_the_same_weights(tmp_path):
     source = debiformer.create_model("debiformer_nano", num_classes=4).eval()
     state = source.state_dict()

@@ -73,6 +73,7 @@ def test_fashion_mnist_train_loaders_upscale_to_three_channel_crops(fashion_ffcv
         assert labels.min() >= 0 and labels.max() <= 9
 
 
+@pytest.mark.slow
 def test_photo_folder_both_loaders_agree(photos, photos_ffcv):
     ffcv = make_loader("val", "ffcv", photos_ffcv, batch=30)
     torchvision = make_loader("val", "torchvision", photos, batch=30)

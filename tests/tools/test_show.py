@@ -211,6 +211,7 @@ def test_a_grayscale_image_works(run_main, tmp_path):
     assert view["input_size"] == [32, 32] and view["image_size"] == [28, 28]
 
 
+@pytest.mark.slow
 def test_several_images_get_one_figure_each(run_main, tmp_path):
     for name in ("a", "b"):
         Image.new("RGB", (40, 32), name == "a" and "red" or "blue").save(tmp_path / f"{name}.png")
