@@ -5,10 +5,6 @@ from pathlib import Path
 
 import typer
 
-from debiformer.data import FASHION_MNIST_DIR, WriterOptions, convert_to_ffcv, inspect_ffcv_file
-from debiformer.data.mosaics import write_mosaics
-from debiformer.tools.loader_bench import bench_loaders
-
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 app = typer.Typer(help="Convert, inspect and benchmark image data.", no_args_is_help=True)
@@ -40,6 +36,8 @@ def convert(
 
     Ctrl-C stops the conversion and all its processes (exit code 130; SIGTERM: 143) and leaves no
     file behind."""
+    from debiformer.data import WriterOptions, convert_to_ffcv
+
     options = WriterOptions(
         max_resolution=max_resolution,
         write_mode=write_mode,
@@ -61,6 +59,8 @@ def convert(
 def inspect(file: Path = typer.Argument(..., help="FFCV file.")) -> None:
     """Print the samples, classes (names where stored), per-class counts and image-size range of
     an FFCV file."""
+    from debiformer.data import inspect_ffcv_file
+
     inspect_ffcv_file(file)
 
 
@@ -78,6 +78,9 @@ def bench(
     json_path: str = typer.Option(None, "--json", help="Write the results to this JSON file."),
 ) -> None:
     """Images/s of the FFCV train pipeline against torchvision's on the same images."""
+    from debiformer.data import WriterOptions
+    from debiformer.tools.loader_bench import bench_loaders
+
     bench_loaders(
         source,
         image_size=image_size,
@@ -102,10 +105,15 @@ def mosaics(
         (1.0, 2.0), help="Smallest and largest resize factor of the 28x28 items."
     ),
     seed: int = typer.Option(0, help="Seed: the same arguments always write the same files."),
-    source: str = typer.Option(FASHION_MNIST_DIR, help="Folder of the Fashion-MNIST idx files."),
+    source: str | None = typer.Option(
+        None, help="Folder of the Fashion-MNIST idx files (default: the Debian package's)."
+    ),
 ) -> None:
     """Write COCO detection / instance-segmentation and semantic-segmentation data: Fashion-MNIST
     items scattered without overlap on dark canvases. Needs pycocotools (the extra "detection")."""
+    from debiformer.data.mosaics import write_mosaics
+
+    given = {} if source is None else {"source": source}
     write_mosaics(
         out,
         train_images=train,
@@ -114,5 +122,5 @@ def mosaics(
         items=items,
         scale=scale,
         seed=seed,
-        source=source,
+        **given,
     )

@@ -10,7 +10,6 @@ from rich.table import Table
 
 from debiformer.cli import options
 from debiformer.errors import UserError
-from debiformer.recipe import load_recipe
 
 RECIPE_HELP = (
     f"{options.RECIPE_HELP} Default: the recipe a training checkpoint of this tool stores."
@@ -37,6 +36,7 @@ def evaluate(
     checkpoint stores): top-1/top-5 for classifiers, COCO box and mask AP for detectors, mIoU and
     per-class IoU for segmenters (whole, sliding or multi-scale + flip as the recipe's
     segmentation.eval_* keys say)."""
+    from debiformer.recipe import load_recipe
     from debiformer.tasks import checkpoint_recipe, evaluate_checkpoint, task_class
 
     if recipe is None:

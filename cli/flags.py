@@ -68,6 +68,7 @@ FLAGS: dict[str, dict[str, str]] = {
         "blocks": "--blocks",
         "size": "--size",
         "json_path": "--json",
+        "max_pixels": "--max-pixels",
     },
     "plot": {"out": "--out"},
     "data convert": {

@@ -1,7 +1,9 @@
 """The `debiformer` command: parses arguments and calls one library function per subcommand.
 
 Installed as `debiformer.cli.main` (the source folder cli/ maps to the package debiformer.cli),
-so sibling modules are imported as `debiformer.cli.<module>`, never as `cli.<module>`.
+so sibling modules are imported as `debiformer.cli.<module>`, never as `cli.<module>`. The
+command modules import the library's heavy parts (the recipe, the model, the data) inside their
+command functions, so `--version` and `--help` load no torch.
 """
 
 import sys

@@ -3,7 +3,6 @@
 import typer
 
 from debiformer.cli import options
-from debiformer.recipe import list_recipes, load_recipe, recipe_to_yaml
 
 app = typer.Typer(
     help="List the shipped recipes, or print one fully resolved (`recipes show NAME`).",
@@ -16,6 +15,8 @@ def recipes(ctx: typer.Context) -> None:
     """List the shipped recipes with their descriptions (use one by name: `debiformer train tiny`)."""
     if ctx.invoked_subcommand is not None:
         return
+    from debiformer.recipe import list_recipes
+
     shipped = list_recipes()
     width = max((len(name) for name, _ in shipped), default=0)
     for name, description in shipped:
@@ -29,5 +30,7 @@ def show(
 ) -> None:
     """Print RECIPE fully resolved (bases merged, defaults filled, its task's keys only) as YAML
     `debiformer train` accepts."""
+    from debiformer.recipe import load_recipe, recipe_to_yaml
+
     resolved = load_recipe(recipe, overrides)
     typer.echo(recipe_to_yaml(resolved), nl=False)

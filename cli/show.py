@@ -51,10 +51,16 @@ def show(
     json_path: Path | None = typer.Option(
         None, "--json", help="Also write the arrays (pixels, region indices, weights, CAM)."
     ),
+    max_pixels: int | None = typer.Option(
+        None,
+        "--max-pixels",
+        help="Refuse images with more pixels (default: PIL's limit, about 89.5 million).",
+    ),
 ) -> None:
     """Draw a classifier's view of images: top-5 classes, a Grad-CAM, and for chosen blocks DBRA's
     agents (reference grid, sampled positions, offsets), the regions BRA and DBRA route a query
     point to, and its attention over the agents."""
+    from debiformer.data.images import MAX_IMAGE_PIXELS
     from debiformer.tools.show import show as show_images
 
     show_images(
@@ -68,4 +74,5 @@ def show(
         blocks=names(blocks),
         size=parse_size(size) if size is not None else None,
         json_path=json_path,
+        max_pixels=MAX_IMAGE_PIXELS if max_pixels is None else max_pixels,
     )

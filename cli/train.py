@@ -11,7 +11,6 @@ import typer
 
 from debiformer.cli import options
 from debiformer.errors import UserError
-from debiformer.recipe import load_recipe
 
 
 def train(
@@ -36,6 +35,7 @@ def train(
     ),
 ) -> None:
     """Train a model as RECIPE says; resumes automatically from an existing run directory."""
+    from debiformer.recipe import load_recipe
     from debiformer.tasks import train as train_task
 
     if resume is not None and fresh:

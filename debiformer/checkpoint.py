@@ -35,9 +35,23 @@ def _numpy_array_globals() -> list:
 SAFE_GLOBALS = [*_numpy_array_globals(), argparse.Namespace]
 
 
+def tensor_bytes(value: Any) -> int:
+    """The bytes of the tensors in `value` (nested in dicts, lists and tuples): about what
+    `torch.save` writes of it."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(item) for item in value)
+    return 0
+
+
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Writes `state` to `path` atomically: a temporary file in the same folder, fsync, rename."""
-    with atomic_writer(path, "wb") as file:
+    """Writes `state` to `path` atomically: a temporary file in the same folder, fsync, rename.
+    A disk that fills on the way is a one-line `UserError` naming the folder, the space the
+    checkpoint needs and the space left; the file at `path` stays as it was."""
+    with atomic_writer(path, "wb", size=tensor_bytes(state)) as file:
         torch.save({"format": FORMAT, **state}, file)
 
 
@@ -62,12 +76,21 @@ def _refusal(path: Path, error: Exception) -> UserError:
     )
 
 
+def existing_file(path: Path) -> Path:
+    """`path`, a file; a missing path or a directory is a one-line `UserError`."""
+    if path.is_dir():
+        last = path / "checkpoints" / "last.pt"
+        hint = f" (a run's: {last})" if last.is_file() else ""
+        raise UserError(f"{path} is a directory, not a weights file: give a file in it{hint}")
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    return path
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Reads a checkpoint onto the CPU without running code from it; an unreadable or unsafe file
     is a `UserError` naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
+    path = existing_file(Path(path))
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")

@@ -1,11 +1,15 @@
 """A run's training curves: what its metrics.jsonl holds by curve (training loss, the validation
-metric and its EMA, the learning rate, training images/s against optimizer steps), and the 2x2
-figure of one or more runs. The engine draws every run's curves.png with it and `debiformer plot`
-overlays runs. Figures need matplotlib (the `viz` extra), imported only when drawing."""
+metric and its EMA, the learning rate, training images/s against optimizer steps), and the figure
+of one or more runs (2x2; a validation panel more for each further scale of the runs' metrics,
+so that percentages and fractions never share axes). The engine draws every run's curves.png
+with it and `debiformer plot` overlays runs. Figures need matplotlib (the `viz` extra), imported
+only when drawing."""
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +17,20 @@ import yaml
 
 from debiformer import runtime
 from debiformer.errors import UserError
+
+# The scale of the tasks' validation metrics (as their `engine.Metric`s print them): top-1 and
+# top-5 in percent, COCO AP and the segmentation metrics as fractions. Curves on different scales
+# are drawn on separate axes; a metric not listed (a loss, another task's) gets axes of its own.
+METRIC_SCALES = {
+    "top1": "%",
+    "top5": "%",
+    "bbox_ap": "0-1",
+    "bbox_ap50": "0-1",
+    "segm_ap": "0-1",
+    "miou": "0-1",
+    "macc": "0-1",
+    "aacc": "0-1",
+}
 
 
 @dataclass
@@ -71,21 +89,52 @@ def read_run(run_dir: str | Path, metric: str | None = None) -> RunCurves:
 
 
 def read_records(run_dir: Path) -> list[dict]:
-    """The JSON lines of a run's metrics.jsonl that hold a step (a line a killed write cut is
-    skipped); a one-line error for a folder without one."""
+    """The JSON objects of a run's metrics.jsonl that hold a step; a one-line error for a folder
+    without one, and for a line that is not UTF-8 text or not a JSON object (`metrics_line`)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         what = "does not exist" if not run_dir.exists() else "has no metrics.jsonl"
         raise UserError(f"run directory {run_dir} {what}: give the folder a training wrote")
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError as error:
+        raise UserError(
+            f"{path} cannot be read ({error.strerror}); check its permissions"
+        ) from None
     records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
+    for number, line in enumerate(lines, start=1):
+        record = metrics_line(path, number, line, last=number == len(lines))
+        if record is not None and isinstance(record.get("step"), int):
             records.append(record)
     return records
+
+
+def metrics_line(path: Path, number: int, line: bytes, last: bool) -> dict | None:
+    """Line `number` of the metrics file `path` as a JSON object; None for a blank line and for
+    an unterminated `last` line that is not JSON (a killed write cut it). A one-line `UserError`
+    naming the file and the line for any other line that is not UTF-8 text or not a JSON object.
+    """
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(
+            f"{path} line {number} is not UTF-8 text: a run's metrics.jsonl holds one JSON object "
+            "per line; give the folder a training wrote"
+        ) from None
+    if not text.strip():
+        return None
+    try:
+        record = json.loads(text)
+    except (ValueError, RecursionError):  # not JSON, an integer too long, nested too deep
+        if last:
+            return None
+        record = None
+    if not isinstance(record, dict):
+        raise UserError(
+            f"{path} line {number} is not a JSON object: a run's metrics.jsonl holds one per "
+            "line; fix or remove the line"
+        )
+    return record
 
 
 def read_mapping(path: Path, parse) -> dict:
@@ -121,34 +170,71 @@ def run_labels(runs: list[RunCurves]) -> list[str]:
     ]
 
 
-def draw_runs(runs: list[RunCurves], out: Path) -> None:
-    """Writes the 2x2 figure of the runs' curves to `out`."""
+def metric_scale(metric: str) -> str:
+    """The scale `metric`'s values are on: "%" or "0-1" (`METRIC_SCALES`), else the metric's own
+    name (a scale of its own)."""
+    return METRIC_SCALES.get(metric, metric)
+
+
+def metrics_by_scale(metrics: Iterable[str]) -> dict[str, list[str]]:
+    """The distinct `metrics`, sorted, grouped by `metric_scale`; one group per scale."""
+    groups: dict[str, list[str]] = {}
+    for metric in sorted(set(metrics)):
+        groups.setdefault(metric_scale(metric), []).append(metric)
+    return groups
+
+
+def runs_figure(runs: list[RunCurves]):
+    """The matplotlib `Figure` of the runs' curves against optimizer steps, in two rows of
+    panels: training loss, the validation metric and its EMA (one panel per scale of the runs'
+    metrics, `metrics_by_scale`: top-1 in percent never shares axes with AP or mIoU), the
+    learning rate and training images/s. 2x2 when the runs' metrics share one scale."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(11, 7.5), layout="constrained")
-    axes = figure.subplots(2, 2, sharex=True).ravel()
-    metrics = sorted({run.metric for run in runs if run.metric})
-    titles = ["training loss", f"validation {' / '.join(metrics) or 'metric'}"]
-    titles += ["learning rate", "training images/s"]
-    for panel, title in zip(axes, titles, strict=True):
-        panel.set_title(title, fontsize=10)
+    groups = metrics_by_scale(run.metric for run in runs if run.metric) or {"": []}
+    columns = math.ceil((len(groups) + 3) / 2)
+    figure = Figure(figsize=(5.5 * columns, 7.5), layout="constrained")
+    grid = figure.subplots(2, columns, sharex=True)
+    axes = list(grid.ravel())
+    bottom = list(grid[1])
+    if len(axes) > len(groups) + 3:  # the spare bottom-right panel; the one above shows steps
+        axes.pop().remove()
+        bottom[-1] = grid[0, -1]
+        bottom[-1].xaxis.set_tick_params(labelbottom=True)
+    loss, lr, speed = axes[0], axes[-2], axes[-1]
+    validation = dict(zip(groups, axes[1:-2], strict=True))
+    titles = {loss: "training loss", lr: "learning rate", speed: "training images/s"}
+    for scale, metrics in groups.items():
+        unit = f" ({scale})" if scale in METRIC_SCALES.values() else ""
+        titles[validation[scale]] = f"validation {' / '.join(metrics) or 'metric'}{unit}"
+    for panel in axes:
+        panel.set_title(titles[panel], fontsize=10)
         panel.grid(alpha=0.3)
     for index, (run, label) in enumerate(zip(runs, run_labels(runs), strict=True)):
         colour = f"C{index % 10}"
-        axes[0].plot(run.loss.steps, run.loss.values, color=colour, label=label)
-        metric_label = f"{label}: {run.metric}" if len(metrics) > 1 else label
-        val, ema = run.val_metric, run.ema_metric
-        axes[1].plot(val.steps, val.values, "o-", color=colour, label=metric_label)
-        if ema.steps:
-            axes[1].plot(ema.steps, ema.values, "s--", color=colour, label=f"{metric_label} EMA")
-        axes[2].plot(run.lr.steps, run.lr.values, color=colour, label=label)
-        axes[3].plot(run.images_per_s.steps, run.images_per_s.values, color=colour, label=label)
+        loss.plot(run.loss.steps, run.loss.values, color=colour, label=label)
+        if run.metric:
+            scale = metric_scale(run.metric)
+            metric_label = f"{label}: {run.metric}" if len(groups[scale]) > 1 else label
+            val, ema = run.val_metric, run.ema_metric
+            panel = validation[scale]
+            panel.plot(val.steps, val.values, "o-", color=colour, label=metric_label)
+            if ema.steps:
+                panel.plot(ema.steps, ema.values, "s--", color=colour, label=f"{metric_label} EMA")
+        lr.plot(run.lr.steps, run.lr.values, color=colour, label=label)
+        speed.plot(run.images_per_s.steps, run.images_per_s.values, color=colour, label=label)
     for panel in axes:
         if not any(len(line.get_xdata()) for line in panel.lines):
             panel.text(0.5, 0.5, "no data", ha="center", va="center", transform=panel.transAxes)
-    for panel in axes[2:]:
+    for panel in bottom:
         panel.set_xlabel("optimizer step")
-    axes[0].legend(fontsize=8)
-    if len(metrics) > 1 or any(run.ema_metric.steps for run in runs):
-        axes[1].legend(fontsize=8)
-    save_figure(figure, out, dpi=100)
+    loss.legend(fontsize=8)
+    for scale, metrics in groups.items():
+        if len(metrics) > 1 or any(run.ema_metric.steps for run in runs if run.metric in metrics):
+            validation[scale].legend(fontsize=8)
+    return figure
+
+
+def draw_runs(runs: list[RunCurves], out: Path) -> None:
+    """Writes the figure of the runs' curves (`runs_figure`) to `out`."""
+    save_figure(runs_figure(runs), out, dpi=100)

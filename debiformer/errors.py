@@ -3,15 +3,29 @@
 A message names settings the way the library does: recipe keys (`train.device`) as they are, and
 function parameters through mentions, `{name}` or `{name=value}` in the text (`mention` writes
 one inside an f-string). `str(error)` shows a mention as the parameter (`fresh`, `mode=infer`);
-`render` shows it in a caller's own vocabulary, e.g. as the command-line flag that sets it.
+`render` shows it in a caller's own vocabulary, e.g. as the command-line flag that sets it. A
+message quotes a value the user gave through `quoted`, which keeps it short.
 """
 
 from __future__ import annotations
 
 import re
+import reprlib
 from collections.abc import Mapping
 
 MENTION = re.compile(r"\{([a-z_][a-z0-9_]*)(?:=([^{}]*))?\}")
+QUOTE_LIMIT = 60  # characters of a value a message quotes
+
+
+def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """`value` as a message quotes it: its repr, cut to `limit` characters ("..." marks a cut).
+    The repr is built a few levels and items deep only, so a huge value (a YAML alias bomb)
+    costs no time and still makes a short line."""
+    shortened = reprlib.Repr()
+    shortened.maxlevel = 3
+    shortened.maxstring = shortened.maxother = limit
+    text = shortened.repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def mention(name: str, value: object = None) -> str:

@@ -579,6 +579,12 @@ class DeBiFormer(nn.Module):
             ],
         }
 
+    @torch.jit.ignore
+    def load_pretrained(self, path: str) -> None:
+        """timm's `custom_load` hook: the file (or downloaded URL) of a pretrained config, read by
+        this project's safe loader (`weights.load_pretrained`) rather than timm's."""
+        load_pretrained(self, path)
+
 
 @register_notrace_function
 def check_input(x: Tensor, in_chans: int) -> None:
@@ -735,7 +741,12 @@ def _build(variant: str, arch: Architecture, pretrained: bool, **kwargs) -> DeBi
 def _create(variant: str, pretrained: bool = False, **kwargs) -> DeBiFormer:
     """timm's entry point for `variant`: `kwargs` holds `Architecture` fields, `drop_path_rate`,
     and what `build_model_with_cfg` and the model take (`num_classes`, `in_chans`,
-    `features_only`, `out_indices`, `pretrained_cfg_overlay`, ...)."""
+    `features_only`, `out_indices`, `pretrained_cfg_overlay`, ...). A pretrained file or URL
+    always goes through `DeBiFormer.load_pretrained` (timm's `custom_load`, which timm resets
+    when an overlay names a file), so timm's own loader never reads it."""
+    if pretrained:
+        overlay = kwargs.get("pretrained_cfg_overlay") or {}
+        kwargs["pretrained_cfg_overlay"] = {**overlay, "custom_load": True}
     arch_keys = {spec.name for spec in fields(Architecture)} - {"drop_path_rate"}
     overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in arch_keys}
     arch = resolve_architecture(variant, kwargs.pop("drop_path_rate", None), overrides)

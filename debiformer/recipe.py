@@ -17,9 +17,11 @@ A recipe file has the sections below (every key optional, defaults in the datacl
     train:    {batch_size, accum_steps, precision, device, channels_last, compile, ema, ...}
     output:   {dir, log_every, checkpoint_every, progress, tensorboard}
 
-A field's range check stands beside it (`checked(default, Rule)`); checks between fields of one
-section are its `check` method. Any mistake (unknown key, a key of another task, wrong type,
-out-of-range value) raises `UserError` naming the key path.
+A field's range check stands beside it (`checked(default, Rule)`), as does the function whose
+options a mapping holds (`options_of`: `data.mosaics` holds `write_mosaics`' options, checked by
+its parameters' types and its own checks); checks between fields of one section are its `check`
+method. Any mistake (unknown key, a key of another task, wrong type, out-of-range value) raises
+`UserError` naming the key path; a recipe file must be UTF-8 YAML of sane size (`_load_yaml`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import copy
 import dataclasses
 import difflib
 import importlib.resources
+import inspect
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -37,11 +41,16 @@ from typing import Any, Literal, NamedTuple
 
 import yaml
 
-from debiformer.errors import UserError
+from debiformer.data.mosaics import check_mosaics_options, write_mosaics
+from debiformer.errors import UserError, quoted
 from debiformer.model import resolve_architecture
 
 # The shipped recipes: the package `debiformer.recipes` (the top-level recipes/ folder of a clone).
 RECIPES_DIR = Path(str(importlib.resources.files("debiformer.recipes")))
+# What a recipe file (or a `--set` value) may hold: levels of mappings and lists, and values once
+# its aliases (`*name`) are expanded; a YAML alias bomb expands to billions
+MAX_NESTING = 16
+MAX_VALUES = 100_000
 
 
 class Rule(NamedTuple):
@@ -72,6 +81,13 @@ def checked(default: Any, rule: Rule) -> Any:
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def options_of(function: Callable, check: Callable[[dict], None]) -> Any:
+    """A mapping field of options for `function`: {} (the default) for none, else each key one
+    of its parameters, each parameter without a default given, each value of its parameter's
+    type, and `check(options)` passing (its errors' parameters read as keys of this field)."""
+    return field(default_factory=dict, metadata={"options_of": (function, check)})
 
 
 class Section:
@@ -146,8 +162,11 @@ class CocoDataConfig(Section):
     val_annotations: str | None = None
     # when set, the offline Fashion-MNIST mosaics are written on first use with these options of
     # `write_mosaics` (out, train_images, val_images, canvas_size, ...)
-    mosaics: dict = field(default_factory=dict)
+    mosaics: dict = options_of(write_mosaics, check_mosaics_options)
     num_workers: int = checked(8, NOT_NEGATIVE)
+    # images above this many pixels stop the run (PIL's default limit, 89_478_485, as
+    # debiformer.data.images.MAX_IMAGE_PIXELS); raise it for very large images
+    max_image_pixels: int = checked(89_478_485, POSITIVE)
 
 
 @dataclass
@@ -167,8 +186,11 @@ class MaskDataConfig(Section):
     reduce_zero_label: bool = False
     # when set, the offline Fashion-MNIST mosaics are written on first use with these options of
     # `write_mosaics` (out, train_images, val_images, canvas_size, ...)
-    mosaics: dict = field(default_factory=dict)
+    mosaics: dict = options_of(write_mosaics, check_mosaics_options)
     num_workers: int = checked(8, NOT_NEGATIVE)
+    # images above this many pixels stop the run (PIL's default limit, 89_478_485, as
+    # debiformer.data.images.MAX_IMAGE_PIXELS); raise it for very large images
+    max_image_pixels: int = checked(89_478_485, POSITIVE)
 
 
 DataConfig = ClassificationDataConfig | CocoDataConfig | MaskDataConfig
@@ -371,7 +393,8 @@ class TrainConfig(Section):
     ema: bool = False
     ema_decay: float = checked(0.9998, Rule(lambda v: 0 < v < 1, "must be in (0, 1)"))
     ema_warmup: bool = False
-    seed: int = 0
+    # numpy's generators take no negative seed, its legacy one none from 2**32 (torch's 2**64)
+    seed: int = checked(0, Rule(lambda v: 0 <= v < 2**32, "must be in [0, 2**32)"))
     # epochs between evaluations (the last epoch is always evaluated)
     eval_every: int = checked(1, at_least(1))
 
@@ -419,6 +442,9 @@ DATA_SECTIONS: dict[str, type] = {
 }
 TASK_SECTIONS: dict[str, type] = {"detection": DetectionConfig, "segmentation": SegmentationConfig}
 TOP_LEVEL_KEYS = ("base", *(f.name for f in dataclasses.fields(Recipe)))
+# the top-level keys that hold a value, not a section
+TOP_LEVEL_VALUES = ("name", "description", "task")
+TASK_NAMES = typing.get_args(typing.get_type_hints(Recipe)["task"])
 RENAMED_KEYS = {"train.amp": "train.precision (fp32, bf16 or fp16)"}
 # what a resumed run cannot change: the model, the data and the batch (`fixed_on_resume`)
 FIXED_ON_RESUME = ("task", "model", "data", "detection", "segmentation", "train.batch_size")
@@ -432,7 +458,7 @@ def recipe_sections(task: str) -> dict[str, type]:
             sections["data"] = DATA_SECTIONS[task]
         elif f.name == task:
             sections[f.name] = TASK_SECTIONS[task]
-        elif f.name not in ("name", "description", "task", *TASK_SECTIONS):
+        elif f.name not in (*TOP_LEVEL_VALUES, *TASK_SECTIONS):
             sections[f.name] = f.default_factory
     return sections
 
@@ -448,7 +474,9 @@ def find_recipe(name_or_path: str) -> Path:
         if candidate.is_file():
             return candidate
     available = ", ".join(name for name, _ in list_recipes())
-    raise UserError(f"recipe '{name_or_path}' not found (a YAML file, or one of: {available})")
+    raise UserError(
+        f"recipe {quoted(name_or_path)} not found (a YAML file, or one of: {available})"
+    )
 
 
 def list_recipes() -> list[tuple[str, str]]:
@@ -479,9 +507,7 @@ def recipe_from_dict(raw: dict) -> Recipe:
     for key in ("name", "description"):
         if key in raw:
             values[key] = _convert(raw[key], str, key)
-    task = _convert(
-        raw.get("task", "classification"), typing.get_type_hints(Recipe)["task"], "task"
-    )
+    task = _task(raw.get("task", "classification"))
     values["task"] = task
     for section in TASK_SECTIONS:
         if section != task and raw.get(section) is not None:
@@ -489,7 +515,7 @@ def recipe_from_dict(raw: dict) -> Recipe:
     for section, cls in recipe_sections(task).items():
         content = raw.get(section) or {}
         if not isinstance(content, dict):
-            raise UserError(f"{section}: expected a mapping of keys, got {content!r}")
+            raise UserError(f"{section}: expected a mapping of keys, got {quoted(content)}")
         if section == "data":
             _check_data_keys(content, task)
         values[section] = _build_section(cls, content, section)
@@ -520,10 +546,15 @@ def recipe_to_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
 
 
+# the data keys a resumed run may change: they change how the data is read, not what it is
+RESUMABLE_DATA_KEYS = ("num_workers", "max_image_pixels")
+
+
 def fixed_on_resume(recipe: dict) -> dict[str, Any]:
     """The values of a recipe (as plain data) that a resumed run must keep, by key path; the
-    data loader's worker count may change. Compare the current recipe's keys only: a stored
-    recipe may have more (earlier versions stored every task's keys)."""
+    data loader's worker count and the image pixel limit may change. Compare the current
+    recipe's keys only: a stored recipe may have more (earlier versions stored every task's
+    keys)."""
     values: dict[str, Any] = {}
     for key in FIXED_ON_RESUME:
         section, _, name = key.partition(".")
@@ -535,7 +566,9 @@ def fixed_on_resume(recipe: dict) -> dict[str, Any]:
         elif name:
             values[key] = content.get(name)
         else:
-            values.update({f"{section}.{k}": v for k, v in content.items() if k != "num_workers"})
+            values.update(
+                {f"{section}.{k}": v for k, v in content.items() if k not in RESUMABLE_DATA_KEYS}
+            )
     return values
 
 
@@ -546,7 +579,13 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict:
         chain = " -> ".join(p.name for p in (*seen, path))
         raise UserError(f"recipe {path}: `base:` forms a cycle ({chain})")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"recipe {path} is not UTF-8 text (byte {error.start}): save it as UTF-8"
+        ) from None
+    try:
+        raw = _load_yaml(text, f"recipe {path}") or {}
     except yaml.YAMLError as error:
         raise UserError(f"recipe {path} is not valid YAML: {str(error).splitlines()[0]}") from None
     if not isinstance(raw, dict):
@@ -555,7 +594,7 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict:
     if base is None:
         return raw
     if not isinstance(base, str):
-        raise UserError(f"base: expected a recipe path, got {base!r}")
+        raise UserError(f"base: expected a recipe path, got {quoted(base)}")
     base_path = next(
         (p for p in (path.parent / base, path.parent / f"{base}.yaml") if p.is_file()), None
     )
@@ -577,18 +616,54 @@ def _deep_merge(base: dict, update: dict) -> dict:
     return merged
 
 
+def _load_yaml(text: str, source: str) -> Any:
+    """The data of the YAML `text`, checked by `_check_size`; invalid YAML raises
+    `yaml.YAMLError`."""
+    try:
+        data = yaml.safe_load(text)
+    except RecursionError:  # the parser recurses once per level
+        raise UserError(_too_deep(source)) from None
+    _check_size(data, source)
+    return data
+
+
+def _check_size(data: Any, source: str) -> None:
+    """A `UserError` starting with `source` when `data` nests more than `MAX_NESTING` levels or
+    holds more than `MAX_VALUES` values once aliases are expanded (an alias bomb, an alias inside
+    itself); counting stops at the limits."""
+    values, pending = 0, [(data, 0)]
+    while pending:
+        value, depth = pending.pop()
+        values += 1
+        if values > MAX_VALUES:
+            raise UserError(f"{source}: more than {MAX_VALUES} values (aliases, *name, expanded)")
+        if depth > MAX_NESTING:
+            raise UserError(_too_deep(source))
+        if isinstance(value, dict):
+            pending += [(item, depth + 1) for item in value.values()]
+        elif isinstance(value, list):
+            pending += [(item, depth + 1) for item in value]
+
+
+def _too_deep(source: str) -> str:
+    """The error for YAML nested too deeply."""
+    return f"{source}: nested more than {MAX_NESTING} levels of mappings and lists"
+
+
 def _apply_override(raw: dict, override: str) -> None:
-    """Applies one `section.key=value` override (value parsed as YAML) to the raw recipe."""
+    """Applies one `section.key=value` (or `task=...`, `name=...`, `description=...`) override,
+    the value parsed as YAML, to the raw recipe."""
     key_path, sep, text = override.partition("=")
     if not sep or not key_path.strip():
-        raise UserError(f"{override!r}: expected section.key=value", about="overrides")
+        raise UserError(f"{quoted(override)}: expected section.key=value", about="overrides")
     keys = key_path.strip().split(".")
-    if len(keys) < 2 and keys[0] not in ("name", "description"):
+    if len(keys) < 2 and keys[0] not in TOP_LEVEL_VALUES:
         raise UserError(
-            f"{override!r}: expected section.key=value, e.g. optim.lr=1e-3", about="overrides"
+            f"{quoted(override)}: expected section.key=value, e.g. optim.lr=1e-3",
+            about="overrides",
         )
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = _load_yaml(text, key_path.strip()) if text.strip() else None
     except yaml.YAMLError:
         value = text
     _check_override_path(keys)
@@ -608,12 +683,21 @@ def _check_override_path(keys: list[str]) -> None:
         return
     sections = {**recipe_sections("classification"), **TASK_SECTIONS}
     if keys[0] not in sections:
-        raise UserError(f"unknown key '{'.'.join(keys)}' ({keys[0]} has no sub-keys)")
+        raise UserError(f"unknown key {quoted('.'.join(keys))} ({keys[0]} has no sub-keys)")
     classes = DATA_SECTIONS.values() if keys[0] == "data" else [sections[keys[0]]]
     hints = {k: v for cls in classes for k, v in typing.get_type_hints(cls).items()}
     _check_keys({keys[1]: None}, hints, prefix=f"{keys[0]}.")
-    if len(keys) > 2 and hints[keys[1]] is not dict:
-        raise UserError(f"unknown key '{'.'.join(keys)}' ({keys[0]}.{keys[1]} has no sub-keys)")
+    if len(keys) == 2:
+        return
+    key = ".".join(keys[:2])
+    if hints[keys[1]] is not dict:
+        raise UserError(f"unknown key {quoted('.'.join(keys))} ({key} has no sub-keys)")
+    fields = {f.name: f for cls in classes for f in dataclasses.fields(cls)}
+    options_of = fields[keys[1]].metadata.get("options_of")
+    if options_of is not None:
+        _check_keys({keys[2]: None}, inspect.signature(options_of[0]).parameters, f"{key}.")
+        if len(keys) > 3:
+            raise UserError(f"unknown key {quoted('.'.join(keys))} ({key}.{keys[2]} is a value)")
 
 
 def _check_keys(mapping: dict, allowed: typing.Iterable[str], prefix: str) -> None:
@@ -623,9 +707,23 @@ def _check_keys(mapping: dict, allowed: typing.Iterable[str], prefix: str) -> No
         if f"{prefix}{key}" in RENAMED_KEYS:
             raise UserError(f"'{prefix}{key}' is now {RENAMED_KEYS[f'{prefix}{key}']}")
         if key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise UserError(f"unknown key '{prefix}{key}'{hint}")
+            raise UserError(
+                f"unknown key {quoted(f'{prefix}{key}')}{_did_you_mean(key, allowed, prefix)}"
+            )
+
+
+def _did_you_mean(given: Any, allowed: typing.Iterable[str], prefix: str = "") -> str:
+    """The hint naming the allowed name closest to `given` (after `prefix`), or "" if none is."""
+    close = difflib.get_close_matches(str(given), list(allowed), n=1)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
+def _task(given: Any) -> str:
+    """The recipe's `task`, one of `TASK_NAMES`."""
+    if given not in TASK_NAMES:
+        hint = _did_you_mean(given, TASK_NAMES) or f" (choose {', '.join(TASK_NAMES)})"
+        raise UserError(f"unknown task {quoted(given)}{hint}")
+    return given
 
 
 def _check_data_keys(content: dict, task: str) -> None:
@@ -661,9 +759,33 @@ def _build_section(cls: type, content: dict, section: str) -> Any:
     for f in dataclasses.fields(built):
         rule, value = f.metadata.get("rule"), getattr(built, f.name)
         if rule is not None and value is not None and not rule.ok(value):
-            raise UserError(f"{section}.{f.name}: {rule.message}")
+            raise UserError(f"{section}.{f.name}: {rule.message}, got {quoted(value)}")
+        if "options_of" in f.metadata and value:
+            options = _checked_options(value, *f.metadata["options_of"], f"{section}.{f.name}")
+            setattr(built, f.name, options)
     built.check()
     return built
+
+
+def _checked_options(
+    options: dict, function: Callable, check: Callable[[dict], None], key: str
+) -> dict:
+    """The options of an `options_of(function, check)` field at `key`, each value converted to
+    its parameter's type; raises naming `key.<option>`."""
+    parameters = inspect.signature(function).parameters
+    hints = typing.get_type_hints(function)
+    _check_keys(options, parameters, prefix=f"{key}.")
+    for name, parameter in parameters.items():
+        if parameter.default is parameter.empty and name not in options:
+            raise UserError(f"{key}.{name}: missing (needed when {key} is set)")
+    converted = {
+        name: _convert(value, hints[name], f"{key}.{name}") for name, value in options.items()
+    }
+    try:
+        check(converted)
+    except UserError as error:
+        raise UserError(error.render({name: f"{key}.{name}" for name in parameters})) from None
+    return converted
 
 
 def _describe(kind: Any) -> str:
@@ -681,6 +803,9 @@ def _describe(kind: Any) -> str:
         return "one of " + ", ".join(repr(v) for v in typing.get_args(kind))
     if typing.get_origin(kind) is list:
         return f"a list of {_describe(typing.get_args(kind)[0]).split(' ', 1)[1]}s"
+    if typing.get_origin(kind) is tuple:
+        kinds = typing.get_args(kind)
+        return f"a list of {len(kinds)} {_describe(kinds[0]).split(' ', 1)[1]}s"
     return str(kind)
 
 
@@ -688,7 +813,8 @@ def _convert(value: Any, kind: Any, key: str) -> Any:
     """Checks `value` against the annotation `kind` (converting numeric strings), or raises."""
     origin = typing.get_origin(kind)
     if origin in (typing.Union, types.UnionType):
-        options = [k for k in typing.get_args(kind) if k is not type(None)]
+        # a path (str | os.PathLike) is a string in a recipe
+        options = [k for k in typing.get_args(kind) if k not in (type(None), os.PathLike)]
         if value is None:
             return None
         for option in options[:-1]:
@@ -702,8 +828,8 @@ def _convert(value: Any, kind: Any, key: str) -> Any:
             if len(options) == 1:
                 raise
             names = " or ".join(_describe(option) for option in options)
-            raise UserError(f"{key}: expected {names}, got {value!r}") from None
-    fail = UserError(f"{key}: expected {_describe(kind)}, got {value!r}")
+            raise UserError(f"{key}: expected {names}, got {quoted(value)}") from None
+    fail = UserError(f"{key}: expected {_describe(kind)}, got {quoted(value)}")
     if origin is Literal:
         if value not in typing.get_args(kind):
             raise fail
@@ -712,6 +838,11 @@ def _convert(value: Any, kind: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise fail
         return [_convert(v, typing.get_args(kind)[0], key) for v in value]
+    if origin is tuple:
+        kinds = typing.get_args(kind)
+        if not isinstance(value, (list, tuple)) or len(value) != len(kinds):
+            raise fail
+        return [_convert(v, k, key) for v, k in zip(value, kinds, strict=True)]
     if kind is bool:
         if not isinstance(value, bool):
             raise fail

@@ -7,9 +7,11 @@ Precision has one vocabulary everywhere (recipes, `train`, `eval`, `bench`, `pro
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -208,11 +210,50 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 TEMP_MARK = ".tmp-"
 
 
+def _is_disk_full(error: BaseException | None) -> bool:
+    """True when `error`, or an error it was raised while handling, says the disk is full (or
+    the quota spent): torch's zip writer, for one, raises a RuntimeError while handling the
+    OSError."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _size_text(size: int) -> str:
+    """`size` bytes for people: "3.2 GB", "41.0 MB", "12.5 kB" or "80 bytes"."""
+    for unit, factor in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= factor:
+            return f"{size / factor:.1f} {unit}"
+    return f"{size} bytes"
+
+
+def _disk_full_error(path: Path, size: int | None) -> UserError:
+    """The one line for a write of `path` that found its disk full: the folder, the space the
+    file needs (`size` bytes, else the size of the file it replaces, where known) and the space
+    left there."""
+    folder = path.parent
+    if size is None and path.is_file():
+        size = path.stat().st_size
+    needs = f" (about {_size_text(size)})" if size else ""
+    kept = f"; the earlier {path.name} is kept" if path.exists() else ""
+    return UserError(
+        f"no space left to write {path}{needs}: {folder} has "
+        f"{_size_text(shutil.disk_usage(folder).free)} free; free space there and run "
+        f"again{kept}"
+    )
+
+
 @contextmanager
-def atomic_writer(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+def atomic_writer(
+    path: str | os.PathLike, mode: str = "w", *, size: int | None = None
+) -> Iterator[IO]:
     """Opens a temporary file beside `path` for writing; on success it is flushed, synced and
     renamed to `path`, so readers see the old file or the whole new one, never a part.
-    On failure the temporary file is removed and `path` is untouched."""
+    On failure the temporary file is removed and `path` is untouched; a disk that fills on the
+    way is a one-line `UserError` naming the folder, the space the file needs (`size` bytes,
+    where known) and the space left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
@@ -222,8 +263,30 @@ def atomic_writer(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
+    except Exception as error:
+        tmp.unlink(missing_ok=True)  # before the free space is measured
+        if _is_disk_full(error):
+            raise _disk_full_error(path, size) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Appends `line` and a newline to the file at `path`, whole or not at all: a write that
+    fails (a full disk is the one-line `UserError` of `atomic_writer`) leaves the file as it
+    was."""
+    path = Path(path)
+    with open(path, "a") as file:
+        start = file.tell()
+        try:
+            file.write(line + "\n")
+            file.flush()
+        except OSError as error:
+            file.truncate(start)
+            if _is_disk_full(error):
+                raise _disk_full_error(path, len(line) + 1) from None
+            raise
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -36,9 +36,10 @@ from rich.console import Console
 from timm.models import adapt_input_conv
 from torch import nn
 
-from debiformer.checkpoint import is_training_checkpoint, load_checkpoint
+from debiformer.checkpoint import existing_file, is_training_checkpoint, load_checkpoint
 from debiformer.errors import UserError
 from debiformer.official import rename_official_state_dict
+from debiformer.runtime import PRECISIONS
 
 if TYPE_CHECKING:
     from debiformer.recipe import Recipe
@@ -52,6 +53,10 @@ SPEC_KEY = "model_spec"
 EXPORT_CONFIG_KEY = "debiformer"
 # how this tool's loaders resize: bilinear (torchvision) or area averaging (FFCV)
 RECIPE_INTERPOLATION = "bilinear"
+# what an export's config of the first format holds beside its preprocessing (no "model_spec")
+OLD_EXPORT_KEYS = ("model", "num_classes", "in_chans")
+# the fix for an export whose config is damaged
+REEXPORT = "export the model again, or give a recipe or a model name"
 
 # ----------------------------------------------------------------------------- the spec
 
@@ -102,7 +107,12 @@ class ModelSpec:
         for key in ("arch", "head", "preprocessing"):
             if not isinstance(getattr(self, key), dict):
                 return f"{key} must be a mapping, got {getattr(self, key)!r}"
-        return None
+        drop_path = self.drop_path
+        if drop_path is not None and (
+            isinstance(drop_path, bool) or not isinstance(drop_path, (int, float))
+        ):
+            return f"drop_path must be a number or null, got {drop_path!r}"
+        return _preprocessing_problem(self.preprocessing)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, num_classes: int, in_chans: int = 3) -> ModelSpec:
@@ -139,6 +149,24 @@ class ModelSpec:
         """A one-line `UserError` unless this is a classifier; `work` says what needs one."""
         if self.task != "classification":
             raise UserError(f"{work} takes classifiers; {self.name} here is a {self.task} model")
+
+
+def _preprocessing_problem(preprocessing: dict) -> str | None:
+    """What is wrong with a spec's preprocessing (timm's `input_size`, `crop_pct`,
+    `interpolation`), if anything."""
+    size = preprocessing.get("input_size", [1, 1, 1])
+    if not (
+        isinstance(size, list)
+        and len(size) == 3
+        and all(isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in size)
+    ):
+        return f"preprocessing.input_size must be [channels, height, width], got {size!r}"
+    crop = preprocessing.get("crop_pct", 1.0)
+    if isinstance(crop, bool) or not isinstance(crop, (int, float)) or not 0 < crop <= 1:
+        return f"preprocessing.crop_pct must be a fraction in (0, 1], got {crop!r}"
+    if not isinstance(preprocessing.get("interpolation", ""), str):
+        return f"preprocessing.interpolation must be a name, got {preprocessing['interpolation']!r}"
+    return None
 
 
 def spec_entry(spec: ModelSpec) -> dict[str, dict]:
@@ -189,10 +217,7 @@ def local_file(source: str | Path) -> Path:
     (`name-<sha256 prefix>.pth`, torch.hub's convention) if any."""
     text = str(source)
     if "://" not in text:
-        path = Path(text).expanduser()
-        if not path.is_file():
-            raise UserError(f"checkpoint {path} does not exist")
-        return path
+        return existing_file(Path(text).expanduser())
     name = Path(text.split("?")[0]).name
     path = Path(torch.hub.get_dir()) / "checkpoints" / name
     if not path.is_file():
@@ -253,11 +278,65 @@ def open_weights(source: str | Path | WeightsFile) -> WeightsFile:
         raise _unreadable_safetensors(path, error) from None
 
 
+def _damaged_config(path: Path, problem: str) -> UserError:
+    """The one line for a .safetensors file whose export config is damaged."""
+    return UserError(f"checkpoint {path}: its {EXPORT_CONFIG_KEY!r} metadata {problem}; {REEXPORT}")
+
+
 def exported_config(source: str | Path | WeightsFile) -> dict | None:
-    """The JSON config an export recorded in a .safetensors file's metadata; None without."""
+    """The JSON config an export recorded in a .safetensors file's metadata; None without. Text
+    that is not a JSON object is a one-line `UserError`."""
     file = open_weights(source)
     text = file.metadata.get(EXPORT_CONFIG_KEY)
-    return json.loads(text) if text is not None else None
+    if text is None:
+        return None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as error:
+        problem = f"is not JSON ({error.msg} at character {error.pos})"
+        raise _damaged_config(file.path, problem) from None
+    if not isinstance(config, dict):
+        raise _damaged_config(file.path, "is not a JSON object")
+    return config
+
+
+def _exported_spec(file: WeightsFile, config: dict) -> ModelSpec:
+    """The spec an export's `config` records, checked down to its architecture: its
+    "model_spec", or in the first format its model, classes, channels, overrides and
+    preprocessing."""
+    if SPEC_KEY in config:
+        raw = config[SPEC_KEY]
+    else:
+        missing = [key for key in OLD_EXPORT_KEYS if key not in config]
+        if missing:
+            raise _damaged_config(file.path, f"lacks {missing[0]!r} (and {SPEC_KEY!r})")
+        keys = ("input_size", "crop_pct", "interpolation")
+        raw = {
+            "name": config["model"],
+            "num_classes": config["num_classes"],
+            "in_chans": config["in_chans"],
+            "arch": config.get("arch", {}),
+            "preprocessing": {key: config[key] for key in keys if key in config},
+        }
+    from debiformer.model import resolve_architecture  # the model module imports this one
+
+    try:
+        spec = ModelSpec.from_dict(raw, "a bad model spec")
+        resolve_architecture(spec.name, spec.drop_path, spec.arch, prefix="arch.")
+    except UserError as error:
+        raise _damaged_config(file.path, f"holds {error}") from None
+    return spec
+
+
+def require_finite(weights: dict[str, torch.Tensor], path: str | Path) -> None:
+    """A one-line `UserError` naming the first tensor of `weights` (read from `path`) that holds
+    a NaN or an infinity: no training or evaluation can start from such weights."""
+    for key, tensor in weights.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(
+                f"checkpoint {path}: tensor {key!r} holds NaN or infinite values, so its weights "
+                "are broken: refused; use another file (an earlier checkpoint of its run, say)"
+            )
 
 
 def _state_of(
@@ -286,6 +365,7 @@ def _state_of(
         raise UserError(
             f"checkpoint {path} holds no state dict (a dict of tensors, or one under 'model')"
         )
+    require_finite(weights, path)
     return (rename_official_state_dict(weights) if official else weights), kind
 
 
@@ -298,6 +378,7 @@ def state_of(
         return _state_of(file.contents, file.path, use_ema, official)
     if use_ema:
         raise UserError(f"checkpoint {file.path} holds no EMA weights (a .safetensors file)")
+    require_finite(file.contents, file.path)
     return file.contents, "safetensors"
 
 
@@ -338,23 +419,13 @@ def recorded_spec(file: WeightsFile) -> ModelSpec | None:
     """The spec `file` records: a training checkpoint's "model_spec" or an export's config
     (older exports: its model, classes, channels, overrides and preprocessing); for training
     checkpoints without one, their recipe with the class count of their weights. None else."""
-    where = f"checkpoint {file.path}"
     if file.is_safetensors:
         config = exported_config(file)
-        if config is None:
-            return None
-        if SPEC_KEY in config:
-            return ModelSpec.from_dict(config[SPEC_KEY], where)
-        keys = ("input_size", "crop_pct", "interpolation")
-        raw = {key: config.get(key) for key in ("num_classes", "in_chans", "arch")}
-        preprocessing = {key: config[key] for key in keys if key in config}
-        return ModelSpec.from_dict(
-            {"name": config.get("model"), **raw, "preprocessing": preprocessing}, where
-        )
+        return None if config is None else _exported_spec(file, config)
     if not is_training_checkpoint(file.contents):
         return None
     if SPEC_KEY in file.contents:
-        return ModelSpec.from_dict(file.contents[SPEC_KEY], where)
+        return ModelSpec.from_dict(file.contents[SPEC_KEY], f"checkpoint {file.path}")
     if file.recipe is None:
         return None
     from debiformer.recipe import recipe_from_stored  # the recipe module imports the model's
@@ -437,6 +508,31 @@ def match_model(model: nn.Module, state: dict[str, torch.Tensor], source: str | 
     return matched
 
 
+def conversion_notices(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """The notice for `state`'s floating-point tensors of another type than the model's (fp16 or
+    bf16 weights loaded into an fp32 model), which loading converts; none if there are none."""
+    expected = model.state_dict()
+    names = {dtype: name for name, dtype in PRECISIONS.items()}
+    converted = {
+        (names.get(tensor.dtype, str(tensor.dtype)), names.get(target.dtype, str(target.dtype)))
+        for key, tensor in state.items()
+        if (target := expected.get(key)) is not None
+        and tensor.is_floating_point()
+        and tensor.dtype != target.dtype
+    }
+    if not converted:
+        return []
+    sources = ", ".join(sorted({source for source, _ in converted}))
+    targets = ", ".join(sorted({target for _, target in converted}))
+    return [f"{sources} tensors converted to the model's {targets}"]
+
+
+def _print_notices(what: str, notices: list[str], console: Console | None) -> None:
+    """Prints each notice as one line, "`what`: notice", to `console` (else stderr)."""
+    for notice in notices:
+        (console or Console(stderr=True)).print(f"{what}: {notice}", highlight=False)
+
+
 def adapt_to_model(
     model: nn.Module, state: dict[str, torch.Tensor], *, new_head: bool = False
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -475,7 +571,8 @@ def load_pretrained(
     console: Console | None = None,
 ) -> Provenance:
     """Starts `model` from the weights of `source` (a file or URL; see `open_weights`), printing
-    a one-line notice for each part adapted to the model.
+    a one-line notice for each part adapted to the model and for tensors of another type
+    (fp16, bf16) converted to the model's.
 
     A head for other classes (or any head, with `new_head`) starts at zero: its logits start
     equal, the first steps train the head before any gradient reaches the backbone, and it
@@ -484,8 +581,8 @@ def load_pretrained(
     file = open_weights(source)
     state, kind = state_of(file, use_ema=use_ema)
     state, notices = adapt_to_model(model, state, new_head=new_head)
-    for notice in notices:
-        (console or Console(stderr=True)).print(f"pretrained weights: {notice}", highlight=False)
+    notices += conversion_notices(model, state)
+    _print_notices("pretrained weights", notices, console)
     current = model.state_dict()
     new_head_state = {
         key: torch.zeros_like(current[key])
@@ -590,6 +687,8 @@ def build_model(
     if checkpoint is not None:
         file = open_weights(checkpoint)
         state, kind = state_of(file, use_ema=ema, official=official)
+        notices = conversion_notices(model, state)
+        _print_notices("checkpoint weights", notices, console)
         model.load_state_dict(match_model(model, state, file.path))
-        provenance = Provenance("checkpoint", _name(checkpoint), kind)
+        provenance = Provenance("checkpoint", _name(checkpoint), kind, tuple(notices))
     return model, provenance

@@ -1,7 +1,8 @@
-"""Fixtures that every test package shares: the `debiformer` command run in this process, and the
-release fixture's weights computed once per session."""
+"""Fixtures that every test package shares: a cache folder of the session's own, the `debiformer`
+command run in this process, and the release fixture's weights computed once per session."""
 
-from collections.abc import Mapping
+import os
+from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 
 import pytest
@@ -9,6 +10,19 @@ import torch
 
 from tests.helpers.cli import run_in_process
 from tests.helpers.official_fixture import load_fixture, official_state_dict
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory) -> Iterator[None]:
+    """$XDG_CACHE_HOME is a folder of this test session, so what the data checks cache never
+    lands in the user's ~/.cache."""
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if previous is None:
+        os.environ.pop("XDG_CACHE_HOME")
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
 
 
 @pytest.fixture

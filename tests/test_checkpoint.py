@@ -1,8 +1,8 @@
 """Loading never runs code hidden in a checkpoint: a malicious pickle, saved with torch.save or as a
 plain pickle, at the top level or nested in a dict, is refused by every way in with one line."""
 
-import os
-import pickle
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,32 +11,8 @@ import torch
 import debiformer
 from debiformer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from debiformer.errors import UserError
+from tests.helpers.payloads import malicious_files
 from tests.helpers.recipes import write_recipe
-
-
-class Payload:
-    """Unpickling this runs `touch MARKER`."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def malicious_files(folder: Path) -> list[Path]:
-    """The payload as torch.save and plain pickle files, at the top level and inside a dict."""
-    marker = folder / "PWNED"
-    payload = Payload(marker)
-    nested = {"model": {"stem.0.weight": torch.zeros(1)}, "extra": payload}
-    files = []
-    for name, obj in (("top", payload), ("nested", nested)):
-        torch.save(obj, folder / f"{name}.pt")
-        with open(folder / f"{name}.pkl", "wb") as file:
-            pickle.dump(obj, file)
-        files += [folder / f"{name}.pt", folder / f"{name}.pkl"]
-    return files
-
 
 SYNTHETIC = {
     "model": {"name": "debiformer_nano", "arch": {"dims": [32] * 4, "depths": [1] * 4}},
@@ -115,3 +91,36 @@ def test_older_checkpoints_with_numpy_rng_arrays_still_load(tmp_path):
     torch.save(old_style, tmp_path / "old.pt")
     state = load_checkpoint(tmp_path / "old.pt")
     assert (state["rng"]["numpy"][1] == np.random.get_state()[1]).all()
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A 1 MB tmpfs mounted for the test (skipped where mounting is not permitted)."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip("mounting a small tmpfs is not permitted here")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_checkpoint_that_fills_the_disk_is_one_line_and_keeps_the_earlier_one(small_disk):
+    """torch's zip writer reports a full disk as a RuntimeError raised while handling the
+    OSError: the run stops with one line naming the folder, the space needed and the space left,
+    and the earlier checkpoint stays whole."""
+    path = small_disk / "checkpoints" / "last.pt"
+    save_checkpoint({"model": {"weight": torch.ones(1000)}}, path)
+    with pytest.raises(UserError, match="no space left") as error:
+        save_checkpoint({"model": {"weight": torch.ones(500_000)}}, path)
+    message = str(error.value)
+    assert "\n" not in message and str(path.parent) in message
+    assert (
+        "(about 2.0 MB)" in message and " free;" in message and "earlier last.pt is kept" in message
+    )
+    assert torch.equal(load_checkpoint(path)["model"]["weight"], torch.ones(1000))
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]

@@ -2,6 +2,7 @@
 the schedule, best.pt by the declared metric, the run-directory lock, resume semantics, recipe
 history, stale temporaries."""
 
+import errno
 import json
 import os
 import signal
@@ -14,7 +15,8 @@ import pytest
 import torch
 
 import debiformer
-from debiformer.checkpoint import load_checkpoint
+from debiformer import runtime
+from debiformer.checkpoint import load_checkpoint, save_checkpoint
 from debiformer.engine import (
     Metric,
     NonFiniteLossError,
@@ -26,6 +28,7 @@ from debiformer.engine import (
 )
 from debiformer.errors import UserError
 from tests.helpers.hold_run_lock import HOLD_RUN_LOCK
+from tests.helpers.tensors import assert_same_tensors
 from tests.helpers.toy_task import LineTask, toy_recipe
 from tests.helpers.toy_task import metrics_lines as lines
 
@@ -212,6 +215,105 @@ def test_a_stopped_run_resumes_to_the_same_weights(toy_run, tmp_path, monkeypatc
     for key, tensor in weights[0]["model"].items():
         assert torch.equal(tensor, weights[1]["model"][key]), key
     assert [r["step"] for r in lines(tmp_path / "run", "train")] == list(range(2, 19, 2))
+
+
+def test_a_disk_full_stops_in_one_line_and_the_run_resumes_to_the_same_weights(
+    toy_run, tmp_path, monkeypatch
+):
+    """The disk fills while the 5th checkpoint (last.pt at step 8) is written, as torch's zip
+    writer reports it: one line; last.pt of step 6 stays; running again resumes from it."""
+    full, uninterrupted = toy_run
+    real_save, calls = torch.save, {"n": 0}
+
+    def save_until_the_disk_fills(obj, file, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] < 5:
+            return real_save(obj, file, *args, **kwargs)
+        file.write(b"half a checkpoint")
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos") from None
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
+    with pytest.raises(UserError, match="no space left") as error:
+        fit(toy_recipe(), LineTask(), run_dir=tmp_path / "run")
+    monkeypatch.undo()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert "\n" not in str(error.value) and f"{checkpoints} has" in str(error.value)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.pt", "last.pt"]
+    assert load_checkpoint(checkpoints / "last.pt")["train_state"][0]["step"] == 6
+    resumed = fit(toy_recipe(), LineTask(), run_dir=tmp_path / "run")
+    assert resumed["neg_mse"] == uninterrupted["neg_mse"]
+    weights = [load_checkpoint(r / "checkpoints" / "last.pt") for r in (full, tmp_path / "run")]
+    assert_same_tensors(weights[0]["model"], weights[1]["model"])
+
+
+def test_a_metrics_line_that_fills_the_disk_is_one_line_and_leaves_the_file_whole(
+    tmp_path, monkeypatch
+):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1}\n')
+    real_open = open
+
+    class FullDisk:
+        """An append-mode file whose writes of more than 4 bytes fill the disk part-way."""
+
+        def __init__(self, file):
+            self.file = file
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def write(self, text):
+            self.file.write(text[:4])
+            self.file.flush()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("builtins.open", lambda *a, **k: FullDisk(real_open(*a, **k)))
+    with pytest.raises(UserError, match="no space left") as error:
+        runtime.append_line(metrics, '{"step": 2}')
+    monkeypatch.undo()
+    assert "\n" not in str(error.value) and f"{tmp_path} has" in str(error.value)
+    assert metrics.read_text() == '{"step": 1}\n'
+
+
+def test_resume_drops_a_metrics_line_cut_short_by_a_crash(toy_run, tmp_path, monkeypatch):
+    """A run killed while appending leaves half a line (its bytes cut inside a character too);
+    the resumed run drops it with the lines after its checkpoint."""
+    full, uninterrupted = toy_run
+    calls = {"n": 0}
+    real_any_rank = debiformer.runtime.any_rank
+
+    def stop_at_five(flag, device):
+        calls["n"] += 1
+        return real_any_rank(flag or calls["n"] == 5, device)
+
+    monkeypatch.setattr(debiformer.runtime, "any_rank", stop_at_five)
+    fit(toy_recipe(), LineTask(), run_dir=tmp_path / "run")
+    monkeypatch.undo()
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics.write_bytes(metrics.read_bytes() + '{"kind": "train", "note": "é'.encode()[:-1])
+    resumed = fit(toy_recipe(), LineTask(), run_dir=tmp_path / "run")
+    assert resumed["neg_mse"] == uninterrupted["neg_mse"]
+    assert [r["step"] for r in lines(tmp_path / "run", "train")] == list(range(2, 19, 2))
+
+
+def test_resume_refuses_a_checkpoint_whose_weights_hold_nan(tmp_path):
+    fit(toy_recipe(schedule={"epochs": 1}), LineTask(), run_dir=tmp_path / "run")
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    checkpoint = load_checkpoint(last)
+    checkpoint["model"]["2.bias"].fill_(float("nan"))
+    save_checkpoint(checkpoint, last)
+    with pytest.raises(UserError, match=r"tensor '2\.bias' holds NaN") as error:
+        fit(toy_recipe(), LineTask(), run_dir=tmp_path / "run")
+    assert str(last) in str(error.value) and "\n" not in str(error.value)
 
 
 @pytest.mark.slow

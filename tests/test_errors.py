@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from debiformer.errors import UserError, mention
+from debiformer.errors import UserError, mention, quoted
 
 LIBRARY = Path(__file__).resolve().parents[1] / "debiformer"
 FLAG = re.compile(r"(?<![\w-])--[a-z]")
@@ -51,6 +51,17 @@ def test_a_recipe_key_or_text_in_braces_keeps_its_name():
 def test_an_error_keeps_its_mentions_across_processes():
     error = pickle.loads(pickle.dumps(UserError(f"use {mention('fresh')}", about="out")))
     assert isinstance(error, UserError) and error.render(FLAGS) == "--out use --fresh"
+
+
+def test_a_quoted_value_is_its_repr_cut_short_however_large_it_is():
+    bomb = ["lol"] * 9
+    for _ in range(9):  # 9**10 strings once expanded, as a YAML alias bomb
+        bomb = [bomb] * 9
+    assert quoted("abc") == "'abc'" and quoted(1.5) == "1.5" and quoted({"a": 1}) == "{'a': 1}"
+    for value in (bomb, "x" * 10**6, list(range(10**6)), {str(k): k for k in range(10**5)}):
+        text = quoted(value)
+        assert len(text) <= 60 and "\n" not in text
+    assert len(quoted("x" * 100, limit=20)) == 20
 
 
 # ----------------------------------------------------------------------------- no flags

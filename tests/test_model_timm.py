@@ -1,14 +1,18 @@
 """timm's model contract for every variant: the pretrained config timm's data tools read,
-`features_only`, `forward_intermediates`, the head API, layer-wise lr decay groups and torch.fx."""
+`features_only`, `forward_intermediates`, the head API, layer-wise lr decay groups, torch.fx, and
+pretrained files read by this project's safe loader."""
 
 import pytest
+import safetensors.torch
 import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config
 from timm.models import create_feature_extractor
 from timm.optim import param_groups_layer_decay
 
-import debiformer
+import debiformer.model  # registers the variants with timm
+from debiformer.errors import UserError
+from tests.helpers.payloads import malicious_files
 
 VARIANTS = ["debiformer_nano", "debiformer_tiny", "debiformer_small", "debiformer_base"]
 
@@ -100,3 +104,22 @@ def test_torch_fx_extracts_features_and_the_model_trains_at_the_config_size():
     model.train()
     model(torch.randn(2, *model.pretrained_cfg["input_size"])).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_timm_pretrained_files_go_through_the_safe_loader(tmp_path):
+    """`pretrained_cfg_overlay=dict(file=...)` reads the file as `create_model(pretrained=...)`
+    does: a damaged file or a pickled payload is our one-line refusal, never timm's advice to
+    load with `weights_only=False`, and the payload never runs."""
+    state = debiformer.create_model("debiformer_nano").state_dict()
+    safetensors.torch.save_file(state, tmp_path / "whole.safetensors")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes((tmp_path / "whole.safetensors").read_bytes()[:1000])
+    payload = malicious_files(tmp_path)[0]
+    for path, message in ((truncated, "not a readable safetensors file"), (payload, "refused")):
+        with pytest.raises(UserError, match=message) as error:
+            timm.create_model(
+                "debiformer_nano", pretrained=True, pretrained_cfg_overlay={"file": str(path)}
+            )
+        assert str(path) in str(error.value) and "\n" not in str(error.value)
+        assert "weights_only" not in str(error.value)
+    assert not (tmp_path / "PWNED").exists()

@@ -225,6 +225,8 @@ RANGE_CHECKS = [
     ("quickstart", "train.accum_steps=0", "train.accum_steps: must be at least 1"),
     ("quickstart", "train.eval_every=0", "train.eval_every: must be at least 1"),
     ("quickstart", "train.ema_decay=1", "train.ema_decay: must be in (0, 1)"),
+    ("quickstart", "train.seed=-1", "train.seed: must be in [0, 2**32), got -1"),
+    ("quickstart", "train.seed=4294967296", "train.seed: must be in [0, 2**32), got 4294967296"),
     ("quickstart", "output.log_every=0", "output.log_every: must be at least 1"),
     ("quickstart", "output.checkpoint_every=-1", "output.checkpoint_every: must be >= 0"),
 ]
@@ -244,6 +246,7 @@ def test_every_range_check_names_its_key(name, override, message):
         ("quickstart", ["data.image_size=32", "data.crop_ratio=1", "optim.clip_grad=null"]),
         ("quickstart", ["optim.layer_decay=1", "augment.random_erasing=1", "train.ema_decay=0.5"]),
         ("quickstart", ["schedule.decay=step", "schedule.milestones=[1, 3.5]"]),
+        ("quickstart", ["train.seed=4294967295"]),
         ("quickstart_detection", ["detection.min_size=32", "detection.max_size=32"]),
         (
             "quickstart_segmentation",
@@ -354,3 +357,129 @@ def test_a_recipe_stored_with_every_tasks_keys_still_loads_and_resumes(name):
     before, now = fixed_on_resume(stored), fixed_on_resume(recipe_to_dict(recipe))
     assert set(now) < set(before)
     assert [key for key in now if before[key] != now[key]] == []
+
+
+def test_a_recipe_file_that_is_not_utf8_says_to_save_it_as_utf8(tmp_path):
+    path = tmp_path / "latin.yaml"
+    path.write_bytes("description: Café\n".encode("latin-1"))
+    with pytest.raises(UserError) as error:
+        load_recipe(path)
+    assert str(error.value) == f"recipe {path} is not UTF-8 text (byte 16): save it as UTF-8"
+
+
+def alias_bomb(levels: int) -> str:
+    """YAML whose last anchor expands to 9**levels strings ("billion laughs")."""
+    lines = ['- &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for level in range(1, levels):
+        lines.append(f"- &a{level} [{', '.join([f'*a{level - 1}'] * 9)}]")
+    return f"description: {{laughs: {lines[0][2:]}}}\n" if levels == 1 else "\n".join(lines)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("model:\n  arch: " + "[" * 1000 + "]" * 1000, "nested more than 16 levels"),
+        ("model:\n  arch: " + "[" * 17 + "]" * 17, "nested more than 16 levels"),
+        ("model: &loop\n  arch: *loop\n", "nested more than 16 levels"),
+        (
+            "laughs:\n"
+            + "\n".join(f"  {line}" for line in alias_bomb(9).splitlines())
+            + "\naugment:\n  scale: *a8\n",
+            "more than 100000 values (aliases, *name, expanded)",
+        ),
+    ],
+    ids=["deeper-than-the-parser-recurses", "deeper-than-a-recipe", "alias-loop", "alias-bomb"],
+)
+def test_yaml_nested_too_deep_or_expanding_too_far_is_one_short_line(tmp_path, text, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    for load in (
+        lambda: load_recipe(path),
+        lambda: load_recipe("quickstart", [f"model.arch={text}"]),
+    ):
+        with pytest.raises(UserError) as error:
+            load()
+        assert message in str(error.value)
+        assert "\n" not in str(error.value) and len(str(error.value)) < 200
+
+
+@pytest.mark.parametrize(
+    ("overrides", "start"),
+    [
+        (["augment.scale=" + "x" * 10**5], "augment.scale: expected a list of numbers, got 'xxx"),
+        (["optim.lr=[" + "1, " * 10**4 + "]"], "optim.lr: expected a number, got [1, 1, 1"),
+        (["data=[" + "1, " * 10**4 + "]"], "overrides 'data=[1, 1, 1"),
+        (["train.ema_decay=1", "description=" + "x" * 10**5], "train.ema_decay: must be in (0, 1)"),
+        (["task=" + "x" * 10**5], "unknown task 'xxx"),
+    ],
+    ids=["type", "number", "override", "range", "task"],
+)
+def test_an_error_quotes_a_short_prefix_of_a_huge_value(overrides, start):
+    with pytest.raises(UserError) as error:
+        load_recipe("quickstart", overrides)
+    assert str(error.value).startswith(start) and len(str(error.value)) < 150
+
+
+def test_a_task_override_changes_the_task_and_a_misspelt_one_suggests_the_closest(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", {"optim": {"lr": 0.01}})
+    recipe = load_recipe(path, ["task=segmentation", "segmentation.head=fpn"])
+    assert (recipe.task, type(recipe.data), recipe.segmentation.head) == (
+        "segmentation",
+        MaskDataConfig,
+        "fpn",
+    )
+    with pytest.raises(UserError) as error:
+        load_recipe(path, ["task=segmentaton"])
+    assert str(error.value) == "unknown task 'segmentaton' (did you mean 'segmentation'?)"
+    with pytest.raises(UserError) as error:
+        load_recipe(write_recipe(tmp_path / "q.yaml", {"task": "vision"}))
+    assert (
+        str(error.value) == "unknown task 'vision' (choose classification, detection, segmentation)"
+    )
+    with pytest.raises(UserError, match="detection belongs to detection recipes"):
+        load_recipe("quickstart_detection", ["task=segmentation"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.mosaics.items=3", "data.mosaics.items: expected a list of 2 integers, got 3"),
+        ("data.mosaics.scale=[1, x]", "data.mosaics.scale: expected a number, got 'x'"),
+        ("data.mosaics.train_images=abc", "data.mosaics.train_images: expected an integer"),
+        ("data.mosaics.canvas_size=1.5", "data.mosaics.canvas_size: expected an integer, got 1.5"),
+        ("data.mosaics.source=3", "data.mosaics.source: expected a string, got 3"),
+        ("data.mosaics.seed=-1", "data.mosaics.seed must be 0 or more, got -1"),
+        ("data.mosaics.val_images=0", "data.mosaics.train_images and data.mosaics.val_images must"),
+        ("data.mosaics.items=[3, 1]", "data.mosaics.items 3 1: give the fewest and most items"),
+        ("data.mosaics.scale=[0, 1]", "data.mosaics.scale 0.0 1.0: give the smallest and largest"),
+        (
+            "data.mosaics.canvas_size=40",
+            "data.mosaics.canvas_size 40: the canvas must hold the largest item (56 px at scale "
+            "2.0); use data.mosaics.canvas_size 56 or more, or a smaller data.mosaics.scale",
+        ),
+        ("data.mosaics={out: x}", "data.mosaics.train_images: missing (needed when data.mosaics"),
+        ("data.mosaics.canvas=64", "unknown key 'data.mosaics.canvas' (did you mean 'data.mosa"),
+        ("data.mosaics.items.low=1", "unknown key 'data.mosaics.items.low' (data.mosaics.items"),
+    ],
+)
+def test_the_mosaics_options_are_checked_when_the_recipe_loads(override, message):
+    for name in ("quickstart_detection", "quickstart_segmentation"):
+        with pytest.raises(UserError) as error:
+            load_recipe(name, [override])
+        assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_the_mosaics_options_take_write_mosaics_types():
+    options = ["data.mosaics.items=[1, 3]", "data.mosaics.scale=[1, 1.5]", "data.mosaics.seed=2"]
+    recipe = load_recipe("quickstart_detection", options)
+    assert recipe.data.mosaics == {
+        "out": "data/mosaics",
+        "train_images": 3000,
+        "val_images": 500,
+        "canvas_size": 128,
+        "items": [1, 3],
+        "scale": [1.0, 1.5],
+        "seed": 2,
+    }
+    assert recipe_from_dict(yaml.safe_load(recipe_to_yaml(recipe))) == recipe
+    assert load_recipe("quickstart_detection", ["data.mosaics={}"]).data.mosaics == {}

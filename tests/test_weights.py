@@ -9,7 +9,7 @@ import torch
 
 import debiformer
 from debiformer import weights
-from debiformer.checkpoint import save_checkpoint
+from debiformer.checkpoint import load_checkpoint, save_checkpoint
 from debiformer.errors import UserError
 from debiformer.official import rename_official_state_dict
 from debiformer.weights import load_weights, read_state_dict
@@ -141,6 +141,64 @@ def test_a_missing_or_damaged_file_is_a_one_line_error(tmp_path):
         assert "\n" not in str(error.value)
 
 
+def test_a_directory_given_as_a_weights_file_is_named_as_one(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    torch.save(
+        debiformer.create_model("debiformer_nano").state_dict(), run_dir / "checkpoints" / "last.pt"
+    )
+    for load in (
+        lambda: weights.open_weights(run_dir),
+        lambda: weights.build_model(nano_spec(), pretrained=run_dir),
+        lambda: weights.build_model(nano_spec(), checkpoint=run_dir),
+        lambda: load_checkpoint(run_dir),
+    ):
+        with pytest.raises(
+            UserError, match=f"{run_dir} is a directory, not a weights file"
+        ) as error:
+            load()
+        assert "\n" not in str(error.value) and "checkpoints/last.pt" in str(error.value)
+
+
+def test_weights_with_nan_or_infinite_values_are_refused_naming_the_first_tensor(tmp_path):
+    state = debiformer.create_model("debiformer_nano", num_classes=4).state_dict()
+    state["stages.1.0.mlp1.fc1.weight"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "broken.pt")
+    save_checkpoint({"model": state}, tmp_path / "last.pt")
+    state["stages.1.0.mlp1.fc1.weight"][0, 0] = float("inf")
+    safetensors.torch.save_file(state, tmp_path / "broken.safetensors")
+    loads = (
+        lambda path: debiformer.create_model("debiformer_nano", num_classes=4, pretrained=path),
+        lambda path: weights.build_model(nano_spec(), checkpoint=path),
+    )
+    for name in ("broken.pt", "last.pt", "broken.safetensors"):
+        path = tmp_path / name
+        for load in loads:
+            with pytest.raises(UserError, match="holds NaN or infinite values") as error:
+                load(path)
+            message = str(error.value)
+            assert str(path) in message and "'stages.1.0.mlp1.fc1.weight'" in message
+            assert "\n" not in message
+
+
+def test_half_precision_weights_are_converted_with_one_notice(tmp_path, capsys):
+    state = debiformer.create_model("debiformer_nano", num_classes=4).state_dict()
+    for dtype, name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+        half = {
+            key: value.to(dtype) if value.is_floating_point() else value
+            for key, value in state.items()
+        }
+        path = tmp_path / f"{name}.safetensors"
+        safetensors.torch.save_file(half, path)
+        notice = f"{name} tensors converted to the model's fp32"
+        model = debiformer.create_model("debiformer_nano", num_classes=4, pretrained=path)
+        assert capsys.readouterr().err.strip() == f"pretrained weights: {notice}"
+        assert_same_tensors(model.state_dict(), {k: v.to(state[k].dtype) for k, v in half.items()})
+        _, provenance = weights.build_model(nano_spec(), checkpoint=path)
+        assert capsys.readouterr().err.strip() == f"checkpoint weights: {notice}"
+        assert provenance.adapted == (notice,)
+
+
 def test_a_url_is_downloaded_once_into_the_hub_cache_with_its_hash_checked(tmp_path, monkeypatch):
     state = debiformer.create_model("debiformer_nano").state_dict()
     source = tmp_path / "served.pt"
@@ -216,6 +274,29 @@ def test_create_model_and_build_model_start_from_the_same_weights(release_file):
     )
     created = debiformer.create_model("debiformer_tiny", num_classes=10, pretrained=path)
     assert_same_tensors(built.state_dict(), created.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("metadata", "problem"),
+    [
+        ("{model: nano}", "is not JSON"),
+        ('["debiformer_nano"]', "is not a JSON object"),
+        ('{"model": "debiformer_nano"}', "lacks 'num_classes'"),
+        ('{"model_spec": {"name": "debiformer_nano", "num_classes": "4"}}', "num_classes must be"),
+        ('{"model_spec": {"name": "debiformer_nano", "arch": {"dims": 64}}}', "arch.dims"),
+    ],
+)
+def test_damaged_export_metadata_is_one_line_naming_the_file(tmp_path, metadata, problem):
+    path = tmp_path / "exported.safetensors"
+    state = debiformer.create_model("debiformer_nano", num_classes=4).state_dict()
+    safetensors.torch.save_file(state, path, metadata={weights.EXPORT_CONFIG_KEY: metadata})
+    with pytest.raises(UserError, match=problem) as error:
+        weights.spec_of_checkpoint(path)
+    message = str(error.value)
+    assert message.startswith(f"checkpoint {path}: its 'debiformer' metadata ")
+    assert message.endswith("export the model again, or give a recipe or a model name")
+    assert "\n" not in message
+    assert weights.spec_of_checkpoint(path, model="debiformer_nano").num_classes == 4
 
 
 def test_a_training_checkpoint_alone_rebuilds_its_model(tmp_path):

@@ -34,6 +34,7 @@ from torchvision.datasets import CocoDetection, VisionDataset, wrap_dataset_for_
 from torchvision.transforms import v2
 
 from debiformer.data.draws import stream_seed
+from debiformer.data.images import PixelLimit, read_rgb
 from debiformer.data.loaders import KeyedLoader
 from debiformer.errors import UserError
 
@@ -185,19 +186,17 @@ def check_segm_ground_truth(ground_truth: COCO, source: str | Path = "ground tru
 
 class _IndexedCocoDetection(CocoDetection):
     """torchvision's CocoDetection over an index already loaded (and checked) by `load_coco`,
-    keeping only the images `image_ids`."""
+    keeping only the images `image_ids` and refusing those above `limit`."""
 
-    def __init__(self, root: Path, coco: COCO, image_ids: list[int]) -> None:
+    def __init__(self, root: Path, coco: COCO, image_ids: list[int], limit: PixelLimit) -> None:
         VisionDataset.__init__(self, str(root))
         self.coco = coco
         self.ids = image_ids
+        self.limit = limit
 
     def _load_image(self, id: int) -> Image.Image:
         path = Path(self.root) / self.coco.loadImgs(id)[0]["file_name"]
-        try:
-            return Image.open(path).convert("RGB")
-        except (OSError, ValueError) as error:
-            raise UserError(f"image {path} cannot be read ({error}); fix or remove it") from None
+        return read_rgb(path, max_pixels=self.limit.pixels, limit_name=self.limit.name)
 
 
 def _trainable(coco: COCO, image_id: int) -> bool:
@@ -213,15 +212,25 @@ def _trainable(coco: COCO, image_id: int) -> bool:
 class CocoSamples(Dataset):
     """COCO samples read by `(epoch, index)` keys: a float image in [0, 1] and its target, with
     boxes and masks as tv_tensors, labels 1..K, crowds dropped, and the training flip drawn from
-    (seed, epoch, index) whatever worker reads it."""
+    (seed, epoch, index) whatever worker reads it; `image_ids` are the images read."""
 
-    def __init__(self, images: Path, coco: COCO, *, train: bool, masks: bool, seed: int) -> None:
+    def __init__(
+        self,
+        images: Path,
+        coco: COCO,
+        *,
+        train: bool,
+        masks: bool,
+        seed: int,
+        limit: PixelLimit = PixelLimit(),
+    ) -> None:
         image_ids = sorted(coco.imgs)
         if train:
             image_ids = [image_id for image_id in image_ids if _trainable(coco, image_id)]
+        self.image_ids = image_ids
         keys = ["image_id", "boxes", "labels", "iscrowd", *(["masks"] if masks else [])]
         self.samples = wrap_dataset_for_transforms_v2(
-            _IndexedCocoDetection(images, coco, image_ids), target_keys=keys
+            _IndexedCocoDetection(images, coco, image_ids, limit), target_keys=keys
         )
         self.masks = masks
         self.label_of = {category: label for label, category in enumerate(sorted(coco.cats), 1)}
@@ -306,15 +315,22 @@ class DetectionData:
 
 
 def read_split(
-    images: str | Path, annotations: str | Path, *, train: bool, masks: bool, seed: int = 0
+    images: str | Path,
+    annotations: str | Path,
+    *,
+    train: bool,
+    masks: bool,
+    seed: int = 0,
+    limit: PixelLimit = PixelLimit(),
 ) -> DetectionData:
     """One split of COCO-format data: the image folder and its annotation file (the caller
-    checks that the folder exists, naming its recipe key)."""
+    checks that the folder exists, naming its recipe key); images above `limit` are refused
+    where they are read."""
     images, annotations = Path(images), Path(annotations)
     coco = load_coco(annotations)
     if masks:
         check_segm_ground_truth(coco, annotations)
-    samples = CocoSamples(images, coco, train=train, masks=masks, seed=seed)
+    samples = CocoSamples(images, coco, train=train, masks=masks, seed=seed, limit=limit)
     if len(samples) == 0:
         what = "no image with an object" if train else "no image"
         raise UserError(f"annotation file {annotations}: {what}; nothing to train or evaluate on")

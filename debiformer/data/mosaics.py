@@ -24,6 +24,7 @@ import inspect
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -79,8 +80,7 @@ class Canvas(NamedTuple):
     items: list[Item]
 
 
-def _check_arguments(
-    out: Path,
+def _check_values(
     train_images: int,
     val_images: int,
     canvas_size: int,
@@ -88,7 +88,8 @@ def _check_arguments(
     scale: tuple[float, float],
     seed: int,
 ) -> None:
-    """A one-line UserError for the first argument that cannot make a mosaics set."""
+    """A one-line UserError for the first of these `write_mosaics` arguments that cannot make a
+    mosaics set."""
     if train_images < 1 or val_images < 1:
         raise UserError(
             f"{mention('train_images')} and {mention('val_images')} must be at least 1 canvas "
@@ -116,6 +117,10 @@ def _check_arguments(
         )
     if seed < 0:
         raise UserError(f"must be 0 or more, got {seed}", about="seed")
+
+
+def _check_out(out: Path) -> None:
+    """A one-line UserError if `out` holds something other than a mosaics set or nothing."""
     if out.exists() and not _is_mosaics_folder(out) and (not out.is_dir() or any(out.iterdir())):
         raise UserError(
             f"{out} exists and is not a mosaics folder: delete it or choose another folder"
@@ -297,7 +302,8 @@ def write_mosaics(
     else at `out` other than an empty folder is an error.
     """
     out = Path(out)
-    _check_arguments(out, train_images, val_images, canvas_size, items, scale, seed)
+    _check_values(train_images, val_images, canvas_size, items, scale, seed)
+    _check_out(out)
     source = fashion_mnist_root(f"{FASHION_MNIST_PREFIX}{source}")
     mask_api = pycocotools_module("mask")
     layout = Layout(canvas_size, items, scale)
@@ -329,14 +335,37 @@ def ensure_mosaics(out: str | os.PathLike, **options: Any) -> Path:
 
     The existing set is kept as it is, whatever `options` say.
     """
-    try:
-        inspect.signature(write_mosaics).bind(out, **options)
-    except TypeError as error:
-        raise UserError(f"bad mosaics option(s): {error}") from None
+    _arguments(out, options)
     out = Path(out)
     if _is_mosaics_folder(out):
         return out
     return write_mosaics(out, **options)
+
+
+def check_mosaics_options(options: Mapping[str, Any]) -> None:
+    """A one-line UserError for the first of `options` (`out` and keyword arguments of
+    `write_mosaics`, of its parameters' types; the others at their defaults) that cannot make a
+    mosaics set; no file is looked at."""
+    given = _arguments(options.get("out"), {k: v for k, v in options.items() if k != "out"})
+    _check_values(
+        given["train_images"],
+        given["val_images"],
+        given["canvas_size"],
+        given["items"],
+        given["scale"],
+        given["seed"],
+    )
+
+
+def _arguments(out: str | os.PathLike | None, options: Mapping[str, Any]) -> dict[str, Any]:
+    """`write_mosaics`' arguments for `out` and the keyword `options`, its defaults filled in; a
+    UserError for an unknown or missing option."""
+    try:
+        bound = inspect.signature(write_mosaics).bind(out, **options)
+    except TypeError as error:
+        raise UserError(f"bad mosaics option(s): {error}") from None
+    bound.apply_defaults()
+    return bound.arguments
 
 
 def prepare_mosaics(options: dict[str, Any]) -> Path | None:

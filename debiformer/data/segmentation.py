@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from debiformer.data.draws import stream_seed
+from debiformer.data.images import PixelLimit, read_image, read_rgb
 from debiformer.data.loaders import KeyedLoader
 from debiformer.errors import UserError
 
@@ -249,27 +249,23 @@ def _mask_pairs(images: Path, masks: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def _read_image(path: Path) -> tv_tensors.Image:
+def _read_image(path: Path, limit: PixelLimit) -> tv_tensors.Image:
     """An image file as a uint8 (3, H, W) RGB image (greyscale and palette images converted)."""
-    try:
-        with Image.open(path) as image:
-            return tv_tensors.Image(v2.functional.pil_to_tensor(image.convert("RGB")))
-    except (OSError, ValueError) as error:
-        raise UserError(f"image {path} cannot be read ({error}); fix or remove it") from None
+    image = read_rgb(path, max_pixels=limit.pixels, limit_name=limit.name)
+    return tv_tensors.Image(v2.functional.pil_to_tensor(image))
 
 
-def _read_mask(path: Path) -> np.ndarray:
-    """A mask file as a uint8 (H, W) array of its pixel values."""
-    try:
-        with Image.open(path) as mask:
-            if mask.mode not in MASK_MODES:
-                raise UserError(
-                    f"mask {path}: mode {mask.mode}; masks must be single-channel PNGs "
-                    "('L' or 'P') of class indices"
-                )
-            return np.array(mask, dtype=np.uint8)
-    except (OSError, ValueError) as error:
-        raise UserError(f"mask {path} cannot be read ({error}); fix or remove it") from None
+def read_mask(path: Path, limit: PixelLimit) -> np.ndarray:
+    """A mask file as a uint8 (H, W) array of its pixel values; a UserError naming the file unless
+    it is an 8-bit single-channel image ('L' or 'P')."""
+    mask = read_image(path, max_pixels=limit.pixels, limit_name=limit.name, what="mask")
+    if mask.mode not in MASK_MODES:
+        bits = " (16-bit)" if mask.mode.startswith("I;16") else ""
+        raise UserError(
+            f"mask {path}: mode {mask.mode}{bits}; masks must be single-channel PNGs "
+            "('L' or 'P', 8 bits) of class indices"
+        )
+    return np.array(mask, dtype=np.uint8)
 
 
 class SegmentationSamples(Dataset):
@@ -287,8 +283,10 @@ class SegmentationSamples(Dataset):
         train: bool,
         seed: int,
         transform: SegmentationTransform,
+        limit: PixelLimit = PixelLimit(),
     ) -> None:
         self.pairs = _mask_pairs(Path(images), Path(masks))
+        self.limit = limit
         self.num_classes = num_classes
         self.reduce_zero_label = reduce_zero_label
         self.ignore_index = transform.ignore_index
@@ -301,7 +299,7 @@ class SegmentationSamples(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, index = key
         image_path, mask_path = self.pairs[index]
-        image = _read_image(image_path)
+        image = _read_image(image_path, self.limit)
         mask = self._classes(mask_path)
         if tuple(image.shape[-2:]) != tuple(mask.shape):
             raise UserError(
@@ -316,28 +314,35 @@ class SegmentationSamples(Dataset):
     def _classes(self, path: Path) -> tv_tensors.Mask:
         """The uint8 (H, W) class indices of a mask file, zero label reduced if asked; a UserError
         naming the file for a value that is no class."""
-        values = _read_mask(path)
-        classes = values
-        if self.reduce_zero_label:
-            classes = values - np.uint8(1)  # 0 wraps to 255
-            classes[(values == 0) | (values == self.ignore_index)] = self.ignore_index
+        values = read_mask(path, self.limit)
+        classes = self.to_classes(values)
         wrong = (classes != self.ignore_index) & (classes >= self.num_classes)
         if wrong.any():
-            raise UserError(f"mask {path}: {self._not_a_class(int(values[wrong][0]))}")
+            raise UserError(f"mask {path}: {self.not_a_class(int(values[wrong][0]))}")
         return tv_tensors.Mask(torch.from_numpy(classes))
 
-    def _not_a_class(self, value: int) -> str:
-        """Why a mask value is no class, and which values are."""
+    def to_classes(self, values: np.ndarray) -> np.ndarray:
+        """The class index of each uint8 mask value (`ignore_index` for ignored ones), zero label
+        reduced if asked; values beyond the classes stay beyond them."""
+        if not self.reduce_zero_label:
+            return values
+        classes = values - np.uint8(1)  # 0 wraps to 255
+        classes[(values == 0) | (values == self.ignore_index)] = self.ignore_index
+        return classes
+
+    def value_rule(self) -> str:
+        """Which mask values are classes and which are ignored."""
         names = f"the class list has {self.num_classes} names"
         if self.reduce_zero_label:
             return (
-                f"value {value} is not a class ({names}; with reduce_zero_label values run "
-                f"1..{self.num_classes}, 0 and {self.ignore_index} are ignored)"
+                f"{names}; with reduce_zero_label values run 1..{self.num_classes}, 0 and "
+                f"{self.ignore_index} are ignored"
             )
-        return (
-            f"value {value} is not a class ({names}: values run 0..{self.num_classes - 1}, "
-            f"{self.ignore_index} is ignored)"
-        )
+        return f"{names}: values run 0..{self.num_classes - 1}, {self.ignore_index} is ignored"
+
+    def not_a_class(self, value: int) -> str:
+        """Why a mask value is no class, and which values are."""
+        return f"value {value} is not a class ({self.value_rule()})"
 
 
 # ----------------------------------------------------------------------------- loader
@@ -362,9 +367,11 @@ def read_segmentation_split(
     train: bool,
     transform: SegmentationTransform,
     seed: int = 0,
+    limit: PixelLimit = PixelLimit(),
 ) -> SegmentationData:
     """One split of segmentation data: the image and mask folders (the caller checks that they
-    exist, naming their recipe keys) and the class names, label k named by `class_names[k]`."""
+    exist, naming their recipe keys) and the class names, label k named by `class_names[k]`;
+    images and masks above `limit` are refused where they are read."""
     images, masks = Path(images), Path(masks)
     for what, folder in (("image", images), ("mask", masks)):
         if not folder.is_dir():
@@ -377,6 +384,7 @@ def read_segmentation_split(
         train=train,
         seed=seed,
         transform=transform,
+        limit=limit,
     )
     return SegmentationData(images, masks, class_names, samples)
 

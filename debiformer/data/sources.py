@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from debiformer.data.images import read_rgb
 from debiformer.errors import UserError
 
 FASHION_MNIST_PREFIX = "fashion-mnist:"
@@ -130,8 +131,7 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, index: int) -> tuple:
         path, label = self.samples[index]
-        with Image.open(path) as file:
-            image = file.convert("RGB")
+        image = read_rgb(path)
         if self.transform is not None:
             image = self.transform(image)
         return image, label

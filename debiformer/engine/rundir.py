@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import importlib.util
 import json
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -147,19 +148,14 @@ class MetricsLog:
             self.tensorboard = summary_writer_class()(str(tensorboard_dir), purge_step=purge_step)
         kept = []
         if resume_step is not None and path.exists():
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= resume_step
-            ]
+            kept = [line for line in _lines(path) if _step(line) <= resume_step]
         runtime.write_text(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         """Appends one record; its numbers also go to TensorBoard as `<kind>/<key>` at its step."""
         if not self.enabled:
             return
-        with open(self.path, "a") as file:
-            file.write(json.dumps(record) + "\n")
+        runtime.append_line(self.path, json.dumps(record))
         if self.tensorboard is not None:
             for key, value in record.items():
                 if key not in TENSORBOARD_SKIPPED and isinstance(value, (int, float)):
@@ -188,3 +184,18 @@ def write_curves(run_dir: Path, metric: str, console: Console) -> None:
     except Exception as error:  # a figure must never fail a training that has finished
         detail = " ".join(f"{type(error).__name__}: {error}".split())[:200]
         console.print(f"[yellow]warning:[/] curves.png not written ({detail})", highlight=False)
+
+
+def _lines(path: Path) -> list[str]:
+    """The lines of a metrics file; bytes that are not UTF-8 (a write cut short by a crash) are
+    replaced, so their line fails to parse and is dropped."""
+    return path.read_bytes().decode("utf-8", errors="replace").splitlines()
+
+
+def _step(line: str) -> float:
+    """The step of one metrics line; infinity for a line that is not a record (a blank line, a
+    write cut short by a crash), so it is never kept."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf

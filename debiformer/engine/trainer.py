@@ -61,7 +61,7 @@ from debiformer.engine.state import StopRequest, TrainState
 from debiformer.engine.task import Task
 from debiformer.errors import UserError, mention
 from debiformer.recipe import Recipe, fixed_on_resume, recipe_to_dict
-from debiformer.weights import spec_entry
+from debiformer.weights import require_finite, spec_entry
 
 
 class NonFiniteLossError(UserError):
@@ -461,7 +461,8 @@ class Trainer:
 
     def _check_resumable(self, checkpoint: dict[str, Any], path: Path) -> None:
         """One line for a checkpoint this run cannot continue: not a training checkpoint, an
-        older format, or a recipe that changed what cannot change (model, data, batch)."""
+        older format, a recipe that changed what cannot change (model, data, batch), or weights
+        that hold NaN or infinite values."""
         if not is_training_checkpoint(checkpoint):
             raise UserError(
                 f"{path}: not a training checkpoint of this tool (use it with eval, or as model "
@@ -491,6 +492,9 @@ class Trainer:
                 f"run has {self.schedule.steps_per_epoch} (the data set changed)",
                 about="resume",
             )
+        for weights in ("model", "ema"):
+            if checkpoint.get(weights) is not None:
+                require_finite(checkpoint[weights], path)
 
     # ------------------------------------------------------------------------- reporting
 

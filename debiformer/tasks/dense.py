@@ -22,6 +22,8 @@ from torchvision.io import encode_png
 from torchvision.utils import make_grid
 
 from debiformer import runtime
+from debiformer.data.checks import CheckSettings, default_cache_dir
+from debiformer.data.images import PixelLimit
 from debiformer.data.mosaics import prepare_mosaics
 from debiformer.engine import Task
 from debiformer.recipe import Recipe
@@ -57,11 +59,13 @@ class DenseTask(Task):
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.class_names: list[str] = []
         self.device = torch.device("cpu")
+        self.prepared: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------- what differs
 
     def read_data(self, split: str) -> Any:
-        """The recipe's "train" or "val" split: its samples and `class_names`, checked."""
+        """The recipe's "train" or "val" split: its samples and `class_names`, every sample
+        checked (`debiformer.data.checks`) under `check_settings`."""
         raise NotImplementedError
 
     def run_evaluation(self, model: nn.Module, loader: Any) -> Evaluation:
@@ -83,13 +87,30 @@ class DenseTask(Task):
 
     # ------------------------------------------------------------------------- shared
 
+    def check_settings(self) -> CheckSettings:
+        """How `read_data` checks a split: the recipe's pixel limit (`data.max_image_pixels`), a
+        progress bar on rank 0 (`output.progress`), `data.num_workers` threads, the user's cache."""
+        data = self.recipe.data
+        return CheckSettings(
+            limit=PixelLimit(data.max_image_pixels, "data.max_image_pixels"),
+            progress=self.recipe.output.progress and runtime.rank_and_world()[0] == 0,
+            workers=max(1, data.num_workers),
+            cache=default_cache_dir(),
+        )
+
     def prepare_data(self) -> None:
-        """Writes the recipe's mosaics (`data.mosaics`), when it asks for them and they are
-        missing."""
+        """Writes the recipe's mosaics (`data.mosaics`) when it asks for them and they are
+        missing, then reads and checks both splits, kept for `build_loaders`: bad data stops the
+        run here, on rank 0 while the other ranks wait, and their own checks find it cached."""
         prepare_mosaics(self.recipe.data.mosaics)
+        self.prepared = {split: self.read_data(split) for split in ("train", "val")}
+        self.check_splits(self.prepared["train"], self.prepared["val"])
 
     def build_loaders(self, device: torch.device, batch_size: int, eval_batch_size: int):
-        train_data, val_data = self.read_data("train"), self.read_data("val")
+        train_data, val_data = (
+            self.prepared.pop(split) if split in self.prepared else self.read_data(split)
+            for split in ("train", "val")
+        )
         self.check_splits(train_data, val_data)
         self.class_names, self.device = train_data.class_names, device
         return (

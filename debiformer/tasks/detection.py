@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from debiformer import runtime
+from debiformer.data.checks import check_detection_data
 from debiformer.data.coco import DetectionData, DetectionLoader, read_split
 from debiformer.engine import Metric
 from debiformer.errors import UserError
@@ -110,9 +111,17 @@ class DetectionTask(DenseTask):
                 "the split's images"
             )
         masks = self.recipe.detection.detector == "maskrcnn"
-        return read_split(
-            images, annotations, train=split == "train", masks=masks, seed=self.recipe.train.seed
+        settings = self.check_settings()
+        data = read_split(
+            images,
+            annotations,
+            train=split == "train",
+            masks=masks,
+            seed=self.recipe.train.seed,
+            limit=settings.limit,
         )
+        check_detection_data(data, settings)
+        return data
 
     def check_splits(self, train_data: DetectionData, val_data: DetectionData) -> None:
         """Both splits name the same categories."""

@@ -19,6 +19,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
 from debiformer import runtime
+from debiformer.data.checks import check_segmentation_data
 from debiformer.data.segmentation import (
     SegmentationData,
     SegmentationLoader,
@@ -147,7 +148,8 @@ class SegmentationTask(DenseTask):
             cat_max_ratio=seg.cat_max_ratio,
             ignore_index=seg.ignore_index,
         )
-        return read_segmentation_split(
+        settings = self.check_settings()
+        data = read_segmentation_split(
             images,
             masks,
             class_names=read_class_names(self.recipe.data.classes),
@@ -155,7 +157,10 @@ class SegmentationTask(DenseTask):
             train=split == "train",
             transform=transform,
             seed=self.recipe.train.seed,
+            limit=settings.limit,
         )
+        check_segmentation_data(data, train=split == "train", settings=settings)
+        return data
 
     def build_model(self) -> nn.Module:
         model = super().build_model()

@@ -30,6 +30,12 @@ recomputation, and routing's gathered inference path (`debiformer.routing`); an 
 with a higher-order operator left in it is refused (`training_only_nodes`). Spatial size is fixed
 per file: the padding to the region grid and the choice of attention path depend on the map size.
 
+Before anything is traced, the memory an ONNX or pt2 export needs at its input size is estimated
+(`export_memory`: the model's activation peak, found by running it on the meta device, for each
+forward the check holds at once, and copies of the weights) and a size that needs more than is
+available is refused (`check_memory`): the activations of the routed attentions grow faster than
+the pixel count.
+
 The file is written beside `out` under a temporary name, checked there, and only then renamed
 onto `out` (`runtime.atomic_writer`): a failed check leaves no file, and an older `out` stays.
 """
@@ -39,7 +45,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
+import os
 import tempfile
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -52,6 +61,9 @@ import torch
 from timm.data import resolve_data_config
 from torch import Tensor, nn
 from torch.export import ExportedProgram
+from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import debiformer
 from debiformer import weights
@@ -491,12 +503,133 @@ def check_int8(path: Path, model: nn.Module, config: dict, dynamic_batch: bool) 
     return {"max_relative_difference": max(differences)}
 
 
+# ----------------------------------------------------------------------------- memory
+
+
+class LiveBytes(TorchDispatchMode):
+    """Within the block, `peak` is the most bytes that the tensors its operators create held at
+    once (each storage counted once, until it is freed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._counted: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        """Runs the operator and counts the storages of its outputs."""
+        output = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(output):
+            if isinstance(leaf, Tensor):
+                self._count(leaf.untyped_storage())
+        return output
+
+    def _count(self, storage: torch.UntypedStorage) -> None:
+        """Adds a storage not counted yet; it is taken off again when freed."""
+        key, size = id(storage), storage.nbytes()
+        if key in self._counted:
+            return
+        self._counted.add(key)
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, key, size)
+
+    def _free(self, key: int, size: int) -> None:
+        """Takes a freed storage off the live bytes."""
+        self._counted.discard(key)
+        self.live -= size
+
+
+def forward_peak_bytes(model: nn.Module, input_size: tuple[int, ...]) -> float:
+    """The most bytes the activations of `model`'s inference forward (as traced: eval mode, no
+    autograd, the fast routed attention) hold at once on a batch of `input_size` (N, C, H, W),
+    the batch included. Run on the meta device, which computes shapes only: no memory, a fraction
+    of a second at any size. Infinite when a tensor's size overflows 64 bits."""
+    state = {
+        name: torch.empty_like(tensor, device="meta")
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+    }
+    images = torch.empty(input_size, device="meta")
+    try:
+        with torch.no_grad(), implementation("fast"), LiveBytes() as live:
+            functional_call(model, state, (images,))
+    except RuntimeError as error:
+        if "overflow" not in str(error):
+            raise
+        return math.inf
+    return images.untyped_storage().nbytes() + live.peak
+
+
+def available_memory() -> int | None:
+    """Bytes of memory that new allocations can take now: /proc/meminfo's MemAvailable (Linux),
+    else the free physical pages `os.sysconf` counts; None where neither is known."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+# how many forwards' activation peaks a graph format's check holds at once: onnxruntime keeps its
+# arena at its peak while PyTorch runs; a reloaded pt2 program's activations are freed first
+OVERLAPPING_FORWARDS = {"onnx": 2, "pt2": 1}
+WEIGHT_COPIES = 3  # the model's, the written file's and the checking runtime's
+
+
+def export_memory(model: nn.Module, config: dict, format: str, dynamic_batch: bool) -> float:
+    """Bytes an export of `model` in the graph `format` needs at the config's input size,
+    roughly: `WEIGHT_COPIES` of the weights and `OVERLAPPING_FORWARDS` forward peaks at the
+    largest batch the file is checked at (`forward_peak_bytes`)."""
+    weight_bytes = sum(tensor.nbytes for tensor in model.state_dict().values())
+    batch = max(check_batches(dynamic_batch))
+    peak = forward_peak_bytes(model, (batch, *config["input_size"]))
+    return WEIGHT_COPIES * weight_bytes + OVERLAPPING_FORWARDS[format] * peak
+
+
+def smaller_resolution(height: int, width: int, share: float) -> str:
+    """A resolution whose pixels are about `share` (< 1) of height x width, as `resolution`
+    takes it ("H" or "HxW"), each side a multiple of 32 (at least `MIN_RESOLUTION`): memory
+    grows at least with the pixel count, so the export fits at this size or near it."""
+    scale = math.sqrt(share)
+    sides = [max(MIN_RESOLUTION, int(side * scale) // 32 * 32) for side in (height, width)]
+    return str(sides[0]) if sides[0] == sides[1] else f"{sides[0]}x{sides[1]}"
+
+
+def check_memory(model: nn.Module, config: dict, options: ExportOptions) -> None:
+    """A one-line `UserError` about `resolution` when writing and checking a graph file at the
+    config's input size needs more memory than is available (`export_memory`), found before any
+    tracing; nothing where the available memory is unknown. A safetensors file runs no model."""
+    available = available_memory()
+    if options.format not in OVERLAPPING_FORWARDS or available is None:
+        return
+    needed = export_memory(model, config, options.format, options.dynamic_batch)
+    if needed <= available:
+        return
+    height, width = config["input_size"][1:]
+    amount = f"about {needed / 1e9:.3g} GB" if math.isfinite(needed) else "more than 2^63 bytes"
+    suggestion = smaller_resolution(height, width, available / needed)
+    raise UserError(
+        f"{height}x{width}: exporting at this size needs {amount} of memory (at batch "
+        f"{max(check_batches(options.dynamic_batch))}), but {available / 1e9:.3g} GB is "
+        f"available; give a smaller size, e.g. {mention('resolution', suggestion)}",
+        about="resolution",
+    )
+
+
 def export_model(options: ExportOptions) -> dict[str, Any]:
-    """Builds the model `options` describe, writes it in `options.format`, checks the file
-    against the model, and only then puts it at `options.out`. Returns what was written and
+    """Builds the model `options` describe, refuses an input size it has not the memory to
+    export at (`check_memory`), writes it in `options.format`, checks the file against the model,
+    and only then puts it at `options.out`. Returns what was written and
     checked (`check`: the largest relative difference and the batches, or the bit-identical
     tensor count; with `quantize`, `check["int8"]` for the quantised file)."""
     model, config = build_model(options)
+    check_memory(model, config, options)
     if options.quantize is not None:
         config = {**config, "quantization": QUANTIZATION_NOTE}
     with atomic_writer(options.out, "wb") as file:

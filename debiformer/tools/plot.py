@@ -58,7 +58,8 @@ def check_figure_path(out: Path) -> None:
 
 def plot_runs(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     """`debiformer plot`: the curves of `run_dirs` overlaid in one figure at `out`, with a legend
-    of their recipe names (and folder, where names repeat). Returns `out`."""
+    of their recipe names (and folder, where names repeat), validation metrics of different
+    scales on separate axes (`curves.runs_figure`). Returns `out`."""
     require_matplotlib()
     out = Path(out)
     check_figure_path(out)

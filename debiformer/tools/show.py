@@ -27,16 +27,18 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from rich.console import Console
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
 from debiformer import runtime
+from debiformer.data.images import MAX_IMAGE_PIXELS, read_rgb
 from debiformer.errors import UserError
 from debiformer.model import BiLevelRoutingAttention
 from debiformer.recipe import Recipe, load_recipe, recipe_from_stored
 from debiformer.routing import RegionGrid, recording
+from debiformer.tools.common import check_at_least
 from debiformer.tools.plot import check_figure_path, require_matplotlib, save_figure
 from debiformer.weights import (
     ModelSpec,
@@ -327,19 +329,6 @@ def class_names(names: list[str] | None, num_classes: int) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- images
-
-
-def read_image(path: str | Path) -> Image.Image:
-    """The image file at `path` as RGB (grayscale and palette images converted)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"image {path} does not exist")
-    try:
-        with Image.open(path) as file:
-            return file.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
-        detail = " ".join(str(error).split())[:120]
-        raise UserError(f"image {path} is not a readable image ({detail})") from None
 
 
 def model_input(image: Image.Image, size: int | tuple[int, int]) -> Tensor:
@@ -735,18 +724,21 @@ def show(
     blocks: Sequence[str] | None = None,
     size: int | tuple[int, int] | None = None,
     json_path: str | Path | None = None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
     console: Console | None = None,
 ) -> list[Path]:
     """`debiformer show`: for each image a figure (`inspect_image`, `draw_inspection`) at `out`,
     or at OUT-<stem>.EXT for several images; with `json_path` every image's arrays as JSON.
-    Returns the figure paths."""
+    Every image is read as RGB (`data.images.read_rgb`) before the model is loaded; one with more
+    than `max_pixels` pixels is refused from its header. Returns the figure paths."""
     require_matplotlib()
+    check_at_least("max_pixels", max_pixels, 1)
     console = console or Console(stderr=True, soft_wrap=True)
     out, image_paths = Path(out), [Path(image) for image in images]
     check_figure_path(out)
     if json_path is not None:
         runtime.check_writable(json_path, "json_path")
-    pictures = [read_image(path) for path in image_paths]
+    pictures = [read_rgb(path, max_pixels=max_pixels) for path in image_paths]
     loaded = load_show_model(model_name, recipe, checkpoint, pretrained)
     chosen = choose_blocks(loaded.model, blocks)
     paths, views = figure_paths(out, image_paths), []

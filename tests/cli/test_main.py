@@ -34,6 +34,36 @@ def test_version():
     assert result.output.strip() == f"debiformer {debiformer.__version__}"
 
 
+# imports every command's --help and the version, then prints what of the heavy library it loaded
+LIGHT_START = """
+import sys
+import typer
+from typer.testing import CliRunner
+from debiformer.cli.main import app
+
+root = typer.main.get_command(app)
+args = [["--version"], ["--help"]]
+for name, command in root.commands.items():
+    args += [[name, "--help"]]
+    args += [[name, sub, "--help"] for sub in getattr(command, "commands", {})]
+for arg in args:
+    result = CliRunner().invoke(app, arg)
+    assert result.exit_code == 0, (arg, result.output)
+print(len(args), [m for m in ("torch", "timm", "debiformer.model") if m in sys.modules])
+"""
+
+
+def test_version_and_help_load_no_torch():
+    """`debiformer --version` and each command's `--help` import no torch: the command modules
+    import the library inside their command functions."""
+    result = subprocess.run(
+        [sys.executable, "-c", LIGHT_START], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    count, loaded = result.stdout.split(" ", 1)
+    assert int(count) > 10 and loaded.strip() == "[]"
+
+
 def test_bad_input_is_a_one_line_error_not_a_traceback(run_main, monkeypatch, tmp_path):
     (tmp_path / "typo.yaml").write_text("optim:\n  lrr: 0.1\n")
     monkeypatch.chdir(tmp_path)

@@ -145,3 +145,37 @@ def test_an_unknown_name_lists_the_shipped_recipes(tmp_path, monkeypatch):
     assert str(error.value) == (
         f"recipe 'tinyy' not found (a YAML file, or one of: {', '.join(SHIPPED)})"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["tiny.yaml", "--set", "task=segmentaton"],
+            "unknown task 'segmentaton' (did you mean 'segmentation'?)",
+        ),
+        (["quickstart", "--set", "train.seed=-1"], "train.seed: must be in [0, 2**32), got -1"),
+        (
+            ["quickstart_detection", "--set", "data.mosaics.items=3"],
+            "data.mosaics.items: expected a list of 2 integers, got 3",
+        ),
+        (["latin.yaml"], "recipe {tmp}/latin.yaml is not UTF-8 text (byte 16): save it as UTF-8"),
+    ],
+)
+def test_recipe_mistakes_are_one_line_errors(run_main, tmp_path, monkeypatch, args, expected):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.yaml").write_text("optim:\n  lr: 0.01\n")
+    (tmp_path / "latin.yaml").write_bytes("description: Café\n".encode("latin-1"))
+    code, out, err = run_main("recipes", "show", *args)
+    assert (code, out) == (2, "")
+    assert err.strip() == f"error: {expected.format(tmp=tmp_path)}"
+
+
+def test_show_with_another_task_prints_that_tasks_keys(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.yaml").write_text("optim:\n  lr: 0.01\n")
+    result = invoke("recipes", "show", "mine", "--set", "task=segmentation")
+    assert result.exit_code == 0, result.output
+    shown = yaml.safe_load(result.output)
+    assert shown["task"] == "segmentation" and "segmentation" in shown
+    assert set(shown["data"]) == {f.name for f in dataclasses.fields(DATA_SECTIONS["segmentation"])}

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from debiformer.data import FASHION_MNIST_DIR, build_loader
 from debiformer.data.sources import FASHION_MNIST_FILES
@@ -58,3 +59,15 @@ def write_idx_folder(folder: Path, images: np.ndarray, labels: np.ndarray) -> Pa
             with gzip.open(folder / name, "wb") as file:
                 file.write(header + array.astype(np.uint8).tobytes())
     return folder
+
+
+def write_pair(
+    root: Path, stem: str, image: np.ndarray, mask: np.ndarray, mask_mode: str = "L"
+) -> None:
+    """Writes `root/images/<stem>.png` (RGB) and `root/masks/<stem>.png` (mode `mask_mode`)."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image.astype(np.uint8), "RGB").save(root / "images" / f"{stem}.png")
+    if mask_mode == "RGB":
+        mask = np.repeat(mask[..., None], 3, axis=2)
+    Image.fromarray(mask.astype(np.uint8), mask_mode).save(root / "masks" / f"{stem}.png")

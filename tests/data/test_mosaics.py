@@ -15,7 +15,7 @@ from debiformer.cli import flags
 from debiformer.cli.main import app
 from debiformer.data import FashionMNIST
 from debiformer.data import mosaics as mosaics_module
-from debiformer.data.mosaics import ensure_mosaics, write_mosaics
+from debiformer.data.mosaics import check_mosaics_options, ensure_mosaics, write_mosaics
 from debiformer.errors import UserError
 from tests.data.common import needs_fashion_mnist, write_idx_folder
 
@@ -176,6 +176,18 @@ def test_bad_arguments_are_one_line_errors_before_any_work(
     assert str(error.value).startswith(library) and "\n" not in str(error.value)
     assert flags.message(error.value, "data mosaics").startswith(command)
     assert sorted(os.listdir(tmp_path)) == ["idx"]
+    with pytest.raises(UserError) as error:
+        check_mosaics_options({"out": "set", **SMALL, **options})
+    assert str(error.value).startswith(library)
+
+
+def test_checking_options_looks_at_no_file_and_fills_in_the_defaults(tmp_path):
+    check_mosaics_options({"out": tmp_path, **SMALL})  # a foreign folder is found when writing
+    check_mosaics_options({"out": "set", **SMALL, "items": [1, 1], "scale": [0.5, 0.5]})
+    with pytest.raises(UserError, match=r"^canvas_size 50: .* \(56 px at scale 2.0\)"):
+        check_mosaics_options({"out": "set", **SMALL, "canvas_size": 50})
+    with pytest.raises(UserError, match="bad mosaics option"):
+        check_mosaics_options({"out": "set", "train_images": 4})
 
 
 def test_a_missing_source_or_pycocotools_or_a_foreign_folder_is_a_user_error(

@@ -20,22 +20,10 @@ from debiformer.data.segmentation import (
     read_segmentation_split,
 )
 from debiformer.errors import UserError
-from tests.data.common import CPU, pixels
+from tests.data.common import CPU, pixels, write_pair
 
 CROP = 32
 SMALL = SegmentationTransform(scale=(64, 32), ratio_range=(0.75, 1.5), crop_size=CROP)
-
-
-def write_pair(
-    root: Path, stem: str, image: np.ndarray, mask: np.ndarray, mask_mode: str = "L"
-) -> None:
-    """Writes `root/images/<stem>.png` (RGB) and `root/masks/<stem>.png` (mode `mask_mode`)."""
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "masks").mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image.astype(np.uint8), "RGB").save(root / "images" / f"{stem}.png")
-    if mask_mode == "RGB":
-        mask = np.repeat(mask[..., None], 3, axis=2)
-    Image.fromarray(mask.astype(np.uint8), mask_mode).save(root / "masks" / f"{stem}.png")
 
 
 def painted(mask: np.ndarray) -> np.ndarray:

@@ -49,3 +49,12 @@ def test_missing_sources_are_user_errors(tmp_path):
         ImageFolder(tmp_path)
     with pytest.raises(UserError, match="no Fashion-MNIST idx files"):
         open_source(f"fashion-mnist:{tmp_path}")
+
+
+def test_an_unreadable_image_folder_image_is_named_in_one_line(tmp_path):
+    bad = tmp_path / "cat" / "1.jpg"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a jpeg")
+    with pytest.raises(UserError, match=f"image {bad} is not a readable image") as error:
+        ImageFolder(tmp_path)[0]
+    assert "\n" not in str(error.value)

@@ -5,6 +5,7 @@ and bad input is one line. The exports come from `tests/tools/conftest.py`, one 
 
 import collections
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -303,3 +304,32 @@ def test_missing_onnx_packages_name_the_extra(monkeypatch):
     )
     with pytest.raises(UserError, match=r"needs onnxscript: .*pip install 'debiformer\[export\]'"):
         export.require_onnx_packages("format", "onnx")
+
+
+@pytest.mark.parametrize(
+    ("resolution", "available", "needed"),
+    [("100000", None, r"about [\d.]+e\+\d+ GB"), ("48x64", 10**6, r"about 0\.\d+ GB")],
+)
+def test_an_input_size_beyond_the_memory_is_refused_before_any_tracing(
+    tmp_path, run_main, monkeypatch, resolution, available, needed
+):
+    """A size whose estimate exceeds the available memory (the machine's, or 1 MB) is one line
+    naming the size, the estimate and the memory, found before anything is traced or written."""
+    if available is not None:
+        monkeypatch.setattr(export, "available_memory", lambda: available)
+
+    def no_tracing(*args):
+        raise AssertionError("traced an export that cannot fit in memory")
+
+    monkeypatch.setattr(export, "trace", no_tracing)
+    out = tmp_path / "nano.pt2"
+    args = ["--model", "debiformer_nano", "--resolution", resolution, "--dynamic-batch"]
+    code, _, stderr = run_main("export", *args, "--out", str(out))
+    assert code == 2
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    height, _, width = resolution.partition("x")
+    size = f"{height}x{width or height}"
+    assert stderr.startswith(f"error: --resolution {size}: exporting at this size needs "), stderr
+    estimate = rf"needs {needed} of memory \(at batch 3\), but [\d.]+ GB is available; "
+    assert re.search(estimate + r"give a smaller size, e\.g\. --resolution \d+", stderr), stderr
+    assert list(tmp_path.iterdir()) == []

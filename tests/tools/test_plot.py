@@ -96,6 +96,54 @@ def test_plot_of_a_folder_without_metrics_is_a_one_line_error(run_main, tmp_path
     )
 
 
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe\n", "line 1 is not UTF-8 text"),
+        (b'{"kind": "train", "step": 1}\n\nnot json\n{"step": 2}\n', "line 3 is not a JSON object"),
+        (b'{"step": 1}\n[{"step": 2}]\n', "line 2 is not a JSON object"),
+    ],
+    ids=["binary", "not-json", "not-an-object"],
+)
+def test_plot_of_a_metrics_file_that_is_not_json_lines_names_the_line(
+    run_main, runs, tmp_path, content, problem
+):
+    evaluated, _ = runs
+    metrics = evaluated / "metrics.jsonl"
+    metrics.write_bytes(content)
+    code, _, err = run_main("plot", str(evaluated), "--out", str(tmp_path / "c.png"))
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: {metrics} {problem}"), err
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_validation_metrics_of_different_scales_get_separate_axes(runs, tmp_path):
+    """Top-1 (percent) and box AP (a fraction) never share axes; each panel holds its runs'."""
+    classified = tmp_path / "classification"
+    epochs = [
+        {"kind": "epoch", "step": 10 * e, "top1": 40.0 * e, "ema_top1": 41.0 * e} for e in (1, 2)
+    ]
+    write_run(
+        classified, [train_line(5, 2.0), epochs[0], epochs[1]], summary={"best_metric": "top1"}
+    )
+    curves = [read_run(run, run_metric(run)) for run in (runs[0], classified)]
+    figure = debiformer.curves.runs_figure(curves)
+    lines = {panel.get_title(): [line.get_label() for line in panel.lines] for panel in figure.axes}
+    assert lines == {
+        "training loss": ["quickstart_detection", "quickstart"],
+        "validation bbox_ap (0-1)": ["quickstart_detection", "quickstart_detection EMA"],
+        "validation top1 (%)": ["quickstart", "quickstart EMA"],
+        "learning rate": ["quickstart_detection", "quickstart"],
+        "training images/s": ["quickstart_detection", "quickstart"],
+    }
+    assert debiformer.curves.metrics_by_scale(["top5", "miou", "loss", "top1", "bbox_ap"]) == {
+        "0-1": ["bbox_ap", "miou"],
+        "loss": ["loss"],
+        "%": ["top1", "top5"],
+    }
+
+
 def test_training_writes_curves_and_tensorboard_events(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

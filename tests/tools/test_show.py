@@ -12,15 +12,11 @@ from PIL import Image
 
 import debiformer
 from debiformer import routing
+from debiformer.data.images import MAX_IMAGE_PIXELS, read_rgb
 from debiformer.model import DeformableBiLevelRoutingAttention
 from debiformer.routing import pad_to_regions, to_regions
-from debiformer.tools.show import (
-    AttentionCapture,
-    choose_blocks,
-    inspect_image,
-    load_show_model,
-    read_image,
-)
+from debiformer.tools.show import AttentionCapture, choose_blocks, inspect_image, load_show_model
+from tests.helpers.image_files import huge_png
 
 pytest.importorskip("matplotlib")
 
@@ -144,7 +140,7 @@ def test_the_geometry_drawn_is_the_one_the_model_used(moving_agents, monkeypatch
     for block in blocks:
         loaded.model.get_submodule(block.dbra).register_forward_pre_hook(record_size)
     query = (120.0, 90.0)
-    image = read_image(moving_agents / "a.png")
+    image = read_rgb(moving_agents / "a.png")
     view = inspect_image(loaded, image, blocks, query=query, size=97)
     for block in blocks:
         shown, module = view["blocks"][block.name], loaded.model.get_submodule(block.dbra)
@@ -238,6 +234,19 @@ def test_several_images_get_one_figure_each(run_main, tmp_path):
         ("text", ["bad.png"], "error: image {tmp}/bad.png is not a readable image"),
         ("image", ["ok.png", "--blocks", "9.1"], "error: --blocks: no block '9.1' in this model"),
         ("image", ["ok.png", "--query", "500,3"], "error: --query 500,3: outside the 32x32 image"),
+        (
+            "huge",
+            ["huge.png"],
+            "error: image {tmp}/huge.png is 100000x100000 (10000000000 pixels), above the limit "
+            f"of {MAX_IMAGE_PIXELS} pixels; shrink it or raise --max-pixels",
+        ),
+        (
+            "image",
+            ["ok.png", "--max-pixels", "1000"],
+            "error: image {tmp}/ok.png is 32x32 (1024 pixels), above the limit of 1000 pixels; "
+            "shrink it or raise --max-pixels",
+        ),
+        ("image", ["ok.png", "--max-pixels", "0"], "error: --max-pixels must be at least 1, got 0"),
     ],
 )
 def test_bad_input_is_a_one_line_error(run_main, tmp_path, make, arguments, message):
@@ -245,6 +254,8 @@ def test_bad_input_is_a_one_line_error(run_main, tmp_path, make, arguments, mess
         (tmp_path / "bad.png").write_text("not an image")
     elif make == "image":
         Image.new("RGB", (32, 32)).save(tmp_path / "ok.png")
+    elif make == "huge":
+        huge_png(tmp_path / "huge.png", 100_000, 100_000)
     paths = [str(tmp_path / arguments[0]), *arguments[1:]]
     code, _, err = run_main(
         "show", *paths, "--model", "debiformer_nano", "--out", str(tmp_path / "f.png")

@@ -1,0 +1,124 @@
+"""The one place that opens image files: header checks and fully loaded RGB images.
+
+Every problem with a file is a one-line UserError naming it: missing, a folder, not an image,
+truncated, or above a pixel limit. The limit is this module's own check: importing it sets PIL's
+global `Image.MAX_IMAGE_PIXELS` to None, so PIL neither warns nor raises
+`DecompressionBombError` and the limit (`MAX_IMAGE_PIXELS`, PIL's own default, or a caller's
+setting) is said in the message with the name of the setting that raises it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from debiformer.errors import UserError, mention
+
+MAX_IMAGE_PIXELS: int = 89_478_485  # PIL's default: 0.25 GiB of 24-bit pixels
+DETAIL_CHARS = 120  # at most this much of an underlying error is quoted
+READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError)  # what PIL raises on a bad file
+
+Image.MAX_IMAGE_PIXELS = None
+
+
+@dataclass(frozen=True)
+class PixelLimit:
+    """The most pixels an image may have, and the setting that raises it (named in errors)."""
+
+    pixels: int = MAX_IMAGE_PIXELS
+    name: str = mention("max_pixels")
+
+
+def short_detail(error: BaseException) -> str:
+    """An error's message on one line, at most `DETAIL_CHARS` characters."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= DETAIL_CHARS else text[: DETAIL_CHARS - 3] + "..."
+
+
+def _opened(path: Path, what: str) -> Image.Image:
+    """The image file at `path` opened lazily (header read); a UserError if it is none."""
+    if not path.exists():
+        raise UserError(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder, not an image file")
+    try:
+        return Image.open(path)
+    except READ_ERRORS as error:
+        raise UserError(
+            f"{what} {path} is not a readable image ({short_detail(error)}); fix or remove it"
+        ) from None
+
+
+def check_pixels(
+    path: str | os.PathLike,
+    width: int,
+    height: int,
+    *,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    limit_name: str = mention("max_pixels"),
+    what: str = "image",
+) -> None:
+    """A UserError naming the file if a width x height image has more than `max_pixels` pixels."""
+    if width * height > max_pixels:
+        raise UserError(
+            f"{what} {path} is {width}x{height} ({width * height} pixels), above the limit of "
+            f"{max_pixels} pixels; shrink it or raise {limit_name}"
+        )
+
+
+def image_header(
+    path: str | os.PathLike,
+    *,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    limit_name: str = mention("max_pixels"),
+    what: str = "image",
+) -> tuple[int, int, str]:
+    """(width, height, mode) of an image file from its header only (the pixels are not read);
+    a UserError naming the file (called `what`) if it is missing, a folder, not an image, or
+    above `max_pixels` pixels (`limit_name` names the setting that raises the limit)."""
+    path = Path(path)
+    with _opened(path, what) as image:
+        check_pixels(path, *image.size, max_pixels=max_pixels, limit_name=limit_name, what=what)
+        return image.width, image.height, image.mode
+
+
+def _loaded(
+    path: Path, max_pixels: int, limit_name: str, what: str, mode: str | None
+) -> Image.Image:
+    """The image file fully loaded, converted to `mode` if given, else in its own mode."""
+    with _opened(path, what) as image:
+        check_pixels(path, *image.size, max_pixels=max_pixels, limit_name=limit_name, what=what)
+        try:
+            image.load()
+        except READ_ERRORS as error:
+            raise UserError(
+                f"{what} {path} cannot be read ({short_detail(error)}); fix or remove it"
+            ) from None
+        return image.copy() if mode is None else image.convert(mode)
+
+
+def read_image(
+    path: str | os.PathLike,
+    *,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    limit_name: str = mention("max_pixels"),
+    what: str = "image",
+) -> Image.Image:
+    """The image file fully loaded, in its own mode; the errors of `image_header`, and a UserError
+    naming the file when its body cannot be decoded (truncated, corrupt)."""
+    return _loaded(Path(path), max_pixels, limit_name, what, None)
+
+
+def read_rgb(
+    path: str | os.PathLike,
+    *,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    limit_name: str = mention("max_pixels"),
+    what: str = "image",
+) -> Image.Image:
+    """The image file fully loaded as RGB (greyscale and palette images converted), with the
+    errors of `read_image`."""
+    return _loaded(Path(path), max_pixels, limit_name, what, "RGB")
