@@ -528,9 +528,12 @@ def conversion_notices(model: nn.Module, state: dict[str, torch.Tensor]) -> list
 
 
 def _print_notices(what: str, notices: list[str], console: Console | None) -> None:
-    """Prints each notice as one line, "`what`: notice", to `console` (else stderr)."""
+    """Prints each notice as one line, "`what`: notice", to `console` (else stderr), never
+    wrapped."""
     for notice in notices:
-        (console or Console(stderr=True)).print(f"{what}: {notice}", highlight=False)
+        (console or Console(stderr=True)).print(
+            f"{what}: {notice}", highlight=False, soft_wrap=True
+        )
 
 
 def adapt_to_model(
@@ -648,6 +651,12 @@ def _dense_network(
         raise UserError(f"model spec: unknown key '{spec.task}.{unknown[0]}'")
     head = section(**spec.head)
     body, provenance = build_body(spec, pretrained=pretrained, ema=ema, console=console)
+    if pretrained is not None:
+        fresh = (
+            f"only the backbone's stem and stages come from it: {_fresh_parts(spec)} start fresh"
+        )
+        _print_notices("pretrained weights", [fresh], console)
+        provenance = dataclasses.replace(provenance, adapted=(*provenance.adapted, fresh))
     if spec.task == "detection":
         from debiformer.detection import build_detector
 
@@ -655,6 +664,24 @@ def _dense_network(
     from debiformer.segmentation import build_segmenter
 
     return build_segmenter(body, head, spec.num_classes), provenance
+
+
+# the parts of a dense model that a classifier's weights do not hold, by (task, head kind)
+FRESH_PARTS = {
+    ("detection", "maskrcnn"): "the stage-map norms, FPN, RPN and box and mask heads",
+    ("detection", "retinanet"): "the stage-map norms, FPN and RetinaNet head",
+    ("segmentation", "fpn"): "the stage-map norms and Semantic FPN head",
+    ("segmentation", "upernet"): "the stage-map norms and UperNet heads",
+}
+
+
+def _fresh_parts(spec: ModelSpec) -> str:
+    """What of the dense model of `spec` starts from random weights under a pretrained backbone."""
+    from debiformer.recipe import TASK_SECTIONS
+
+    kind_key = "detector" if spec.task == "detection" else "head"
+    default = getattr(TASK_SECTIONS[spec.task](), kind_key)
+    return FRESH_PARTS[(spec.task, spec.head.get(kind_key, default))]
 
 
 def build_model(

@@ -346,3 +346,37 @@ def test_an_older_dense_checkpoint_gives_its_class_count(tmp_path, task, options
     assert (spec.task, spec.num_classes, spec.head[key]) == (task, 6, options)
     rebuilt, _ = weights.build_model(spec, checkpoint=tmp_path / "old.pt")
     assert type(rebuilt) is type(model)
+
+
+@pytest.mark.parametrize(
+    ("task", "head", "fresh"),
+    [
+        ("detection", {"detector": "retinanet", "fpn_channels": 16}, "FPN and RetinaNet head"),
+        ("segmentation", {"head": "fpn", "fpn_channels": 16, "channels": 16}, "Semantic FPN"),
+    ],
+)
+def test_a_dense_model_starts_its_backbone_from_a_classifier_and_says_what_starts_fresh(
+    tmp_path, capsys, task, head, fresh
+):
+    """The user's two-step path: a classifier's training checkpoint (10 classes) starts the
+    backbone of a detector or segmenter; its head and final norm are left out, and one notice
+    names the parts that start fresh."""
+    classifier = debiformer.create_model("debiformer_nano", num_classes=10)
+    save_checkpoint({"model": classifier.state_dict()}, tmp_path / "best.pt")
+    spec = weights.ModelSpec("debiformer_nano", num_classes=5, task=task, head=head)
+    model, provenance = weights.build_model(spec, pretrained=tmp_path / "best.pt")
+    notices = capsys.readouterr().err.strip().splitlines()
+    assert (
+        notices[0]
+        == "pretrained weights: the checkpoint's 10-class head is left out (the model has none)"
+    )
+    assert notices[1].startswith("pretrained weights: only the backbone's stem and stages come")
+    assert fresh in notices[1] and provenance.adapted[-1] in notices[1]
+    body = {
+        key.split("body.", 1)[1]: value
+        for key, value in model.state_dict().items()
+        if "body." in key
+    }
+    stages = {key: value for key, value in classifier.state_dict().items() if key in body}
+    assert stages and any(key.startswith("stages.") for key in stages)
+    assert_same_tensors(stages, {key: body[key] for key in stages})
