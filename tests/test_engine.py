@@ -194,10 +194,9 @@ def test_best_pt_keeps_the_lowest_value_of_a_lower_is_better_metric(tmp_path):
     assert (best["epoch"], best["best_value"]) == (lowest, min(errors))
 
 
-@pytest.mark.slow
-def test_a_stopped_run_resumes_to_the_same_weights(toy_run, tmp_path, monkeypatch):
-    """A stop request after step 5 (mid-epoch, off the checkpoint grid), then a resume."""
-    full, uninterrupted = toy_run
+def fit_stopped_at_step_five(run_dir: Path, monkeypatch) -> dict:
+    """The toy recipe trained into `run_dir` until a stop request after step 5 (mid-epoch, off
+    the checkpoint grid); its summary."""
     calls = {"n": 0}
     real_any_rank = debiformer.runtime.any_rank
 
@@ -206,8 +205,16 @@ def test_a_stopped_run_resumes_to_the_same_weights(toy_run, tmp_path, monkeypatc
         return real_any_rank(flag or calls["n"] == 5, device)
 
     monkeypatch.setattr(debiformer.runtime, "any_rank", stop_at_five)
-    stopped = fit(toy_recipe(), LineTask(), run_dir=tmp_path / "run")
+    summary = fit(toy_recipe(), LineTask(), run_dir=run_dir)
     monkeypatch.undo()
+    return summary
+
+
+@pytest.mark.slow
+def test_a_stopped_run_resumes_to_the_same_weights(toy_run, tmp_path, monkeypatch):
+    """A stop request after step 5 (mid-epoch, off the checkpoint grid), then a resume."""
+    full, uninterrupted = toy_run
+    stopped = fit_stopped_at_step_five(tmp_path / "run", monkeypatch)
     assert stopped["stopped"] and stopped["steps"] == 5
     resumed = fit(toy_recipe(), LineTask(), run_dir=tmp_path / "run")
     assert resumed["neg_mse"] == uninterrupted["neg_mse"]
@@ -288,16 +295,7 @@ def test_resume_drops_a_metrics_line_cut_short_by_a_crash(toy_run, tmp_path, mon
     """A run killed while appending leaves half a line (its bytes cut inside a character too);
     the resumed run drops it with the lines after its checkpoint."""
     full, uninterrupted = toy_run
-    calls = {"n": 0}
-    real_any_rank = debiformer.runtime.any_rank
-
-    def stop_at_five(flag, device):
-        calls["n"] += 1
-        return real_any_rank(flag or calls["n"] == 5, device)
-
-    monkeypatch.setattr(debiformer.runtime, "any_rank", stop_at_five)
-    fit(toy_recipe(), LineTask(), run_dir=tmp_path / "run")
-    monkeypatch.undo()
+    fit_stopped_at_step_five(tmp_path / "run", monkeypatch)
     metrics = tmp_path / "run" / "metrics.jsonl"
     metrics.write_bytes(metrics.read_bytes() + '{"kind": "train", "note": "é'.encode()[:-1])
     resumed = fit(toy_recipe(), LineTask(), run_dir=tmp_path / "run")
