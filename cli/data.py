@@ -13,7 +13,8 @@ app = typer.Typer(help="Convert, inspect and benchmark image data.", no_args_is_
 @app.command()
 def convert(
     source: str = typer.Argument(
-        ..., help="ImageFolder root (class per folder), or fashion-mnist:<dir>."
+        ...,
+        help="ImageFolder root (class per folder), fashion-mnist:<dir> or fashion-mnist-items:<dir>.",
     ),
     out: Path = typer.Argument(..., help="FFCV file to write (written atomically)."),
     max_resolution: int = typer.Option(

@@ -11,7 +11,7 @@ A recipe file has the sections below (every key optional, defaults in the datacl
               segmentation   {train_path, train_masks, val_path, val_masks, classes, ...}
     detection: {detector, fpn_channels, min_size, max_size, ...}   (task: detection only)
     segmentation: {head, channels, crop_size, eval_mode, ...}      (task: segmentation only)
-    optim:    {lr, lr_base_batch, weight_decay, betas, eps, clip_grad, layer_decay}
+    optim:    {lr, lr_base_batch, weight_decay, betas, eps, clip_grad, layer_decay, ...}
     schedule: {epochs or steps, warmup_epochs or warmup_steps, warmup_lr, min_lr, decay, ...}
     augment:  {hflip, scale, ratio, randaugment, random_erasing, mixup, cutmix, label_smoothing}
     train:    {batch_size, accum_steps, precision, device, channels_last, compile, ema, ...}
@@ -308,6 +308,10 @@ class OptimConfig(Section):
     layer_decay: float | None = checked(
         None, Rule(lambda v: 0 < v <= 1, "must be in (0, 1] (or null for none)")
     )
+    # with model.pretrained, the backbone it starts (a detector's or segmenter's DeBiFormer, a
+    # classifier's all but its head) learns at this times the lr, the rest at the lr; no effect
+    # without model.pretrained
+    pretrained_lr_scale: float = checked(1.0, Rule(lambda v: 0 < v <= 1, "must be in (0, 1]"))
 
 
 @dataclass

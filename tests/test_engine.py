@@ -26,8 +26,12 @@ from debiformer.engine import (
     micro_batches,
     param_groups,
 )
+from debiformer.engine.schedule import build_optimizer, set_lr
 from debiformer.errors import UserError
+from debiformer.recipe import OptimConfig, load_recipe
+from debiformer.weights import ModelSpec, build_model
 from tests.helpers.hold_run_lock import HOLD_RUN_LOCK
+from tests.helpers.recipes import segmentation_recipe, write_recipe
 from tests.helpers.tensors import assert_same_tensors
 from tests.helpers.toy_task import LineTask, toy_recipe
 from tests.helpers.toy_task import metrics_lines as lines
@@ -417,3 +421,23 @@ def test_a_second_training_into_a_live_run_directory_stops_in_one_line(tmp_path)
     # the killed holder's lock is stale now: a new run takes it over
     time.sleep(0.1)
     assert fit(toy_recipe(schedule={"epochs": 2}), LineTask(), run_dir=run_dir)["steps"] == 12
+
+
+def test_a_pretrained_backbone_learns_at_pretrained_lr_scale_times_the_lr(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", segmentation_recipe(tmp_path, "fpn")))
+    segmenter = build_model(ModelSpec.from_recipe(recipe, 11))[0]
+    classifier = debiformer.create_model("debiformer_nano", num_classes=4)
+    optim = OptimConfig(pretrained_lr_scale=0.1)
+    for model, backbone in ((segmenter, "backbone.body."), (classifier, "")):
+        optimizer = build_optimizer(model, optim, peak_lr=1e-3, pretrained=True)
+        set_lr(optimizer, 1e-3)
+        lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+        assert len(lr_of) == sum(1 for _ in model.parameters())
+        for name, param in model.named_parameters():
+            in_backbone = name.startswith(backbone) and not name.startswith("head.")
+            assert lr_of[id(param)] == pytest.approx(1e-4 if in_backbone else 1e-3), name
+        from_scratch = build_optimizer(model, optim, peak_lr=1e-3)
+        set_lr(from_scratch, 1e-3)
+        assert {group["lr"] for group in from_scratch.param_groups} == {1e-3}
+    with pytest.raises(UserError, match="optim.pretrained_lr_scale: this model has no DeBiFormer"):
+        build_optimizer(torch.nn.Linear(2, 2), optim, peak_lr=1e-3, pretrained=True)

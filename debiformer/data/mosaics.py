@@ -24,13 +24,14 @@ import inspect
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
 from rich.console import Console
+from torch.utils.data import Dataset
 
 from debiformer.data.coco import pycocotools_module
 from debiformer.data.sources import (
@@ -52,6 +53,9 @@ BACKGROUND_NOISE = 6.0  # standard deviation of the background's Gaussian pixel 
 TINT_BRIGHTNESS = (200.0, 255.0)  # range of an item's brightest colour channel
 MIN_OPACITY = 0.4  # opacity of an item's faintest mask pixel, so dark items stay visible
 PNG_LEVEL = 1  # zlib level of the PNGs: the noisy canvases hardly compress, so compress fast
+ITEMS_CANVAS = 32  # side of a `MosaicItems` canvas
+ITEMS_SCALE = (0.8, 1.14)  # resize factors of a `MosaicItems` item: 22 to 32 pixels
+ITEMS_SEED = 1  # `MosaicItems` draws from generators seeded by (ITEMS_SEED, split, index)
 SUPERCATEGORY = "fashion"
 COMPLETE_MARK = Path("annotations", "instances_val.json")  # the file that marks a complete set
 
@@ -174,6 +178,21 @@ def _opacity(intensity: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(mask, opacity, 0)[..., None]
 
 
+def _blend_item(
+    rng: np.random.Generator, image: np.ndarray, photo: np.ndarray, x: int, y: int, size: int
+) -> np.ndarray:
+    """Resize `photo` (28, 28) to `size` pixels square, tint it and blend it over its mask into
+    `image` (H, W, 3) float32 at top-left (x, y); returns the mask (size, size) bool. An empty
+    mask leaves `image` and `rng` as they were."""
+    resized = np.asarray(Image.fromarray(photo).resize((size, size), Image.BILINEAR))
+    item_mask = resized > MASK_THRESHOLD
+    if item_mask.any():
+        alpha = _opacity(resized, item_mask)
+        region = image[y : y + size, x : x + size]
+        region[:] = region * (1 - alpha) + _tint(rng) * alpha
+    return item_mask
+
+
 def _draw_canvas(
     rng: np.random.Generator, photos: np.ndarray, classes: np.ndarray, layout: Layout
 ) -> Canvas:
@@ -190,14 +209,10 @@ def _draw_canvas(
         position = _place(rng, size, canvas_size, squares)
         if position is None:
             continue
-        resized = np.asarray(Image.fromarray(photos[index]).resize((size, size), Image.BILINEAR))
-        item_mask = resized > MASK_THRESHOLD
+        x, y = position
+        item_mask = _blend_item(rng, image, photos[index], x, y, size)
         if not item_mask.any():
             continue
-        x, y = position
-        alpha = _opacity(resized, item_mask)
-        region = image[y : y + size, x : x + size]
-        region[:] = region * (1 - alpha) + _tint(rng) * alpha
         category_id = int(classes[index]) + 1
         labels[y : y + size, x : x + size][item_mask] = category_id
         mask = np.zeros((canvas_size, canvas_size), bool)
@@ -205,6 +220,39 @@ def _draw_canvas(
         placed.append(Item(category_id, mask))
         squares.append((x, y, size))
     return Canvas(np.round(image).astype(np.uint8), labels, placed)
+
+
+class MosaicItems(Dataset):
+    """Fashion-MNIST items drawn one per small canvas as the mosaics draw theirs (resized at
+    random by a factor in `ITEMS_SCALE`, tinted, blended over a dark noisy background, at a random
+    place): (PIL RGB image, label) pairs of `ITEMS_CANVAS` pixels square.
+
+    A classifier trained on them sees the products as the dense quick starts' canvases show them,
+    so its features carry over to detection and segmentation (see docs/detection.md). Item i of a
+    split is always drawn the same; the "train" split draws Fashion-MNIST's train items, "test"
+    its test items."""
+
+    classes = FashionMNIST.classes
+
+    def __init__(self, root: str | os.PathLike, split: str, transform: Callable | None = None):
+        self.photos, self.labels = read_fashion_mnist(root, split)
+        self.targets = self.labels.tolist()
+        self.split_index = list(SPLITS.values()).index(split)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple:
+        rng = np.random.default_rng([ITEMS_SEED, self.split_index, index])
+        image = _background(rng, ITEMS_CANVAS)
+        size = round(ITEM_SIZE * rng.uniform(*ITEMS_SCALE))
+        x, y = (int(v) for v in rng.integers(0, ITEMS_CANVAS - size + 1, 2))
+        _blend_item(rng, image, self.photos[index], x, y, size)
+        picture = Image.fromarray(np.round(image).astype(np.uint8))
+        if self.transform is not None:
+            picture = self.transform(picture)
+        return picture, int(self.labels[index])
 
 
 def _mask_box(mask: np.ndarray) -> list[int]:

@@ -1,4 +1,5 @@
-"""Image sources: class-per-folder trees (ImageNet layout), Fashion-MNIST idx files, photos."""
+"""Image sources: class-per-folder trees (ImageNet layout), Fashion-MNIST idx files (as they are,
+or as the mosaics draw their items), photos."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from debiformer.data.images import read_rgb
 from debiformer.errors import UserError
 
 FASHION_MNIST_PREFIX = "fashion-mnist:"
+# Fashion-MNIST's items drawn as the mosaics draw them (`debiformer.data.mosaics.MosaicItems`)
+FASHION_MNIST_ITEMS_PREFIX = "fashion-mnist-items:"
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -37,10 +40,14 @@ PHOTOS = (
 
 
 def fashion_mnist_root(source: str | os.PathLike) -> Path | None:
-    """The idx folder if `source` is "fashion-mnist:<dir>" or a folder of idx files, else None."""
+    """The idx folder if `source` is "fashion-mnist:<dir>", "fashion-mnist-items:<dir>" or a
+    folder of idx files, else None."""
     text = str(source)
-    if text.startswith(FASHION_MNIST_PREFIX):
-        root = Path(text[len(FASHION_MNIST_PREFIX) :] or FASHION_MNIST_DIR)
+    prefix = next(
+        (p for p in (FASHION_MNIST_PREFIX, FASHION_MNIST_ITEMS_PREFIX) if text.startswith(p)), None
+    )
+    if prefix is not None:
+        root = Path(text[len(prefix) :] or FASHION_MNIST_DIR)
         if not (root / FASHION_MNIST_FILES["train"][0]).is_file():
             raise UserError(
                 f"no Fashion-MNIST idx files in {root}: install the Debian package "
@@ -140,8 +147,13 @@ class ImageFolder(Dataset):
 def open_source(
     source: str | os.PathLike, split: str = "train", transform: Callable | None = None
 ) -> Dataset:
-    """The data set behind a source: Fashion-MNIST (split "train" or "test") or an ImageFolder."""
+    """The data set behind a source: Fashion-MNIST (split "train" or "test"), as it is or as
+    mosaics items ("fashion-mnist-items:<dir>"), or an ImageFolder."""
     root = fashion_mnist_root(source)
+    if root is not None and str(source).startswith(FASHION_MNIST_ITEMS_PREFIX):
+        from debiformer.data.mosaics import MosaicItems  # mosaics draw with this module's reader
+
+        return MosaicItems(root, split, transform)
     if root is not None:
         return FashionMNIST(root, split, transform)
     return ImageFolder(source, transform)

@@ -12,6 +12,7 @@ from torch import nn
 
 from debiformer.errors import UserError
 from debiformer.recipe import OptimConfig, ScheduleConfig
+from debiformer.weights import CLASSIFIER
 
 
 def freeze(model: nn.Module, names: list[str]) -> None:
@@ -30,11 +31,15 @@ def freeze(model: nn.Module, names: list[str]) -> None:
 
 
 def param_groups(
-    model: nn.Module, weight_decay: float, layer_decay: float | None = None
+    model: nn.Module,
+    weight_decay: float,
+    layer_decay: float | None = None,
+    backbone_lr_scale: float = 1.0,
 ) -> list[dict]:
     """AdamW groups: weight decay on weights; none on norms, biases and position-bias tables.
-    With `layer_decay`, timm's layer-wise groups through the model's `group_matcher`, each with
-    an `lr_scale` that the schedule multiplies in. Frozen parameters are left out."""
+    With `layer_decay`, timm's layer-wise groups through the model's `group_matcher`; with
+    `backbone_lr_scale` below 1, the backbone (`_backbone_parameters`) in groups of its own. Each
+    group has an `lr_scale` that the schedule multiplies in. Frozen parameters are left out."""
     if layer_decay is not None:
         if not hasattr(model, "group_matcher"):
             raise UserError("optim.layer_decay: this model has no group_matcher; set it to null")
@@ -44,25 +49,49 @@ def param_groups(
             no_weight_decay_list=model.no_weight_decay(),
             layer_decay=layer_decay,
         )
+    backbone = _backbone_parameters(model) if backbone_lr_scale != 1 else set()
     keywords = (
         model.no_weight_decay_keywords() if hasattr(model, "no_weight_decay_keywords") else set()
     )
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
+    groups = []
+    for in_backbone in (False, True):
+        decay, no_decay = [], []
+        for name, param in model.named_parameters():
+            if param.requires_grad and (name in backbone) == in_backbone:
+                skip = param.ndim <= 1 or any(word in name for word in keywords)
+                (no_decay if skip else decay).append(param)
+        if in_backbone and not (decay or no_decay):
             continue
-        skip = param.ndim <= 1 or any(word in name for word in keywords)
-        (no_decay if skip else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        scale = {"lr_scale": backbone_lr_scale} if in_backbone else {}
+        groups += [
+            {"params": decay, "weight_decay": weight_decay, **scale},
+            {"params": no_decay, "weight_decay": 0.0, **scale},
+        ]
+    return groups
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig, peak_lr: float) -> torch.optim.AdamW:
-    """AdamW over `param_groups` of `model` at `peak_lr`."""
+def _backbone_parameters(model: nn.Module) -> set[str]:
+    """The names of the backbone's parameters: a dense model's DeBiFormer's, or a DeBiFormer
+    classifier's all but its head's."""
+    from debiformer.model import DeBiFormer
+
+    for prefix, module in model.named_modules():
+        if isinstance(module, DeBiFormer):
+            names = {name for name, _ in module.named_parameters()}
+            if not prefix:
+                return {name for name in names if not name.startswith(f"{CLASSIFIER}.")}
+            return {f"{prefix}.{name}" for name in names}
+    raise UserError("optim.pretrained_lr_scale: this model has no DeBiFormer backbone; set it to 1")
+
+
+def build_optimizer(
+    model: nn.Module, optim: OptimConfig, peak_lr: float, *, pretrained: bool = False
+) -> torch.optim.AdamW:
+    """AdamW over `param_groups` of `model` at `peak_lr`; the backbone of a model started from
+    `pretrained` weights at `optim.pretrained_lr_scale` times that."""
+    backbone_lr_scale = optim.pretrained_lr_scale if pretrained else 1.0
     return torch.optim.AdamW(
-        param_groups(model, optim.weight_decay, optim.layer_decay),
+        param_groups(model, optim.weight_decay, optim.layer_decay, backbone_lr_scale),
         lr=peak_lr,
         betas=tuple(optim.betas),
         eps=optim.eps,

@@ -147,7 +147,12 @@ class Trainer:
         self.state = TrainState()
         self._build_loaders()
         self._build_model()
-        self.optimizer = build_optimizer(self.model, recipe.optim, self.schedule.peak_lr)
+        self.optimizer = build_optimizer(
+            self.model,
+            recipe.optim,
+            self.schedule.peak_lr,
+            pretrained=recipe.model.pretrained is not None,
+        )
         self.scaler = torch.amp.GradScaler(device.type, enabled=recipe.train.precision == "fp16")
         if resume_from is not None:
             self.resume(resume_from)

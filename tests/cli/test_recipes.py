@@ -33,6 +33,7 @@ SHIPPED = (
     "coco_retinanet_tiny",
     "quickstart",
     "quickstart_detection",
+    "quickstart_items",
     "quickstart_segmentation",
     "small",
     "tiny",

@@ -15,7 +15,13 @@ from debiformer.cli import flags
 from debiformer.cli.main import app
 from debiformer.data import FashionMNIST
 from debiformer.data import mosaics as mosaics_module
-from debiformer.data.mosaics import check_mosaics_options, ensure_mosaics, write_mosaics
+from debiformer.data.mosaics import (
+    MosaicItems,
+    check_mosaics_options,
+    ensure_mosaics,
+    write_mosaics,
+)
+from debiformer.data.sources import FASHION_MNIST_ITEMS_PREFIX, open_source
 from debiformer.errors import UserError
 from tests.data.common import needs_fashion_mnist, write_idx_folder
 
@@ -256,3 +262,28 @@ def test_cli_writes_a_set_and_prints_a_summary(tiny_source, tmp_path):
     assert len(coco.dataset["images"]) == 3
     assert {(i["width"], i["height"]) for i in coco.dataset["images"]} == {(64, 64)}
     assert all(1 <= len(coco.getAnnIds(imgIds=i)) <= 2 for i in coco.getImgIds())
+
+
+def test_mosaic_items_draw_one_tinted_item_per_noisy_canvas_the_same_each_time(tiny_source):
+    """`fashion-mnist-items:` draws each product as the mosaics draw theirs, one per canvas: the
+    item's mask carries a colour far above the dark noisy background; item i is always drawn
+    the same, and the train and test splits are drawn apart."""
+    items = open_source(f"{FASHION_MNIST_ITEMS_PREFIX}{tiny_source}", "train")
+    assert isinstance(items, MosaicItems) and len(items) == 10
+    assert items.classes == FashionMNIST.classes
+    side = mosaics_module.ITEMS_CANVAS
+    smallest, largest = (20 * scale for scale in mosaics_module.ITEMS_SCALE)  # the 20x20 square
+    canvases = []
+    for index in range(10):
+        image, label = items[index]
+        assert label == index and image.size == (side, side) and image.mode == "RGB"
+        pixels = np.asarray(image).astype(float)
+        brightness = pixels.max(axis=-1)
+        item = brightness > 100  # the white square, tinted: its brightest channel is >= 200 * 0.4
+        assert (smallest - 1) ** 2 <= item.sum() <= (largest + 1) ** 2
+        assert brightness[~item].mean() < 48 + 12 and brightness[~item].std() > 1
+        canvases.append(pixels)
+    assert not np.array_equal(canvases[0], canvases[1])
+    assert np.array_equal(np.asarray(items[3][0]), canvases[3])
+    test_split = open_source(f"{FASHION_MNIST_ITEMS_PREFIX}{tiny_source}", "test")
+    assert not np.array_equal(np.asarray(test_split[3][0]), canvases[3])
