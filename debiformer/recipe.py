@@ -313,6 +313,14 @@ class OptimConfig(Section):
     # without model.pretrained
     pretrained_lr_scale: float = checked(1.0, Rule(lambda v: 0 < v <= 1, "must be in (0, 1]"))
 
+    def check(self) -> None:
+        """One way of scaling the lr by layer: layer decay or the pretrained backbone's scale."""
+        if self.layer_decay is not None and self.pretrained_lr_scale != 1:
+            raise UserError(
+                "optim.pretrained_lr_scale: set it to 1 with optim.layer_decay, or set "
+                "optim.layer_decay to null"
+            )
+
 
 @dataclass
 class ScheduleConfig(Section):

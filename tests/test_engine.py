@@ -441,3 +441,5 @@ def test_a_pretrained_backbone_learns_at_pretrained_lr_scale_times_the_lr(tmp_pa
         assert {group["lr"] for group in from_scratch.param_groups} == {1e-3}
     with pytest.raises(UserError, match="optim.pretrained_lr_scale: this model has no DeBiFormer"):
         build_optimizer(torch.nn.Linear(2, 2), optim, peak_lr=1e-3, pretrained=True)
+    with pytest.raises(UserError, match="optim.pretrained_lr_scale: set it to 1 with optim.layer"):
+        OptimConfig(layer_decay=0.75, pretrained_lr_scale=0.5).check()

@@ -29,7 +29,7 @@ from debiformer import runtime
 from debiformer.augment import DeviceRandAugment, DeviceRandomErasing, random_horizontal_flip
 from debiformer.data.draws import AUGMENT_STREAM, batch_generator, crop_uniforms, random_crop_box
 from debiformer.data.ffcv_files import FileSummary, ffcv_summary, import_ffcv
-from debiformer.data.sources import FASHION_MNIST_ITEMS_PREFIX, FASHION_MNIST_PREFIX, open_source
+from debiformer.data.sources import FASHION_MNIST_PREFIXES, open_source
 from debiformer.errors import UserError
 
 if TYPE_CHECKING:
@@ -649,9 +649,7 @@ def _check_settings(
         )
     if backend == "ffcv":
         import_ffcv()
-        if Path(path).is_dir() or str(path).startswith(
-            (FASHION_MNIST_PREFIX, FASHION_MNIST_ITEMS_PREFIX)
-        ):
+        if Path(path).is_dir() or str(path).startswith(FASHION_MNIST_PREFIXES):
             raise UserError(
                 f"the ffcv backend reads a .beton file, not {path}: convert it with "
                 f"`debiformer data convert {path} OUT.beton` or set data.backend: torchvision"

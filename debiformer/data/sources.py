@@ -19,6 +19,7 @@ from debiformer.errors import UserError
 FASHION_MNIST_PREFIX = "fashion-mnist:"
 # Fashion-MNIST's items drawn as the mosaics draw them (`debiformer.data.mosaics.MosaicItems`)
 FASHION_MNIST_ITEMS_PREFIX = "fashion-mnist-items:"
+FASHION_MNIST_PREFIXES = (FASHION_MNIST_PREFIX, FASHION_MNIST_ITEMS_PREFIX)
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -43,9 +44,7 @@ def fashion_mnist_root(source: str | os.PathLike) -> Path | None:
     """The idx folder if `source` is "fashion-mnist:<dir>", "fashion-mnist-items:<dir>" or a
     folder of idx files, else None."""
     text = str(source)
-    prefix = next(
-        (p for p in (FASHION_MNIST_PREFIX, FASHION_MNIST_ITEMS_PREFIX) if text.startswith(p)), None
-    )
+    prefix = next((p for p in FASHION_MNIST_PREFIXES if text.startswith(p)), None)
     if prefix is not None:
         root = Path(text[len(prefix) :] or FASHION_MNIST_DIR)
         if not (root / FASHION_MNIST_FILES["train"][0]).is_file():
