@@ -57,7 +57,12 @@ def bench(
         "--mode",
         help="infer (eval, no grad), train (forward + backward + AdamW step) or both.",
     ),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (CUDA only)."),
+    precision: str = typer.Option(
+        "fp32",
+        "--precision",
+        help="fp32, bf16, fp16 (CUDA only) or auto (bf16 on a CPU with AMX or a GPU with native "
+        "bf16, else fp32).",
+    ),
     device: str = typer.Option(
         "auto", "--device", help="auto (cuda if present, else cpu), cpu or cuda."
     ),
@@ -87,7 +92,7 @@ def bench(
     json_path: Path | None = typer.Option(None, "--json", help="Also write the records here."),
 ) -> None:
     """Images/s, ms per batch, peak memory, parameters and MACs, as a table."""
-    from debiformer.runtime import check_writable, write_json
+    from debiformer.runtime import check_writable, precision_text, select_device, write_json
     from debiformer.tools.bench import DEFAULT_MODELS, BenchOptions, bench_table, run_bench
 
     options = BenchOptions(
@@ -108,6 +113,9 @@ def bench(
     if json_path is not None:
         check_writable(json_path, "--json")
     console = Console()
+    if options.precision == "auto":
+        text = precision_text(options.precision, select_device(options.device))
+        console.print(f"precision {text}", highlight=False)
     records = run_bench(
         options,
         on_record=lambda record: console.print(

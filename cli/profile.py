@@ -18,7 +18,12 @@ def profile(
     device: str = typer.Option(
         "auto", "--device", help="auto (cuda if present, else cpu), cpu or cuda."
     ),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (CUDA only)."),
+    precision: str = typer.Option(
+        "fp32",
+        "--precision",
+        help="fp32, bf16, fp16 (CUDA only) or auto (bf16 on a CPU with AMX or a GPU with native "
+        "bf16, else fp32).",
+    ),
     impl: str = typer.Option("fast", "--impl", help="Routed attention: fast or reference."),
     warmup: int = typer.Option(2, "--warmup", help="Unprofiled iterations first (at least 1)."),
     iterations: int = typer.Option(5, "--iterations", help="Profiled iterations (averaged)."),
@@ -26,7 +31,7 @@ def profile(
     json_path: Path | None = typer.Option(None, "--json", help="Also write the profile here."),
 ) -> None:
     """Forward and backward time and memory of each named step of an op, with its share."""
-    from debiformer.runtime import check_writable, write_json
+    from debiformer.runtime import check_writable, precision_text, select_device, write_json
     from debiformer.tools.profile import ProfileOptions, profile_table, run_profile
 
     options = ProfileOptions(
@@ -46,7 +51,11 @@ def profile(
         check_writable(trace, "--trace")
     if json_path is not None:
         check_writable(json_path, "--json")
+    console = Console()
+    if options.precision == "auto":
+        text = precision_text(options.precision, select_device(options.device))
+        console.print(f"precision {text}", highlight=False)
     result = run_profile(options)
-    Console().print(profile_table(result))
+    console.print(profile_table(result))
     if json_path is not None:
         write_json(json_path, result)

@@ -393,8 +393,9 @@ class TrainConfig(Section):
     accum_steps: int = checked(1, at_least(1))
     # per process; None: the training batch per process
     eval_batch_size: int | None = None
-    # fp32, or autocast to bf16 or fp16 (fp16 only on CUDA)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # fp32, or autocast to bf16 or fp16 (fp16 only on CUDA); auto: bf16 where the hardware
+    # multiplies bf16 natively (a CPU with AMX, a recent GPU), else fp32
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     channels_last: bool = False
     compile: bool = False

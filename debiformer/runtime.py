@@ -1,8 +1,11 @@
-"""Where code runs and how: device choice, precision, synchronisation, peak memory, collectives
-across torchrun processes, and atomic file writes. Each of these lives here and nowhere else.
+"""Where code runs and how: device choice, precision, a damaged torch.compile cache,
+synchronisation, peak memory, collectives across torchrun processes, and atomic file writes.
+Each of these lives here and nowhere else.
 
 Precision has one vocabulary everywhere (recipes, `train`, `eval`, `bench`, `profile`):
-`fp32` (no autocast), `bf16` or `fp16` (autocast to that type; fp16 only on CUDA).
+`fp32` (no autocast), `bf16` or `fp16` (autocast to that type; fp16 only on CUDA), or `auto`:
+bf16 where the device multiplies bf16 matrices natively (a CPU with AMX, a CUDA device of compute
+capability 8 or more), else fp32 (`resolve_precision`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import torch.distributed as dist
 from debiformer.errors import UserError
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTO_PRECISION = "auto"
+PRECISION_CHOICES = (*PRECISIONS, AUTO_PRECISION)
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -52,17 +57,55 @@ def select_device(choice: str | None = "auto", *, option: str = "device") -> tor
 def check_precision(precision: str, device: torch.device, *, option: str = "precision") -> None:
     """Rejects a precision that does not exist or that `device` cannot autocast to, with a
     `UserError` about `option`: the parameter or recipe key (`train.precision`) that gave it."""
-    if precision not in PRECISIONS:
+    if precision not in PRECISION_CHOICES:
         raise UserError(
-            f": unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}",
+            f": unknown precision {precision!r}; choose one of {', '.join(PRECISION_CHOICES)}",
             about=option,
         )
     if precision == "fp16" and device.type != "cuda":
         raise UserError(": fp16 needs a CUDA device; use bf16 or fp32 on the CPU", about=option)
 
 
+def _cpu_has_amx() -> bool:
+    """Whether this CPU has AMX for bf16 (Intel Sapphire Rapids and later), where oneDNN
+    multiplies bf16 matrices several times faster than fp32. False on torch releases without
+    `torch.cpu.get_capabilities`."""
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    return capabilities is not None and bool(capabilities().get("amx_bf16", False))
+
+
+def _auto_precision(device: torch.device) -> tuple[str, str]:
+    """What "auto" is on `device`, and why: bf16 where the hardware multiplies bf16 matrices
+    natively and fast, else fp32."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return "bf16", "CUDA device with native bf16"
+        return "fp32", "CUDA device without native bf16"
+    if device.type == "cpu":
+        return ("bf16", "CPU with AMX") if _cpu_has_amx() else ("fp32", "CPU without AMX")
+    return "fp32", f"{device.type} device"
+
+
+def resolve_precision(precision: str, device: torch.device, *, option: str = "precision") -> str:
+    """`precision` checked (`check_precision`) and made concrete for `device`: "auto" becomes
+    bf16 or fp32, the others stay as they are."""
+    check_precision(precision, device, option=option)
+    return _auto_precision(device)[0] if precision == AUTO_PRECISION else precision
+
+
+def precision_text(precision: str, device: torch.device) -> str:
+    """`precision` for a notice: itself, or for "auto" what it is on `device` and why, as in
+    "auto → fp32 (CPU without AMX)"."""
+    if precision != AUTO_PRECISION:
+        return precision
+    resolved, reason = _auto_precision(device)
+    return f"{AUTO_PRECISION} → {resolved} ({reason})"
+
+
 def autocast(device: torch.device, precision: str) -> AbstractContextManager:
-    """Mixed precision for bf16/fp16 on `device`; nothing for fp32."""
+    """Mixed precision for bf16/fp16 on `device` ("auto" as `resolve_precision` makes it);
+    nothing for fp32."""
+    precision = resolve_precision(precision, device)
     if precision == "fp32":
         return nullcontext()
     return torch.autocast(device.type, dtype=PRECISIONS[precision])
@@ -72,6 +115,50 @@ def synchronize(device: torch.device) -> None:
     """Waits for queued device work, so wall-clock times cover it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+def _compile_cache_dir() -> str:
+    """The folder of torch.compile's (inductor's) cache: TORCHINDUCTOR_CACHE_DIR, else
+    torchinductor_<user> in the temporary folder. Unlike inductor's `cache_dir`, it creates
+    nothing, so it can run while handling a full disk."""
+    from torch._inductor.runtime.runtime_utils import default_cache_dir
+
+    return os.path.abspath(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir())
+
+
+def _compile_cache_load_error(error: BaseException) -> BaseException | None:
+    """The ImportError or OSError in `error`'s chain (causes and contexts: dynamo raises the
+    backend's error as the context of its own) that names a file of the compile cache, if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        loads = isinstance(error, (ImportError, OSError))
+        if loads and os.path.join(_compile_cache_dir(), "") in str(error):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextmanager
+def compile_cache_errors(setting: str) -> Iterator[None]:
+    """Runs the block, in which a compiled model may compile or load its code, turning a file of
+    the compile cache that does not load (a cache a killed run left truncated) into a one-line
+    `UserError` naming the folder to delete; `setting` is what compiles the model (`train.compile`,
+    or a mention), named as the other way out. Any other error passes unchanged."""
+    try:
+        yield
+    except Exception as error:
+        cause = _compile_cache_load_error(error)
+        if cause is None:
+            raise
+        detail = " ".join(f"{type(cause).__name__}: {cause}".split())
+        raise UserError(
+            f"torch.compile's cache is damaged ({detail}), as a killed run can leave it: delete "
+            f"{_compile_cache_dir()} and run again, or run without {setting}"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- peak memory

@@ -1,5 +1,6 @@
 """Fixtures that every test package shares: a cache folder of the session's own, the `debiformer`
-command run in this process, and the release fixture's weights computed once per session."""
+command run in this process, and the release fixture's weights computed once per session; and the
+skip of tests marked `cuda` where there is no CUDA GPU."""
 
 import os
 from collections.abc import Iterator, Mapping
@@ -10,6 +11,16 @@ import torch
 
 from tests.helpers.cli import run_in_process
 from tests.helpers.official_fixture import load_fixture, official_state_dict
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `cuda` skip, saying why, where torch sees no CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -42,7 +42,7 @@ def test_defaults_fill_missing_keys(tmp_path):
         ({"train": {"ema": "yes"}}, "train.ema: expected true or false, got 'yes'"),
         (
             {"train": {"precision": "off"}},
-            "train.precision: expected one of 'fp32', 'bf16', 'fp16', got 'off'",
+            "train.precision: expected one of 'fp32', 'bf16', 'fp16', 'auto', got 'off'",
         ),
         ({"augment": {"scale": 0.5}}, "augment.scale: expected a list of numbers, got 0.5"),
         ({"augment": {"scale": [0.5]}}, "augment.scale: expected two numbers"),

@@ -142,6 +142,9 @@ class Trainer:
         self.ckpt_dir = run_dir / "checkpoints"
         self.rank, self.world_size = runtime.rank_and_world()
         self.is_main = self.rank == 0
+        self.precision = runtime.resolve_precision(
+            recipe.train.precision, device, option="train.precision"
+        )
         self.console = Console(stderr=True, quiet=not self.is_main, soft_wrap=True)
         self.started = time.perf_counter()
         self.state = TrainState()
@@ -153,7 +156,7 @@ class Trainer:
             self.schedule.peak_lr,
             pretrained=recipe.model.pretrained is not None,
         )
-        self.scaler = torch.amp.GradScaler(device.type, enabled=recipe.train.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         if resume_from is not None:
             self.resume(resume_from)
         if self.is_main:
@@ -225,7 +228,11 @@ class Trainer:
         self.print_start()
         stopped = None
         try:
-            with StopRequest() as stop, self.progress_bar() as progress:
+            with (
+                StopRequest() as stop,
+                self.progress_bar() as progress,
+                runtime.compile_cache_errors("train.compile"),
+            ):
                 if state.eval_pending:  # saved before its evaluation, which did not finish
                     self.log_epoch(None, self.evaluate_if_due())
                 while stopped is None and state.epoch < epochs:
@@ -288,7 +295,7 @@ class Trainer:
         for k, part in enumerate(parts):
             sync = k == len(parts) - 1 or self.world_size == 1
             with nullcontext() if sync else self.train_model.no_sync():
-                with runtime.autocast(self.device, cfg.precision):
+                with runtime.autocast(self.device, self.precision):
                     loss = self.task.loss(self.train_model, part) / len(parts)
                 self.scaler.scale(loss).backward()
             total += loss.detach()
@@ -340,7 +347,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, Any]:
         """The task's validation metrics of the model, and of its EMA prefixed `ema_`."""
-        with runtime.autocast(self.device, self.recipe.train.precision):
+        with runtime.autocast(self.device, self.precision):
             metrics = self.task.evaluate(self.model, self.val_loader)
             if self.ema is not None:
                 ema_metrics = self.task.evaluate(self.ema.module, self.val_loader)
@@ -508,7 +515,8 @@ class Trainer:
         schedule = self.schedule
         self.console.print(
             f"{self.recipe.model.name}: {self.num_params / 1e6:.2f} M parameters, "
-            f"{self.world_size} process(es) on {self.device.type}, batch "
+            f"{self.world_size} process(es) on {self.device.type}, precision "
+            f"{runtime.precision_text(self.recipe.train.precision, self.device)}, batch "
             f"{self.recipe.train.batch_size} (global), {schedule.steps_per_epoch} steps/epoch, "
             f"{schedule.epochs} epochs ({schedule.total_steps} steps), "
             f"peak lr {schedule.peak_lr:.3g}; run directory {self.run_dir}",
@@ -545,6 +553,7 @@ class Trainer:
             "recipe": self.recipe.name,
             "parameters": self.num_params,
             "device": self.device.type,
+            "precision": self.precision,
             "world_size": self.world_size,
             "global_batch": cfg.batch_size,
             "epochs": round(state.step / self.schedule.steps_per_epoch, 4),

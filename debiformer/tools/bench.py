@@ -42,7 +42,9 @@ from debiformer.routing import IMPLEMENTATIONS, implementation
 from debiformer.runtime import (
     autocast,
     check_precision,
+    compile_cache_errors,
     peak_memory,
+    resolve_precision,
     select_device,
     synchronize,
     write_json,
@@ -171,8 +173,12 @@ class BenchOptions:
             raise UserError(
                 f"{onnxruntime} measures inference only: use {mention('modes', 'infer')}"
             )
-        if self.precision != "fp32" or select_device(self.device).type != "cpu":
-            raise UserError(f"{onnxruntime} runs fp32 on the CPU: use {mention('device', 'cpu')}")
+        device = select_device(self.device)
+        if resolve_precision(self.precision, device) != "fp32" or device.type != "cpu":
+            raise UserError(
+                f"{onnxruntime} runs fp32 on the CPU: use {mention('device', 'cpu')} and "
+                f"{mention('precision', 'fp32')}"
+            )
         if not self.models or "fast" not in self.impls:
             raise UserError(f"{onnxruntime} runs DeBiFormer models with {mention('impls', 'fast')}")
         require_onnx_packages("runtimes", "onnxruntime")
@@ -200,13 +206,14 @@ class BenchRow:
 
 def bench_rows(options: BenchOptions, device: torch.device) -> list[BenchRow]:
     """Every row to measure: each mode, then each DeBiFormer model × implementation, then each
-    timm model, each in every runtime (onnxruntime: DeBiFormer's fast implementation only)."""
+    timm model, each in every runtime (onnxruntime: DeBiFormer's fast implementation only), at
+    the precision that `options.precision` is on `device`."""
     names = [(name, impl) for name in options.models for impl in options.impls]
     names += [(name, NO_IMPL) for name in options.compare]
     settings = dict(
         resolution=options.resolution,
         batch_size=options.batch_size,
-        precision=options.precision,
+        precision=resolve_precision(options.precision, device),
         device=device.type,
         channels_last=options.channels_last,
         grad_checkpointing=options.grad_checkpointing,
@@ -344,7 +351,10 @@ def _timed_steps(row: BenchRow) -> tuple[list[float], float]:
         images = torch.randn(size, device=device).contiguous(memory_format=memory_format)
         labels = torch.randint(0, 1000, (row.batch_size,), device=device)
         run_step = make_step(model, row.mode, images, labels, row.precision)
-        with implementation(row.impl if row.impl != NO_IMPL else "fast"):
+        with (
+            implementation(row.impl if row.impl != NO_IMPL else "fast"),
+            compile_cache_errors(mention("runtimes", "compile")),
+        ):
             seconds = time_steps(run_step, row.warmup, row.iterations, device)
     return seconds, peak["mb"]
 

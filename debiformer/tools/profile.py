@@ -29,6 +29,7 @@ from debiformer.runtime import (
     autocast,
     check_precision,
     peak_memory,
+    resolve_precision,
     select_device,
     synchronize,
 )
@@ -214,10 +215,11 @@ def run_profile(options: ProfileOptions) -> dict:
     Peak memory is measured over the warm-up iterations, outside the profiler.
     """
     device = select_device(options.device)
+    precision = resolve_precision(options.precision, device)
     torch.manual_seed(0)
 
     def forward_backward() -> None:
-        with record_function(FORWARD), autocast(device, options.precision):
+        with record_function(FORWARD), autocast(device, precision):
             output = module(inputs)
         with record_function(BACKWARD):
             output.float().mean().backward()
@@ -258,7 +260,7 @@ def run_profile(options: ProfileOptions) -> dict:
         "batch_size": options.batch_size,
         "input_shape": list(inputs.shape),
         "device": device.type,
-        "precision": options.precision,
+        "precision": precision,
         "peak_mem": memory_kind(device),
         "warmup": options.warmup,
         "iterations": options.iterations,

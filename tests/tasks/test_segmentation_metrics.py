@@ -134,7 +134,7 @@ def test_class_names_must_match_the_confusion():
         segmentation_metrics(torch.tensor(CONFUSION), CLASS_NAMES[:3])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_confusion_matrix_on_cuda():
     confusion = confusion_matrix(PREDICTION.cuda(), TARGET.cuda(), 4)
     assert confusion.device.type == "cuda"
