@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from debiformer.cli.options import DEVICE, PRECISION, say_precision
 from debiformer.cli.parsing import names
 
 LIST_HELP = "comma-separated or repeated"
@@ -57,15 +58,8 @@ def bench(
         "--mode",
         help="infer (eval, no grad), train (forward + backward + AdamW step) or both.",
     ),
-    precision: str = typer.Option(
-        "fp32",
-        "--precision",
-        help="fp32, bf16, fp16 (CUDA only) or auto (bf16 on a CPU with AMX or a GPU with native "
-        "bf16, else fp32).",
-    ),
-    device: str = typer.Option(
-        "auto", "--device", help="auto (cuda if present, else cpu), cpu or cuda."
-    ),
+    precision: str = PRECISION,
+    device: str = DEVICE,
     channels_last: bool = typer.Option(False, "--channels-last", help="NHWC memory format."),
     compile: bool = typer.Option(
         False, "--compile", help="torch.compile the model (the same as --runtime compile)."
@@ -92,7 +86,7 @@ def bench(
     json_path: Path | None = typer.Option(None, "--json", help="Also write the records here."),
 ) -> None:
     """Images/s, ms per batch, peak memory, parameters and MACs, as a table."""
-    from debiformer.runtime import check_writable, precision_text, select_device, write_json
+    from debiformer.runtime import check_writable, write_json
     from debiformer.tools.bench import DEFAULT_MODELS, BenchOptions, bench_table, run_bench
 
     options = BenchOptions(
@@ -113,9 +107,7 @@ def bench(
     if json_path is not None:
         check_writable(json_path, "--json")
     console = Console()
-    if options.precision == "auto":
-        text = precision_text(options.precision, select_device(options.device))
-        console.print(f"precision {text}", highlight=False)
+    say_precision(console, options.precision, options.device)
     records = run_bench(
         options,
         on_record=lambda record: console.print(

@@ -1,7 +1,9 @@
 """Options several commands share, each defined once: the recipe and its `--set` overrides
-(train, eval, recipes show), and the model and its weights (show, export)."""
+(train, eval, recipes show), the model and its weights (show, export), and the device and
+precision of the measuring commands (bench, profile)."""
 
 import typer
+from rich.console import Console
 
 RECIPE_HELP = "Recipe YAML file, or the name of a shipped one (e.g. quickstart, tiny)."
 
@@ -34,3 +36,20 @@ PRETRAINED = typer.Option(
     help="Weights file or URL to start from, as model.pretrained takes (a head for other classes "
     "starts at zero).",
 )
+
+DEVICE = typer.Option("auto", "--device", help="auto (cuda if present, else cpu), cpu or cuda.")
+PRECISION = typer.Option(
+    "fp32",
+    "--precision",
+    help="fp32, bf16, fp16 (CUDA only) or auto (bf16 on a CPU with AMX or a GPU with native "
+    "bf16, else fp32).",
+)
+
+
+def say_precision(console: Console, precision: str, device: str) -> None:
+    """For `--precision auto`, one line saying what it is on `device` and why."""
+    from debiformer.runtime import precision_text, select_device
+
+    if precision == "auto":
+        text = precision_text(precision, select_device(device))
+        console.print(f"precision {text}", highlight=False)

@@ -8,6 +8,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from debiformer.cli.options import DEVICE, PRECISION, say_precision
+
 
 def profile(
     op: str = typer.Option("dbra", "--op", help="dbra, bra, block or model."),
@@ -15,15 +17,8 @@ def profile(
     variant: str = typer.Option("debiformer_tiny", "--variant", help="DeBiFormer variant."),
     resolution: int = typer.Option(224, "--resolution", help="Image side in pixels (32 or more)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per iteration."),
-    device: str = typer.Option(
-        "auto", "--device", help="auto (cuda if present, else cpu), cpu or cuda."
-    ),
-    precision: str = typer.Option(
-        "fp32",
-        "--precision",
-        help="fp32, bf16, fp16 (CUDA only) or auto (bf16 on a CPU with AMX or a GPU with native "
-        "bf16, else fp32).",
-    ),
+    device: str = DEVICE,
+    precision: str = PRECISION,
     impl: str = typer.Option("fast", "--impl", help="Routed attention: fast or reference."),
     warmup: int = typer.Option(2, "--warmup", help="Unprofiled iterations first (at least 1)."),
     iterations: int = typer.Option(5, "--iterations", help="Profiled iterations (averaged)."),
@@ -31,7 +26,7 @@ def profile(
     json_path: Path | None = typer.Option(None, "--json", help="Also write the profile here."),
 ) -> None:
     """Forward and backward time and memory of each named step of an op, with its share."""
-    from debiformer.runtime import check_writable, precision_text, select_device, write_json
+    from debiformer.runtime import check_writable, write_json
     from debiformer.tools.profile import ProfileOptions, profile_table, run_profile
 
     options = ProfileOptions(
@@ -52,9 +47,7 @@ def profile(
     if json_path is not None:
         check_writable(json_path, "--json")
     console = Console()
-    if options.precision == "auto":
-        text = precision_text(options.precision, select_device(options.device))
-        console.print(f"precision {text}", highlight=False)
+    say_precision(console, options.precision, options.device)
     result = run_profile(options)
     console.print(profile_table(result))
     if json_path is not None:
