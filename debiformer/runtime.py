@@ -103,9 +103,8 @@ def precision_text(precision: str, device: torch.device) -> str:
 
 
 def autocast(device: torch.device, precision: str) -> AbstractContextManager:
-    """Mixed precision for bf16/fp16 on `device` ("auto" as `resolve_precision` makes it);
+    """Mixed precision for bf16/fp16 on `device` (a precision as `resolve_precision` gives it);
     nothing for fp32."""
-    precision = resolve_precision(precision, device)
     if precision == "fp32":
         return nullcontext()
     return torch.autocast(device.type, dtype=PRECISIONS[precision])

@@ -51,16 +51,16 @@ def eval_batch_size(recipe: Recipe) -> int:
 
 def open_checkpoint(
     recipe: Recipe, checkpoint: str | Path, json_path: str | Path | None
-) -> tuple[WeightsFile, torch.device]:
+) -> tuple[WeightsFile, torch.device, str]:
     """What every `evaluate_checkpoint` starts with, before any long work: `json_path` checked
     writable, the checkpoint read, the recipe's device and precision checked. Returns (the
-    checkpoint, read once, the device)."""
+    checkpoint, read once, the device, the precision as it runs there: `auto` resolved)."""
     if json_path is not None:
         runtime.check_writable(json_path, "json_path")
     file = open_weights(checkpoint)
     device = runtime.select_device(recipe.train.device, option="train.device")
-    runtime.check_precision(recipe.train.precision, device, option="train.precision")
-    return file, device
+    precision = runtime.resolve_precision(recipe.train.precision, device, option="train.precision")
+    return file, device, precision
 
 
 def start_model(recipe: Recipe, spec: ModelSpec) -> nn.Module:

@@ -260,7 +260,7 @@ class ClassificationTask(Task):
         """Evaluates a checkpoint (this tool's, a bare state dict, or a released one) on the
         recipe's validation set; writes the result as JSON to `json_path` when given."""
         recipe = self.recipe
-        file, device = open_checkpoint(recipe, checkpoint, json_path)
+        file, device, precision = open_checkpoint(recipe, checkpoint, json_path)
         prepare_ffcv_files(recipe, splits=("val",))
         loader = build_split_loader(recipe, "val", device, eval_batch_size(recipe))
         spec = ModelSpec.from_recipe(recipe, recipe.data.num_classes or loader.num_classes)
@@ -268,7 +268,7 @@ class ClassificationTask(Task):
         model.to(device)
         if recipe.train.channels_last:
             model.to(memory_format=torch.channels_last)
-        with runtime.autocast(device, recipe.train.precision):
+        with runtime.autocast(device, precision):
             evaluation = evaluate(model, loader, channels_last=recipe.train.channels_last)
         result = {
             "checkpoint": str(checkpoint),

@@ -159,7 +159,7 @@ class DenseTask(Task):
         """The metrics of a checkpoint of this tool on the recipe's validation set; writes the
         result as JSON to `json_path` when given, and predictions.png beside it."""
         recipe = self.recipe
-        file, device = open_checkpoint(recipe, checkpoint, json_path)
+        file, device, precision = open_checkpoint(recipe, checkpoint, json_path)
         val_data = self.read_data("val")
         self.class_names = val_data.class_names
         loader = self.build_split_loader(val_data, device, eval_batch_size(recipe), train=False)
@@ -167,7 +167,7 @@ class DenseTask(Task):
         model, provenance = build_model(
             self.model_spec(), checkpoint=file, ema=use_ema, official=False
         )
-        with runtime.autocast(device, recipe.train.precision):
+        with runtime.autocast(device, precision):
             evaluation = self.run_evaluation(model.to(device), loader)
         result = {
             "checkpoint": str(checkpoint),

@@ -94,6 +94,15 @@ def test_eval_of_a_saved_checkpoint_reproduces_the_run_metrics(finished_run, tmp
     assert (ema["weights"], ema["top1"]) == ("ema", pytest.approx(summary["ema_top1"]))
 
 
+def test_eval_at_precision_auto_runs_at_the_precision_it_resolves_to(finished_run, monkeypatch):
+    """On a CPU without AMX `train.precision: auto` evaluates in fp32: the run's own figures."""
+    path, run_dir, summary = finished_run
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": False})
+    recipe = load_recipe(path, ["train.precision=auto"])
+    result = evaluate_checkpoint(recipe, run_dir / "checkpoints" / "last.pt")
+    assert result["loss"] == pytest.approx(summary["loss"])
+
+
 def test_eval_cli_prints_metrics_and_writes_json(finished_run, tmp_path):
     path, run_dir, _ = finished_run
     out = tmp_path / "eval.json"
