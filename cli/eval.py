@@ -26,6 +26,17 @@ def evaluate(
     ),
     overrides: list[str] = options.OVERRIDES,
     ema: bool = typer.Option(False, "--ema", help="Evaluate the checkpoint's EMA weights."),
+    tta: str | None = typer.Option(
+        None,
+        "--tta",
+        help="Classifiers: flip (the mean of each image's and its mirror image's probabilities), "
+        "reported beside the plain figures.",
+    ),
+    confusion: Path | None = typer.Option(
+        None,
+        "--confusion",
+        help="Classifiers: also draw the confusion matrix in this figure file (.png; viz extra).",
+    ),
     official: bool | None = typer.Option(
         None,
         "--official/--no-official",
@@ -33,9 +44,9 @@ def evaluate(
     ),
 ) -> None:
     """Validation metrics of a checkpoint for the task of RECIPE (else of the recipe the
-    checkpoint stores): top-1/top-5 for classifiers, COCO box and mask AP for detectors, mIoU and
-    per-class IoU for segmenters (whole, sliding or multi-scale + flip as the recipe's
-    segmentation.eval_* keys say)."""
+    checkpoint stores): top-1/top-5, per-class top-1 and the confusion matrix (in --json) for
+    classifiers, COCO box and mask AP for detectors, mIoU and per-class IoU for segmenters
+    (whole, sliding or multi-scale + flip as the recipe's segmentation.eval_* keys say)."""
     from debiformer.recipe import load_recipe
     from debiformer.tasks import checkpoint_recipe, evaluate_checkpoint, task_class
 
@@ -45,9 +56,13 @@ def evaluate(
         loaded = load_recipe(recipe, overrides)
     options = {"use_ema": ema, "json_path": json_path}
     if loaded.task == "classification":
-        options["official"] = official
+        options |= {"official": official, "tta": tta}
     elif official:
         raise UserError("--official: only classification checkpoints come from the release")
+    elif tta is not None:
+        raise UserError(f"--tta: takes classifiers; this is a {loaded.task} recipe")
+    if confusion is not None:
+        check_confusion_path(confusion, loaded.task)
     result = evaluate_checkpoint(loaded, checkpoint, **options)
     console = Console()
     head = f"{result['model']} ({result['weights']} weights) on {result['images']} images"
@@ -60,6 +75,40 @@ def evaluate(
     if "images_per_s" in result:
         line += f", {result['images_per_s']:.0f} img/s"
     console.print(line, highlight=False)
+    if "tta" in result:
+        tta_line = f"with {result['tta']} test-time augmentation: top-1 {result['tta_top1']:.2f}%, "
+        console.print(f"{tta_line}top-5 {result['tta_top5']:.2f}%", highlight=False)
+    if confusion is not None:
+        from debiformer.tools.plot import draw_confusion
+
+        console.print(f"wrote {draw_confusion(result['confusion_matrix'], confusion)}")
+
+
+def check_confusion_path(path: Path, task: str) -> None:
+    """--confusion: a classifier's, a figure file matplotlib writes; checked before evaluating."""
+    from debiformer.tools.plot import check_figure_path, require_matplotlib
+
+    if task != "classification":
+        raise UserError(f"--confusion: a {task} recipe's evaluation has no confusion matrix")
+    require_matplotlib()
+    check_figure_path(path)
+
+
+# at most this many classes are listed one by one; beyond, the lowest top-1 are
+LISTED_CLASSES = 20
+
+
+def class_accuracy_table(result: dict) -> Table:
+    """Top-1 per class: every class for up to `LISTED_CLASSES`, else the lowest ones."""
+    rows = [(name, top1) for name, top1 in result["class_top1"].items() if top1 is not None]
+    title = None
+    if len(rows) > LISTED_CLASSES:
+        rows = sorted(rows, key=lambda row: row[1])[:LISTED_CLASSES]
+        title = f"the {LISTED_CLASSES} classes of lowest top-1"
+    table = Table("class", "top-1", title=title)
+    for name, top1 in rows:
+        table.add_row(name, f"{top1:.2f}%")
+    return table
 
 
 def coco_table(result: dict) -> Table:
@@ -91,4 +140,8 @@ def class_table(result: dict) -> Table:
 
 
 # the tables `eval` prints above the task's metrics line, by task
-TABLES = {"detection": coco_table, "segmentation": class_table}
+TABLES = {
+    "classification": class_accuracy_table,
+    "detection": coco_table,
+    "segmentation": class_table,
+}

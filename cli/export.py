@@ -26,6 +26,11 @@ def summary(result: dict) -> str:
     config, check = result["config"], result["check"]
     size = "x".join(map(str, config["input_size"]))
     megabytes = result["bytes"] / 2**20
+    if result["format"] == "hf":
+        return (
+            f"wrote {result['out']} (timm / Hugging Face folder: config.json, model.safetensors, "
+            f"README.md; {size}, {megabytes:.1f} MB): timm loads it and gives the same logits"
+        )
     if result["format"] == "safetensors":
         return (
             f"wrote {result['out']} ({check['tensors']} tensors, {size}, {megabytes:.1f} MB): "
@@ -47,10 +52,15 @@ def summary(result: dict) -> str:
 
 def export(
     out: Path = typer.Option(
-        ..., "--out", help="The file to write: NAME.onnx, NAME.pt2 or NAME.safetensors."
+        ...,
+        "--out",
+        help="What to write: NAME.onnx, NAME.pt2, NAME.safetensors, or a folder (hf).",
     ),
     format: str | None = typer.Option(
-        None, "--format", help="onnx, pt2 or safetensors (default: from --out's suffix)."
+        None,
+        "--format",
+        help="onnx, pt2, safetensors or hf (a timm / Hugging Face folder with a model card); "
+        "default: from --out's suffix, hf for a name without one.",
     ),
     model: str | None = options.MODEL,
     recipe: str | None = options.MODEL_RECIPE,
@@ -71,8 +81,10 @@ def export(
         help="int8: onnxruntime's dynamic int8 quantisation of the matrix products (ONNX only).",
     ),
 ) -> None:
-    """Write a model as ONNX, a torch.export program (.pt2) or safetensors weights with its
-    architecture and preprocessing; the file is checked against PyTorch before it is put in place."""
+    """Write a model as ONNX, a torch.export program (.pt2), safetensors weights with its
+    architecture and preprocessing, or a timm / Hugging Face folder (config.json,
+    model.safetensors, README.md model card); what is written is checked against PyTorch before it
+    is put in place."""
     from debiformer.tools.export import ExportOptions, export_model
 
     options = ExportOptions(

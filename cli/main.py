@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 import debiformer
-from debiformer.cli import bench, data, export, flags, plot, profile, recipes, show, train
+from debiformer.cli import bench, data, export, flags, plot, predict, profile, recipes, show, train
 from debiformer.cli import eval as eval_command
 from debiformer.errors import UserError
 
@@ -54,6 +54,7 @@ app.command("bench")(bench.bench)
 app.command("profile")(profile.profile)
 app.command("export")(export.export)
 app.command("show")(show.show)
+app.command("predict")(predict.predict)
 app.command("plot")(plot.plot)
 app.add_typer(data.app, name="data")
 app.add_typer(recipes.app, name="recipes")

@@ -393,11 +393,16 @@ class DeBiFormer(nn.Module):
     """
 
     def __init__(
-        self, arch: Architecture = Architecture(), num_classes: int = 1000, in_chans: int = 3
+        self,
+        arch: Architecture = Architecture(),
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        global_pool: str = "avg",
     ):
         super().__init__()
         self.arch = arch
         self.num_classes = num_classes
+        self.global_pool = _checked_global_pool(global_pool)
         dims = arch.dims
         self.num_features = self.head_hidden_size = dims[-1]
         self.feature_info = [
@@ -532,10 +537,15 @@ class DeBiFormer(nn.Module):
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Global average pool and classifier on `forward_features`' map (`pre_logits`: the
-        pooled features only)."""
+        pooled features only). With `global_pool=''` nothing is pooled: the map itself, or with
+        a head, its logits at every position (N, classes, H, W)."""
         with step("model/head"):
-            pooled = x.mean(dim=(2, 3))
-            return pooled if pre_logits else self.head(pooled)
+            if self.global_pool == "avg":
+                pooled = x.mean(dim=(2, 3))
+                return pooled if pre_logits else self.head(pooled)
+            if pre_logits or self.num_classes == 0:
+                return x
+            return self.head(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
@@ -547,9 +557,9 @@ class DeBiFormer(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A new, freshly initialised head for `num_classes` (0: none, `forward` gives the pooled
-        features). Pooling is always the global average."""
-        if global_pool not in (None, "avg"):
-            raise UserError(f"global_pool: DeBiFormer pools by average only, not {global_pool!r}")
+        features); `global_pool` "avg" or "" (no pooling, see `forward_head`), None keeps it."""
+        if global_pool is not None:
+            self.global_pool = _checked_global_pool(global_pool)
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.head.apply(_init_weights)
@@ -584,6 +594,16 @@ class DeBiFormer(nn.Module):
         """timm's `custom_load` hook: the file (or downloaded URL) of a pretrained config, read by
         this project's safe loader (`weights.load_pretrained`) rather than timm's."""
         load_pretrained(self, path)
+
+
+def _checked_global_pool(global_pool: str) -> str:
+    """`global_pool` if this model can pool that way: "avg" or "" (timm's pass-through)."""
+    if global_pool not in ("avg", ""):
+        raise UserError(
+            f"global_pool: expected 'avg' (global average) or '' (the unpooled map), "
+            f"got {global_pool!r}"
+        )
+    return global_pool
 
 
 @register_notrace_function

@@ -55,6 +55,8 @@ EXPORT_CONFIG_KEY = "debiformer"
 RECIPE_INTERPOLATION = "bilinear"
 # what an export's config of the first format holds beside its preprocessing (no "model_spec")
 OLD_EXPORT_KEYS = ("model", "num_classes", "in_chans")
+# the weights file of a timm / Hugging Face folder
+HF_WEIGHTS = "model.safetensors"
 # the fix for an export whose config is damaged
 REEXPORT = "export the model again, or give a recipe or a model name"
 
@@ -212,12 +214,16 @@ def is_official_state_dict(state: dict[str, Any]) -> bool:
 
 
 def local_file(source: str | Path) -> Path:
-    """`source` as a local file: a path, or a URL downloaded once into the torch hub cache
+    """`source` as a local file: a path (a timm / Hugging Face folder: its model.safetensors), or
+    a URL downloaded once into the torch hub cache
     (`<hub dir>/checkpoints`), checked against the hash prefix its name carries
     (`name-<sha256 prefix>.pth`, torch.hub's convention) if any."""
     text = str(source)
     if "://" not in text:
-        return existing_file(Path(text).expanduser())
+        path = Path(text).expanduser()
+        if path.is_dir() and (path / HF_WEIGHTS).is_file():
+            return path / HF_WEIGHTS  # a timm / Hugging Face folder (`export --format hf`)
+        return existing_file(path)
     name = Path(text.split("?")[0]).name
     path = Path(torch.hub.get_dir()) / "checkpoints" / name
     if not path.is_file():

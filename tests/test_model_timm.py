@@ -65,6 +65,63 @@ def test_forward_features_head_and_intermediates_agree():
     assert pooled.shape == (2, 256) and torch.equal(logits, model.get_classifier()(pooled))
 
 
+ALL_VARIANTS = [*VARIANTS[:-1], pytest.param("debiformer_base", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("name", ALL_VARIANTS)
+def test_pooling_and_config_names_hold_as_timm_tests_them(name):
+    """At the config's input size: the unpooled map matches `pool_size`; without a head the
+    output is pooled to `num_features`; with `global_pool=''` (from `create_model` or
+    `reset_classifier`) it is the 4-d last map; the config's classifier and first conv exist."""
+    model = timm.create_model(name).eval()
+    cfg, state = model.pretrained_cfg, model.state_dict()
+    images = torch.randn(1, *cfg["input_size"])
+    with torch.no_grad():
+        features = model.forward_features(images)
+        assert features.shape[-2:] == cfg["pool_size"]
+        model.reset_classifier(0)
+        assert model(images).shape == (1, model.num_features)
+        model.reset_classifier(0, "")
+        assert torch.equal(model(images), features)
+        assert torch.equal(model.forward_head(features), features)
+    unpooled = timm.create_model(name, num_classes=0, global_pool="")
+    unpooled.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(unpooled.eval()(images), features)
+    assert f"{cfg['classifier']}.weight" in state and f"{cfg['first_conv']}.weight" in state
+
+
+@pytest.mark.parametrize("name", ALL_VARIANTS)
+def test_every_parameter_gets_a_gradient_for_a_new_head(name):
+    model = timm.create_model(name, num_classes=42).train()
+    outputs = model(torch.randn(2, 3, 128, 128))
+    outputs.mean().backward()
+    assert outputs.shape == (2, 42) and not outputs.isnan().any()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+def test_unpooled_head_gives_logits_at_every_position_that_average_to_the_pooled_ones():
+    model = debiformer.create_model("debiformer_nano", num_classes=5).eval()
+    images = torch.randn(2, 3, 64, 64)
+    head = model.get_classifier().state_dict()
+    with torch.no_grad():
+        pooled_logits = model(images)
+        model.reset_classifier(5, "")
+        model.get_classifier().load_state_dict(head)
+        position_logits = model(images)
+    assert position_logits.shape == (2, 5, 2, 2)
+    torch.testing.assert_close(position_logits.mean(dim=(2, 3)), pooled_logits)
+
+
+def test_other_pooling_is_a_one_line_error():
+    with pytest.raises(UserError, match="global_pool: expected 'avg'.*got 'max'"):
+        timm.create_model("debiformer_nano", global_pool="max")
+    model = debiformer.create_model("debiformer_nano")
+    with pytest.raises(UserError, match="global_pool"):
+        model.reset_classifier(0, "token")
+    assert model.global_pool == "avg"
+
+
 def test_reset_classifier_replaces_the_head():
     model = debiformer.create_model("debiformer_nano").eval()
     model.reset_classifier(3)

@@ -428,14 +428,18 @@ class _SeededRandomResizedCrop:
 
 
 @dataclass(frozen=True)
-class _CentreCrop:
-    """PIL -> uint8 tensor: resize the shorter side to size / crop_ratio, crop the centre."""
+class CentreCrop:
+    """PIL -> uint8 tensor: resize the shorter side to size / crop_ratio (`interpolation`, with
+    antialiasing), crop the centre: the evaluation transform of the torchvision backend, and of
+    `debiformer predict` (which takes the interpolation a model's weights were trained with)."""
 
     size: int
     crop_ratio: float
+    interpolation: str = "bilinear"
 
-    def __call__(self, image: Image.Image, epoch: int, index: int) -> torch.Tensor:
-        image = TF.resize(image, round(self.size / self.crop_ratio))
+    def __call__(self, image: Image.Image, epoch: int = 0, index: int = 0) -> torch.Tensor:
+        mode = TF.InterpolationMode(self.interpolation)
+        image = TF.resize(image, round(self.size / self.crop_ratio), interpolation=mode)
         return TF.pil_to_tensor(TF.center_crop(image, self.size))
 
 
@@ -609,7 +613,7 @@ def build_loader(
         if train:
             crop = _SeededRandomResizedCrop(image_size, options.scale, options.ratio, seed)
         else:
-            crop = _CentreCrop(image_size, crop_ratio)
+            crop = CentreCrop(image_size, crop_ratio)
         return TorchvisionLoader(
             str(path), dataset, plan_for(len(dataset)), batch_size, train, transform, crop,
             num_workers,

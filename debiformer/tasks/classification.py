@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from torch import nn
 
 from debiformer import runtime
 from debiformer.data import build_loader, ensure_ffcv_file
+from debiformer.data.class_names import known_class_names
 from debiformer.data.loaders import AugmentOptions, check_labels
 from debiformer.engine import Metric, Task
 from debiformer.errors import UserError
@@ -140,9 +142,37 @@ def numpy_seeded(generator: torch.Generator) -> Iterator[None]:
 # ----------------------------------------------------------------------------- metrics
 
 
+TTA_MODES = ("flip",)
+
+
+def _scores(log_probabilities: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(cross-entropy sum, top-1 hits, top-5 hits) of a batch, in float64."""
+    k = min(5, log_probabilities.shape[1])
+    hits = log_probabilities.topk(k, dim=1).indices == labels[:, None]
+    loss = F.nll_loss(log_probabilities, labels, reduction="sum")
+    return torch.stack([loss.double(), hits[:, 0].sum().double(), hits.any(dim=1).sum().double()])
+
+
+def _flip_averaged(model: nn.Module, images: torch.Tensor, log_probabilities: torch.Tensor):
+    """Log of the mean of the class probabilities of the images and of their mirror images."""
+    mirrored = model(images.flip(dims=[3])).float().log_softmax(dim=1)
+    return torch.logsumexp(torch.stack([log_probabilities, mirrored]), dim=0) - math.log(2)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, *, channels_last: bool = False) -> Evaluation:
-    """Top-1/top-5 accuracy (%), mean cross-entropy and images/s of `model` over `loader`.
+def evaluate(
+    model: nn.Module,
+    loader,
+    *,
+    channels_last: bool = False,
+    confusion: torch.Tensor | None = None,
+    tta: str | None = None,
+) -> Evaluation:
+    """Top-1/top-5 accuracy (%), mean cross-entropy and images/s of `model` over `loader`; with
+    `confusion` (a classes x classes tensor of zeros on the model's device), the count of each
+    (true class, top-1 class) pair is added into it; with `tta="flip"` the same three figures
+    again (`tta_top1`, ...) for the mean of each image's and its mirror image's probabilities
+    (timm's and MMPretrain's flip test-time augmentation), from the same pass.
 
     Under torch.distributed each rank reads its shard and the counts are summed over ranks.
     Autocast, if any, is the caller's.
@@ -150,27 +180,27 @@ def evaluate(model: nn.Module, loader, *, channels_last: bool = False) -> Evalua
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-5, images
+    # images, then (loss sum, top-1, top-5) plain and with test-time augmentation
+    totals = torch.zeros(7, dtype=torch.float64, device=device)
     start = time.perf_counter()
     for images, labels in loader:
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        logits = model(images).float()
-        k = min(5, logits.shape[1])
-        hits = logits.topk(k, dim=1).indices == labels[:, None]
-        totals += torch.stack(
-            [
-                F.cross_entropy(logits, labels, reduction="sum").double(),
-                hits[:, 0].sum().double(),
-                hits.any(dim=1).sum().double(),
-                torch.tensor(float(len(labels)), dtype=torch.float64, device=device),
-            ]
-        )
+        log_probabilities = model(images).float().log_softmax(dim=1)
+        if confusion is not None:
+            pairs = (labels, log_probabilities.argmax(dim=1))
+            confusion.index_put_(pairs, torch.ones_like(labels, dtype=confusion.dtype), True)
+        totals[0] += len(labels)
+        totals[1:4] += _scores(log_probabilities, labels)
+        if tta is not None:
+            totals[4:7] += _scores(_flip_averaged(model, images, log_probabilities), labels)
     runtime.synchronize(device)
     elapsed = time.perf_counter() - start
     runtime.sum_over_ranks(totals)
+    if confusion is not None:
+        runtime.sum_over_ranks(confusion)
     model.train(was_training)
-    loss_sum, top1, top5, count = totals.tolist()
+    count, loss_sum, top1, top5, tta_loss_sum, tta_top1, tta_top5 = totals.tolist()
     if count == 0:
         raise UserError("the validation set is empty")
     metrics = {
@@ -180,7 +210,29 @@ def evaluate(model: nn.Module, loader, *, channels_last: bool = False) -> Evalua
         "images": int(count),
         "images_per_s": count / elapsed,
     }
+    if tta is not None:
+        metrics |= {
+            "tta": tta,
+            "tta_top1": 100.0 * tta_top1 / count,
+            "tta_top5": 100.0 * tta_top5 / count,
+            "tta_loss": tta_loss_sum / count,
+        }
     return Evaluation(metrics)
+
+
+def class_report(confusion: torch.Tensor, names: list[str]) -> dict[str, Any]:
+    """Per-class top-1 accuracy (%; None for a class without images) and the confusion matrix
+    (rows: true classes, columns: top-1 classes) with its class names, as plain values."""
+    images = confusion.sum(dim=1)
+    correct = confusion.diagonal()
+    accuracy = {
+        name: (100.0 * int(hits) / int(count) if count else None)
+        for name, hits, count in zip(names, correct, images, strict=True)
+    }
+    return {
+        "class_top1": accuracy,
+        "confusion_matrix": {"classes": list(names), "counts": confusion.tolist()},
+    }
 
 
 # ----------------------------------------------------------------------------- the task
@@ -256,9 +308,14 @@ class ClassificationTask(Task):
         use_ema: bool = False,
         official: bool | None = None,
         json_path: str | Path | None = None,
+        tta: str | None = None,
     ) -> dict[str, Any]:
         """Evaluates a checkpoint (this tool's, a bare state dict, or a released one) on the
-        recipe's validation set; writes the result as JSON to `json_path` when given."""
+        recipe's validation set, with per-class top-1 and the confusion matrix, and with `tta`
+        ("flip") the test-time augmented figures beside the plain ones; writes the result as JSON
+        to `json_path` when given."""
+        if tta not in (None, *TTA_MODES):
+            raise UserError(f": unknown test-time augmentation {tta!r}; choose flip", about="tta")
         recipe = self.recipe
         file, device, precision = open_checkpoint(recipe, checkpoint, json_path)
         prepare_ffcv_files(recipe, splits=("val",))
@@ -268,8 +325,17 @@ class ClassificationTask(Task):
         model.to(device)
         if recipe.train.channels_last:
             model.to(memory_format=torch.channels_last)
+        confusion = torch.zeros(
+            spec.num_classes, spec.num_classes, dtype=torch.int64, device=device
+        )
         with runtime.autocast(device, precision):
-            evaluation = evaluate(model, loader, channels_last=recipe.train.channels_last)
+            evaluation = evaluate(
+                model,
+                loader,
+                channels_last=recipe.train.channels_last,
+                confusion=confusion,
+                tta=tta,
+            )
         result = {
             "checkpoint": str(checkpoint),
             "weights": provenance.weights,
@@ -277,6 +343,7 @@ class ClassificationTask(Task):
             "image_size": recipe.data.val_image_size or recipe.data.image_size,
             "device": str(device),
             **evaluation.metrics,
+            **class_report(confusion.cpu(), known_class_names(recipe, file, spec.num_classes)),
         }
         if json_path is not None:
             runtime.write_json(json_path, result)

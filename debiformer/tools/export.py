@@ -9,6 +9,9 @@ PyTorch before it replaces anything.
                  checked by reading every tensor back, which must equal the model's bit for bit.
                  `load_exported_weights(FILE)` (that is, `weights.build_model` with the
                  recorded spec and `checkpoint=FILE`) builds the model again
+    hf           a timm / Hugging Face folder: timm's config.json, model.safetensors (as above)
+                 and a model card (`tools.hf_folder`); checked by timm building the model from
+                 the folder (`local-dir:`), which must give the same logits exactly
 
 With `quantize="int8"` (ONNX only) the checked fp32 file is then quantised with onnxruntime's
 dynamic int8 quantisation of its matrix products (`MatMul`, `Gemm`: int8 weights, activations
@@ -67,12 +70,14 @@ from torch.utils._pytree import tree_leaves
 
 import debiformer
 from debiformer import weights
+from debiformer.data.class_names import known_class_names
 from debiformer.errors import UserError, mention
 from debiformer.model import VARIANTS, Architecture
-from debiformer.recipe import load_recipe
+from debiformer.recipe import Recipe, load_recipe
 from debiformer.routing import implementation
 from debiformer.runtime import atomic_writer, check_writable
 from debiformer.tools.common import MIN_RESOLUTION, check_at_least
+from debiformer.tools.hf_folder import check_folder, write_hf_folder
 from debiformer.weights import (
     ModelSpec,
     WeightsFile,
@@ -81,7 +86,7 @@ from debiformer.weights import (
     spec_of_checkpoint,
 )
 
-FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "safetensors": ".safetensors"}
+FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "safetensors": ".safetensors", "hf": ""}
 ONNX_OPSET = 18
 ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
 TOLERANCE = 1e-4
@@ -121,7 +126,9 @@ def format_of(path: str | Path) -> str:
         if Path(path).suffix == suffix:
             return name
     raise UserError(
-        f"{path}: name it .onnx, .pt2 or .safetensors (or give {mention('format')})", about="out"
+        f"{path}: name it .onnx, .pt2 or .safetensors, or a folder without a suffix for hf (or "
+        f"give {mention('format')})",
+        about="out",
     )
 
 
@@ -163,12 +170,14 @@ class ExportOptions:
         self._check_model()
         if self.resolution is not None:
             object.__setattr__(self, "resolution", resolution_sides(self.resolution))
-        if self.dynamic_batch and self.format == "safetensors":
+        if self.dynamic_batch and self.format in ("safetensors", "hf"):
             raise UserError(
-                ": safetensors files hold weights only, not a graph", about="dynamic_batch"
+                f": {self.format} exports hold weights only, not a graph", about="dynamic_batch"
             )
         suffix = FORMATS[self.format]
-        if self.out.suffix != suffix:
+        if self.format == "hf":
+            check_folder(self.out)
+        elif self.out.suffix != suffix:
             raise UserError(
                 f"{self.out}: a {self.format} file's name ends in {suffix}", about="out"
             )
@@ -183,7 +192,8 @@ class ExportOptions:
             )
         if self.format == "onnx":
             require_onnx_packages("format", "onnx")
-        check_writable(self.out, "out")
+        if self.format != "hf":
+            check_writable(self.out, "out")
 
     def _check_model(self) -> None:
         """One way to name the model, and one source of weights."""
@@ -209,10 +219,12 @@ class ExportOptions:
             )
 
 
-def model_spec(options: ExportOptions, file: WeightsFile | None) -> ModelSpec:
-    """The network `options` name: `model` or `recipe` (with a checkpoint, its weights' class
-    count and input channels), else what the checkpoint `file` records; a classifier's."""
-    recipe = load_recipe(options.recipe) if options.recipe is not None else None
+def model_spec(
+    options: ExportOptions, file: WeightsFile | None, recipe: Recipe | None = None
+) -> ModelSpec:
+    """The network `options` name: `model` or `recipe` (the loaded `options.recipe`; with a
+    checkpoint, its weights' class count and input channels), else what the checkpoint `file`
+    records; a classifier's."""
     if file is not None:
         spec = spec_of_checkpoint(file, recipe=recipe, model=options.model)
     elif recipe is not None:
@@ -236,12 +248,16 @@ def architecture_overrides(model: nn.Module, name: str) -> dict[str, Any]:
 
 
 def export_config(
-    model: nn.Module, spec: ModelSpec, resolution: tuple[int, int], weights: str
+    model: nn.Module,
+    spec: ModelSpec,
+    resolution: tuple[int, int],
+    weights: str,
+    label_names: list[str],
 ) -> dict[str, Any]:
     """What a deployment needs to know beside the graph or weights: how to build the model again
-    (`model`, `num_classes`, `in_chans`, `arch`, and the whole `ModelSpec` under "model_spec")
-    and how to prepare its input (timm's pretrained_cfg fields `input_size`, `mean`, `std`,
-    `interpolation`, `crop_pct`)."""
+    (`model`, `num_classes`, `in_chans`, `arch`, and the whole `ModelSpec` under "model_spec"),
+    how to prepare its input (timm's pretrained_cfg fields `input_size`, `mean`, `std`,
+    `interpolation`, `crop_pct`) and what its outputs are (`label_names`, one per class)."""
     data = resolve_data_config({}, model=model)
     in_chans = model.stem[0].in_channels
     preprocessing = {
@@ -261,15 +277,20 @@ def export_config(
         "interpolation": preprocessing["interpolation"],
         "crop_pct": preprocessing["crop_pct"],
         "weights": weights,
+        "label_names": label_names,
         **spec_entry(replace(spec, preprocessing=preprocessing)),
     }
 
 
-def build_model(options: ExportOptions) -> tuple[nn.Module, dict[str, Any]]:
-    """The model `options` describe, its weights loaded (`weights.build_model`) and in eval mode,
-    and its export config."""
-    file = open_weights(options.checkpoint) if options.checkpoint is not None else None
-    spec = model_spec(options, file)
+def build_model(
+    options: ExportOptions, file: WeightsFile | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The model `options` describe, its weights loaded (`weights.build_model`; `file`: the
+    checkpoint already read) and in eval mode, and its export config."""
+    if file is None and options.checkpoint is not None:
+        file = open_weights(options.checkpoint)
+    recipe = load_recipe(options.recipe) if options.recipe is not None else None
+    spec = model_spec(options, file, recipe)
     torch.manual_seed(0)
     model, provenance = weights.build_model(
         spec, checkpoint=file, pretrained=options.pretrained, ema=options.ema
@@ -277,7 +298,8 @@ def build_model(options: ExportOptions) -> tuple[nn.Module, dict[str, Any]]:
     described = "random (seed 0)" if provenance.kind == "random" else provenance.describe()
     default_size = spec.preprocessing.get("input_size", (3, DEFAULT_RESOLUTION, DEFAULT_RESOLUTION))
     resolution = options.resolution or tuple(default_size[1:])
-    return model.eval(), export_config(model, spec, resolution, described)
+    names = known_class_names(recipe, file, model.num_classes) if model.num_classes else []
+    return model.eval(), export_config(model, spec, resolution, described, names)
 
 
 def load_exported_weights(path: str | Path) -> nn.Module:
@@ -628,7 +650,12 @@ def export_model(options: ExportOptions) -> dict[str, Any]:
     and only then puts it at `options.out`. Returns what was written and
     checked (`check`: the largest relative difference and the batches, or the bit-identical
     tensor count; with `quantize`, `check["int8"]` for the quantised file)."""
-    model, config = build_model(options)
+    file = open_weights(options.checkpoint) if options.checkpoint is not None else None
+    model, config = build_model(options, file)
+    if options.format == "hf":
+        check = write_hf_folder(options.out, model, config, file)
+        size = sum(path.stat().st_size for path in options.out.iterdir())
+        return _result(options, config, check, size)
     check_memory(model, config, options)
     if options.quantize is not None:
         config = {**config, "quantization": QUANTIZATION_NOTE}
@@ -639,13 +666,18 @@ def export_model(options: ExportOptions) -> dict[str, Any]:
         if options.quantize is not None:
             quantize_onnx(file)
             check["int8"] = check_int8(Path(file.name), model, config, options.dynamic_batch)
+    return _result(options, config, check, options.out.stat().st_size)
+
+
+def _result(options: ExportOptions, config: dict, check: dict, size: int) -> dict[str, Any]:
+    """What `export_model` returns about what it wrote (`size`: bytes in all)."""
     return {
         "out": str(options.out),
         "format": options.format,
         "opset": ONNX_OPSET if options.format == "onnx" else None,
         "quantize": options.quantize,
         "dynamic_batch": options.dynamic_batch,
-        "bytes": options.out.stat().st_size,
+        "bytes": size,
         "config": config,
         "check": check,
     }

@@ -1,6 +1,7 @@
 """`debiformer plot`: the training curves of run directories overlaid in one figure (drawn by
 `debiformer.curves`), each run's validation curve the metric its task declares to pick best.pt;
-and the figure checks that `debiformer show` shares. Figures need matplotlib (the `viz` extra)."""
+the figure checks that `debiformer show` shares; and the confusion matrix of a classifier's
+`debiformer eval`. Figures need matplotlib (the `viz` extra)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,17 @@ from debiformer.curves import draw_runs, read_mapping, read_records, read_run, s
 from debiformer.errors import UserError
 from debiformer.tasks import TASK_NAMES, task_class
 
-__all__ = ["check_figure_path", "plot_runs", "require_matplotlib", "run_metric", "save_figure"]
+__all__ = [
+    "check_figure_path",
+    "draw_confusion",
+    "plot_runs",
+    "require_matplotlib",
+    "run_metric",
+    "save_figure",
+]
 
 VIZ_INSTALL = "pip install 'debiformer[viz]'"
+CONFUSION_DPI = 120
 
 
 def run_metric(run_dir: str | Path) -> str | None:
@@ -66,3 +75,34 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     runs = [read_run(run_dir, run_metric(run_dir)) for run_dir in run_dirs]
     draw_runs(runs, out)
     return out
+
+
+def draw_confusion(report: dict, out: str | Path) -> Path:
+    """The confusion matrix of a classification `eval` (`class_report`'s "confusion_matrix")
+    as a figure at `out`: rows the true classes, columns the top-1 classes, each row's share
+    of its images in colour, the counts written in the cells when there are 30 classes or
+    fewer. Returns `out`."""
+    require_matplotlib()
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    names, counts = report["classes"], np.asarray(report["counts"], dtype=float)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    side = min(4 + 0.45 * len(names), 40)
+    figure = Figure(figsize=(side, side * 0.9))
+    axes = figure.subplots()
+    image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    figure.colorbar(image, ax=axes, fraction=0.046, label="share of the true class's images")
+    if len(names) <= 30:
+        ticks = range(len(names))
+        axes.set_xticks(ticks, names, rotation=60, ha="right")
+        axes.set_yticks(ticks, names)
+        for row, column in np.ndindex(counts.shape):
+            colour = "white" if shares[row, column] > 0.5 else "black"
+            axes.text(column, row, f"{counts[row, column]:.0f}", ha="center", va="center",
+                      fontsize=7, color=colour)  # fmt: skip
+    axes.set_xlabel("predicted (top-1)")
+    axes.set_ylabel("true class")
+    figure.tight_layout()
+    save_figure(figure, Path(out), dpi=CONFUSION_DPI)
+    return Path(out)

@@ -1,7 +1,6 @@
 """`debiformer show`: what DBRA does on an image, drawn and as raw arrays.
 
     AttentionCapture   records, for one forward pass, what chosen BRA and DBRA modules compute
-    load_show_model    the classifier, its class names and input size (model, recipe, weights)
     inspect_image      one image through it: top-5 classes, each chosen block's agents, routing
                        and query-to-agent attention, and a Grad-CAM of the top class
     draw_inspection    that as one figure (matplotlib, the `viz` extra)
@@ -17,10 +16,9 @@ drawn are those the attentions record during the forward pass (`routing.recordin
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,21 +34,12 @@ from debiformer import runtime
 from debiformer.data.images import MAX_IMAGE_PIXELS, read_rgb
 from debiformer.errors import UserError
 from debiformer.model import BiLevelRoutingAttention
-from debiformer.recipe import Recipe, load_recipe, recipe_from_stored
 from debiformer.routing import RegionGrid, recording
+from debiformer.tools.classifier import Classifier, load_classifier
 from debiformer.tools.common import check_at_least
 from debiformer.tools.plot import check_figure_path, require_matplotlib, save_figure
-from debiformer.weights import (
-    ModelSpec,
-    WeightsFile,
-    build_model,
-    open_weights,
-    spec_of_checkpoint,
-)
 
 TOP_CLASSES = 5
-IMAGENET_CLASSES = 1000
-DEFAULT_SIZE = 224
 # figure colours: agents per offset group (bright on photographs), BRA's and DBRA's regions
 GROUP_COLOURS = (
     "#ffd400",
@@ -230,104 +219,6 @@ def agent_cell(reference: np.ndarray, point: np.ndarray) -> tuple[int, int]:
     return int(row), int(column)
 
 
-# ----------------------------------------------------------------------------- the model
-
-
-@dataclass
-class ShowModel:
-    """A classifier ready for `inspect_image`: its class names, the size its images are
-    resized to (the shorter side), and where its weights came from."""
-
-    model: nn.Module
-    name: str
-    class_names: list[str]
-    image_size: int
-    weights: str
-
-
-def load_show_model(
-    model_name: str | None = None,
-    recipe: str | None = None,
-    checkpoint: str | Path | None = None,
-    pretrained: str | None = None,
-) -> ShowModel:
-    """The classifier that `show` draws: the variant `model_name`, else the recipe's, else the
-    one a `checkpoint` (or `pretrained` file) of this tool records, built by
-    `weights.build_model` with the exact weights of `checkpoint`, started from `pretrained` (a
-    file or URL), or random. Class names and image size come from `recipe`, else the recipe a
-    training checkpoint stores: its data's class names or, for 1000 classes, ImageNet's."""
-    if checkpoint is not None and pretrained is not None:
-        raise UserError("give checkpoint or pretrained weights, not both")
-    source = checkpoint if checkpoint is not None else pretrained
-    file = open_weights(source) if source is not None else None
-    given = load_recipe(recipe) if recipe is not None else None
-    the_recipe = given or (recipe_from_stored(file.recipe) if file and file.recipe else None)
-    spec = _show_spec(model_name, given, file)
-    recipe_spec = ModelSpec.from_recipe(the_recipe, 0) if the_recipe else spec
-    recipe_spec.require_classifier("show")
-    spec.require_classifier("show")
-    names = recipe_class_names(the_recipe) if the_recipe else None
-    if file is None:
-        declared = the_recipe.data.num_classes if the_recipe else None
-        spec = replace(spec, num_classes=len(names or []) or declared or IMAGENET_CLASSES)
-    exact = file if checkpoint is not None else None
-    start = file if pretrained is not None else None
-    model, provenance = build_model(spec, checkpoint=exact, pretrained=start)
-    input_size = recipe_spec.preprocessing.get("input_size")
-    size = input_size[1] if input_size else DEFAULT_SIZE
-    names = class_names(names, spec.num_classes)
-    return ShowModel(model.eval(), spec.name, names, size, provenance.source or "random")
-
-
-def _show_spec(
-    model_name: str | None, recipe: Recipe | None, file: WeightsFile | None
-) -> ModelSpec:
-    """The network to draw: the variant `model_name`, else the recipe's, else what `file`
-    records; with a file, its weights' class count."""
-    if file is not None:
-        return spec_of_checkpoint(file, recipe=recipe, model=model_name)
-    if model_name is not None:
-        return ModelSpec(model_name)
-    if recipe is not None:
-        return ModelSpec.from_recipe(recipe, IMAGENET_CLASSES)
-    raise UserError(
-        "give a model name, a recipe or a checkpoint of this tool (it records its model)"
-    )
-
-
-def recipe_class_names(recipe: Recipe) -> list[str] | None:
-    """The class names of a classification recipe's data: the class file beside an FFCV file,
-    Fashion-MNIST's, or the class folders of an image folder; None when none is found."""
-    from debiformer.data.ffcv_files import classes_path
-    from debiformer.data.sources import FASHION_MNIST_PREFIX, FashionMNIST, fashion_mnist_root
-
-    data = recipe.data
-    paths = [data.val_path, data.train_path]
-    if data.backend == "ffcv":
-        for path in paths:
-            if path and classes_path(path).is_file():
-                return json.loads(classes_path(path).read_text()).get("classes")
-        paths = [data.val_source, data.train_source]
-    for path in filter(None, paths):
-        if str(path).startswith(FASHION_MNIST_PREFIX) or fashion_mnist_root(path):
-            return list(FashionMNIST.classes)
-        if Path(path).is_dir():
-            return sorted(entry.name for entry in Path(path).iterdir() if entry.is_dir())
-    return None
-
-
-def class_names(names: list[str] | None, num_classes: int) -> list[str]:
-    """`names` when there is one per class; else ImageNet's for 1000 classes; else "class k"."""
-    if names is not None and len(names) == num_classes:
-        return list(names)
-    if num_classes == IMAGENET_CLASSES:
-        from timm.data import ImageNetInfo
-
-        info = ImageNetInfo()
-        return [info.index_to_description(k).split(",")[0] for k in range(num_classes)]
-    return [f"class {k}" for k in range(num_classes)]
-
-
 # ----------------------------------------------------------------------------- images
 
 
@@ -345,7 +236,7 @@ def model_input(image: Image.Image, size: int | tuple[int, int]) -> Tensor:
 
 
 def inspect_image(
-    loaded: ShowModel,
+    loaded: Classifier,
     image: Image.Image,
     blocks: Sequence[BlockChoice],
     query: tuple[float, float] | None = None,
@@ -363,7 +254,7 @@ def inspect_image(
             f"{width - 1}, y from 0 to {height - 1})",
             about="query",
         )
-    pixels = model_input(image, size or loaded.image_size)
+    pixels = model_input(image, size or loaded.preprocessing.size)
     names = [name for block in blocks for name in (block.dbra, block.bra) if name]
     with (
         torch.enable_grad(),
@@ -690,7 +581,7 @@ def _draw_attention(axes, block: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- the command
 
 
-def figure_title(image: Path, loaded: ShowModel) -> str:
+def figure_title(image: Path, loaded: Classifier) -> str:
     """ "IMAGE: MODEL (random weights)", or with the last parts of the weights' path."""
     if loaded.weights == "random":
         return f"{image.name}: {loaded.name} (random weights)"
@@ -739,7 +630,7 @@ def show(
     if json_path is not None:
         runtime.check_writable(json_path, "json_path")
     pictures = [read_rgb(path, max_pixels=max_pixels) for path in image_paths]
-    loaded = load_show_model(model_name, recipe, checkpoint, pretrained)
+    loaded = load_classifier(model_name, recipe, checkpoint, pretrained, work="show")
     chosen = choose_blocks(loaded.model, blocks)
     paths, views = figure_paths(out, image_paths), []
     for image_path, picture, path in zip(image_paths, pictures, paths, strict=True):

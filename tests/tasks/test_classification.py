@@ -120,6 +120,46 @@ def test_eval_cli_prints_metrics_and_writes_json(finished_run, tmp_path):
     assert set(json.loads(out.read_text())) >= {"top1", "top5", "loss", "images_per_s"}
 
 
+def test_eval_reports_per_class_top1_and_a_confusion_matrix_that_add_up(finished_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    path, run_dir, summary = finished_run
+    out, figure = tmp_path / "eval.json", tmp_path / "confusion.png"
+    args = ["eval", str(path), "--checkpoint", str(run_dir / "checkpoints" / "last.pt")]
+    done = CliRunner().invoke(
+        app, [*args, "--json", str(out), "--confusion", str(figure), "--tta", "flip"]
+    )
+    assert done.exit_code == 0, done.output
+    result = json.loads(out.read_text())
+    assert result["tta"] == "flip" and "with flip test-time augmentation: top-1" in done.output
+    assert result["top1"] == pytest.approx(summary["top1"])  # the plain figures stay as they are
+    counts = torch.tensor(result["confusion_matrix"]["counts"])
+    classes = result["confusion_matrix"]["classes"]
+    assert counts.shape == (len(classes), len(classes)) and counts.sum() == result["images"]
+    assert 100 * counts.trace() / counts.sum() == pytest.approx(summary["top1"])
+    for k, name in enumerate(classes):
+        expected = 100 * counts[k, k] / counts[k].sum() if counts[k].sum() else None
+        assert result["class_top1"][name] == pytest.approx(expected)
+    assert figure.read_bytes().startswith(b"\x89PNG")
+    assert f"{classes[0]}" in done.output  # the per-class table
+    refused = CliRunner().invoke(app, [*args, "--confusion", str(tmp_path / "c.txt")])
+    assert refused.exit_code != 0 and not (tmp_path / "c.txt").exists()
+
+
+def test_flip_test_time_augmentation_averages_each_image_with_its_mirror_image():
+    """On a model whose outputs for an image and its mirror image differ, the flip figures are
+    those of the mean probabilities, computed here by hand."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+    images, labels = torch.randn(6, 3, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    metrics = classification.evaluate(model, [(images, labels)], tta="flip").metrics
+    with torch.no_grad():
+        mean = (model(images).softmax(1) + model(images.flip(3)).softmax(1)) / 2
+    expected_top1 = 100 * (mean.argmax(1) == labels).float().mean().item()
+    assert metrics["tta_top1"] == pytest.approx(expected_top1)
+    assert metrics["tta_loss"] == pytest.approx(-mean[range(6), labels].log().mean().item())
+    assert metrics["tta_loss"] != pytest.approx(metrics["loss"])
+
+
 def test_eval_needs_no_recipe_for_a_checkpoint_of_this_tool(finished_run, tmp_path):
     """The checkpoint's stored recipe and model spec rebuild its model; a recipe given still
     wins, and overrides apply to the stored recipe."""

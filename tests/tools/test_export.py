@@ -333,3 +333,76 @@ def test_an_input_size_beyond_the_memory_is_refused_before_any_tracing(
     estimate = rf"needs {needed} of memory \(at batch 3\), but [\d.]+ GB is available; "
     assert re.search(estimate + r"give a smaller size, e\.g\. --resolution \d+", stderr), stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory):
+    """A training checkpoint of the quick start's recipe (nano, Fashion-MNIST's ten classes,
+    stage 4 without blocks) with its run's last evaluation, and the model it holds."""
+    from debiformer.recipe import load_recipe, recipe_to_dict
+
+    folder = tmp_path_factory.mktemp("trained")
+    torch.manual_seed(0)
+    model = debiformer.create_model("debiformer_nano", num_classes=10, depths=(1, 1, 2, 0))
+    recipe = recipe_to_dict(load_recipe("quickstart", ["model.arch.depths=[1,1,2,0]"]))
+    spec = ModelSpec("debiformer_nano", num_classes=10, arch={"depths": [1, 1, 2, 0]},
+                     preprocessing={"input_size": [3, 32, 32], "crop_pct": 1.0,
+                                    "interpolation": "bilinear"})  # fmt: skip
+    last_eval = {"top1": 89.98, "top5": 99.8, "loss": 0.3543, "images": 10000}
+    state = {"epoch": 3, "step": 351, "last_eval": last_eval}
+    checkpoint = folder / "last.pt"
+    torch.save({"format": "debiformer-train/2", "recipe": recipe, "model": model.state_dict(),
+                "train_state": [state], **spec_entry(spec)}, checkpoint)  # fmt: skip
+    return checkpoint, model.eval()
+
+
+def test_an_hf_folder_loads_in_timm_and_here_with_names_and_a_model_card(
+    trained_checkpoint, tmp_path, run_main
+):
+    import timm
+
+    from debiformer.tools.classifier import load_classifier
+
+    checkpoint, model = trained_checkpoint
+    folder = tmp_path / "nano-fashion"
+    code, stdout, stderr = run_main("export", "--checkpoint", str(checkpoint), "--out", str(folder))
+    assert code == 0, stderr
+    assert "timm loads it and gives the same logits" in stdout
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json",
+                                                         "model.safetensors"]  # fmt: skip
+    images = torch.randn(2, 3, 32, 32)
+    from_timm = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    from_here = debiformer.create_model(
+        "debiformer_nano", num_classes=10, depths=(1, 1, 2, 0), pretrained=folder
+    ).eval()
+    with torch.no_grad():
+        assert torch.equal(from_timm(images), model(images))
+        assert torch.equal(from_here(images), model(images))
+    names = from_timm.pretrained_cfg["label_names"]
+    assert names[:2] == ["T-shirt/top", "Trouser"] and len(names) == 10
+    assert list(from_timm.pretrained_cfg["input_size"]) == [3, 32, 32]
+    assert load_classifier(checkpoint=folder).class_names == names
+    card = (folder / "README.md").read_text()
+    assert "Recipe `quickstart`" in card and "| top1 | 89.98 |" in card
+    assert "after 351 steps" in card and "baolong2024debiformer" in card
+    assert "license: mit" in card and '`{"depths": [1, 1, 2, 0]}`' in card
+
+
+def test_an_hf_export_replaces_an_earlier_one_and_refuses_other_folders(
+    trained_checkpoint, tmp_path
+):
+    checkpoint, _ = trained_checkpoint
+    folder = tmp_path / "export"
+    options = ExportOptions(out=folder, checkpoint=str(checkpoint), format="hf")
+    export_model(options)
+    (folder / "README.md").write_text("edited")
+    export_model(options)
+    assert (folder / "README.md").read_text() != "edited"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no staging folder left
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds other files than an export's"):
+        ExportOptions(out=folder, checkpoint=str(checkpoint), format="hf")
+    with pytest.raises(UserError, match="is a file; an hf export is a folder"):
+        ExportOptions(out=folder / "notes.txt", checkpoint=str(checkpoint), format="hf")
+    with pytest.raises(UserError, match="hold weights only"):
+        ExportOptions(out=tmp_path / "x", model="debiformer_nano", dynamic_batch=True)

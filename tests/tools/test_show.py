@@ -15,7 +15,8 @@ from debiformer import routing
 from debiformer.data.images import MAX_IMAGE_PIXELS, read_rgb
 from debiformer.model import DeformableBiLevelRoutingAttention
 from debiformer.routing import pad_to_regions, to_regions
-from debiformer.tools.show import AttentionCapture, choose_blocks, inspect_image, load_show_model
+from debiformer.tools.classifier import load_classifier
+from debiformer.tools.show import AttentionCapture, choose_blocks, inspect_image
 from tests.helpers.image_files import huge_png
 
 pytest.importorskip("matplotlib")
@@ -123,7 +124,7 @@ def region_holding(pixel: tuple[int, int], size: tuple[int, int], regions_per_si
 def test_the_geometry_drawn_is_the_one_the_model_used(moving_agents, monkeypatch):
     """At 131x97 every stage map needs padding. The agent positions, padded maps, regions and
     agent cells of show's view are those of the tensors DBRA's grid_sample and `to_regions` got."""
-    loaded = load_show_model("debiformer_nano", checkpoint=moving_agents / "moving.pt")
+    loaded = load_classifier("debiformer_nano", checkpoint=moving_agents / "moving.pt")
     sizes, used = {}, {}
     real_sample = DeformableBiLevelRoutingAttention._sample
 
@@ -333,13 +334,13 @@ def test_without_capture_a_forward_pass_keeps_no_tensor(monkeypatch, frozen_heap
 def test_class_names_come_from_the_checkpoint_recipe_or_imagenet(tmp_path):
     from debiformer.recipe import load_recipe, recipe_to_dict
 
-    recipe = recipe_to_dict(load_recipe("quickstart"))
+    recipe = recipe_to_dict(load_recipe("quickstart", ["model.arch.depths=[1,1,2,1]"]))
     state = {"format": "debiformer-train/2", "recipe": recipe, "model": nano().state_dict()}
     torch.save(state, tmp_path / "last.pt")
-    loaded = load_show_model(checkpoint=tmp_path / "last.pt")
-    assert loaded.name == "debiformer_nano" and loaded.image_size == 32
+    loaded = load_classifier(checkpoint=tmp_path / "last.pt")
+    assert loaded.name == "debiformer_nano" and loaded.preprocessing.size == 32
     assert loaded.class_names[:2] == ["T-shirt/top", "Trouser"]  # torchvision's FashionMNIST
-    imagenet = load_show_model(model_name="debiformer_nano")
+    imagenet = load_classifier(model_name="debiformer_nano")
     assert len(imagenet.class_names) == 1000 and imagenet.class_names[281] == "tabby"
 
 
@@ -366,15 +367,15 @@ def test_a_checkpoint_of_this_tool_is_shown_without_a_recipe_and_a_recipe_still_
     assert code == 0, err
     shown = json.loads((tmp_path / "show.json").read_text())
     assert (shown["model"], shown["weights"]) == ("debiformer_nano", str(checkpoint))
-    loaded = load_show_model(checkpoint=checkpoint)
-    assert loaded.image_size == 48 and len(loaded.class_names) == 10
+    loaded = load_classifier(checkpoint=checkpoint)
+    assert loaded.preprocessing.size == 48 and len(loaded.class_names) == 10
     recipe = tmp_path / "nano40.yaml"
     recipe.write_text("model:\n  name: debiformer_nano\ndata:\n  image_size: 40\n")
-    assert load_show_model(recipe=str(recipe), checkpoint=checkpoint).image_size == 40
+    assert load_classifier(recipe=str(recipe), checkpoint=checkpoint).preprocessing.size == 40
 
 
 def test_a_dense_model_is_refused_in_one_line():
     from debiformer.errors import UserError
 
     with pytest.raises(UserError, match="show takes classifiers; .* is a detection model"):
-        load_show_model(recipe="quickstart_detection")
+        load_classifier(recipe="quickstart_detection", work="show")

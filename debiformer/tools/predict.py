@@ -1,0 +1,253 @@
+"""`debiformer predict`: a trained classifier applied to image files, its answers as data.
+
+    image_files        the files that inputs name: files, folders (their images, recursively), globs
+    predict_classes    the top-k classes of every readable image, in batches
+    write_predictions  one row per image, to CSV or JSON
+    predict            the command: all of it, with a notice for each file that cannot be read
+
+Each image goes through the classifier's own evaluation transform (`classifier.Preprocessing`:
+the recipe's for this tool's checkpoints, the release's for released weights), so a prediction
+equals what `debiformer eval` computes for the same image.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from debiformer import runtime
+from debiformer.data.images import MAX_IMAGE_PIXELS, read_rgb
+from debiformer.errors import UserError
+from debiformer.tools.classifier import Classifier, load_classifier
+from debiformer.tools.common import check_at_least
+
+# what a folder's images are recognised by (files named directly are tried whatever they are)
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+)
+OUT_FORMATS = (".csv", ".json")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's `top_k` classes, most probable first: indices, names, probabilities."""
+
+    image: str
+    classes: list[int]
+    names: list[str]
+    probabilities: list[float]
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A file that could not be predicted, and why (one line)."""
+
+    image: str
+    reason: str
+
+
+def image_files(inputs: Sequence[str | Path]) -> list[Path]:
+    """The files `inputs` name, in the order given, each once: a file as it is, a folder's image
+    files (by suffix, recursively, sorted), a glob pattern's matching files (sorted). An input
+    that names nothing is a one-line `UserError`, raised before any image is read."""
+    files: dict[Path, None] = {}
+    for text in map(str, inputs):
+        path = Path(text)
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not found:
+                raise UserError(f"{text}: a folder with no image files ({_suffixes()})")
+        elif path.exists():
+            found = [path]
+        elif glob.has_magic(text):
+            found = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+            if not found:
+                raise UserError(f"{text}: no file matches this pattern")
+        else:
+            raise UserError(f"{text}: no such file or folder")
+        files.update(dict.fromkeys(found))
+    if not files:
+        raise UserError("give at least one image file, folder or pattern", about="inputs")
+    return list(files)
+
+
+def _suffixes() -> str:
+    return ", ".join(sorted(IMAGE_SUFFIXES))
+
+
+def check_out_path(out: str | Path) -> Path:
+    """`out` as a writable .csv or .json file, checked before any work."""
+    out = Path(out)
+    if out.suffix.lower() not in OUT_FORMATS:
+        raise UserError(f"{out}: expected a .csv or .json file name", about="out")
+    return runtime.check_writable(out, "out")
+
+
+def _batches(
+    classifier: Classifier,
+    paths: Sequence[Path],
+    batch_size: int,
+    max_pixels: int,
+    failures: list[Failure],
+    advance: Callable[[int], None],
+) -> Iterator[tuple[list[Path], torch.Tensor]]:
+    """Batches of (paths, uint8 crops) of the readable images; each unreadable one is added to
+    `failures` and left out. `advance(1)` is called as each file is read."""
+    names, crops = [], []
+    for path in paths:
+        try:
+            crop = classifier.preprocessing.crop(read_rgb(path, max_pixels=max_pixels))
+        except UserError as error:
+            failures.append(Failure(str(path), str(error)))
+            continue
+        finally:
+            advance(1)
+        names.append(path)
+        crops.append(crop)
+        if len(crops) == batch_size:
+            yield names, torch.stack(crops)
+            names, crops = [], []
+    if crops:
+        yield names, torch.stack(crops)
+
+
+@torch.no_grad()
+def predict_classes(
+    classifier: Classifier,
+    paths: Sequence[Path],
+    *,
+    top_k: int = 5,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    advance: Callable[[int], None] = lambda count: None,
+) -> tuple[list[Prediction], list[Failure]]:
+    """The `top_k` classes of each image of `paths` (at most the class count) by `classifier`
+    on `device` (moved there), `batch_size` images at a time, in `precision` (as
+    `runtime.resolve_precision` gives it); the files that cannot be read as `Failure`s.
+    `advance(1)` is called as each file is read."""
+    device = torch.device(device)
+    model = classifier.model.to(device).eval()
+    k = min(top_k, len(classifier.class_names))
+    predictions: list[Prediction] = []
+    failures: list[Failure] = []
+    for names, crops in _batches(classifier, paths, batch_size, max_pixels, failures, advance):
+        with runtime.autocast(device, precision):
+            logits = model(classifier.preprocessing.normalise(crops, device))
+        top = logits.float().softmax(dim=-1).topk(k, dim=-1)
+        for path, values, indices in zip(names, top.values, top.indices, strict=True):
+            classes = indices.tolist()
+            predictions.append(
+                Prediction(
+                    str(path),
+                    classes,
+                    [classifier.class_names[c] for c in classes],
+                    values.tolist(),
+                )
+            )
+    return predictions, failures
+
+
+def write_predictions(
+    out: str | Path,
+    predictions: Sequence[Prediction],
+    failures: Sequence[Failure],
+    about: dict[str, Any],
+) -> None:
+    """`predictions` to `out`: CSV (a header, then per image `image`, and per rank r `class_r`,
+    `name_r`, `probability_r`), or JSON (`about` the model, then `predictions` and `failed`)."""
+    out = Path(out)
+    if out.suffix.lower() == ".json":
+        rows = [
+            {
+                "image": p.image,
+                "top": [
+                    {"class": c, "name": n, "probability": q}
+                    for c, n, q in zip(p.classes, p.names, p.probabilities, strict=True)
+                ],
+            }
+            for p in predictions
+        ]
+        failed = [{"image": f.image, "reason": f.reason} for f in failures]
+        runtime.write_json(out, {**about, "predictions": rows, "failed": failed})
+        return
+    k = max((len(p.classes) for p in predictions), default=0)
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    ranks = range(1, k + 1)
+    writer.writerow(
+        ["image", *(f"{key}_{r}" for r in ranks for key in ("class", "name", "probability"))]
+    )
+    for p in predictions:
+        cells = (
+            value
+            for c, n, q in zip(p.classes, p.names, p.probabilities, strict=True)
+            for value in (c, n, f"{q:.6f}")
+        )
+        writer.writerow([p.image, *cells])
+    runtime.write_text(out, text.getvalue())
+
+
+def predict(
+    inputs: Sequence[str | Path],
+    *,
+    out: str | Path | None = None,
+    model_name: str | None = None,
+    recipe: str | None = None,
+    checkpoint: str | Path | None = None,
+    pretrained: str | None = None,
+    top_k: int = 5,
+    batch_size: int = 32,
+    device: str = "auto",
+    precision: str = "fp32",
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    console: Console | None = None,
+) -> tuple[list[Prediction], list[Failure]]:
+    """`debiformer predict`: the inputs' files found, the settings and `out` checked and the
+    classifier loaded (`classifier.load_classifier`) before any image is read; then every image
+    predicted with a progress bar, a one-line notice for each that cannot be read, and the rows
+    written to `out` (.csv or .json) when given. Returns the predictions and the failures."""
+    console = console or Console(stderr=True, soft_wrap=True)
+    check_at_least("top_k", top_k, 1)
+    check_at_least("batch_size", batch_size, 1)
+    check_at_least("max_pixels", max_pixels, 1)
+    if out is not None:
+        check_out_path(out)
+    paths = image_files(inputs)
+    torch_device = runtime.select_device(device)
+    resolved = runtime.resolve_precision(precision, torch_device)
+    classifier = load_classifier(model_name, recipe, checkpoint, pretrained, work="predict")
+    progress = Progress(
+        TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=console, transient=True,
+    )  # fmt: skip
+    with progress:
+        task = progress.add_task("predict", total=len(paths))
+        predictions, failures = predict_classes(
+            classifier, paths, top_k=top_k, batch_size=batch_size, device=torch_device,
+            precision=resolved, max_pixels=max_pixels,
+            advance=lambda count: progress.advance(task, count),
+        )  # fmt: skip
+    for failure in failures:
+        console.print(f"[yellow]skipped:[/] {failure.reason}", highlight=False)
+    if out is not None:
+        about = {
+            "model": classifier.name,
+            "weights": classifier.weights,
+            "preprocessing": vars(classifier.preprocessing),
+            "precision": resolved,
+        }
+        write_predictions(out, predictions, failures, about)
+    return predictions, failures

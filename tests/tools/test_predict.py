@@ -1,0 +1,160 @@
+"""`debiformer predict`: the answers `eval` computes for the same images, one row per image (CSV or
+JSON, with class names), and files that cannot be read skipped with a notice and exit code 1."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.datasets import ImageFolder
+
+from debiformer.checkpoint import save_checkpoint
+from debiformer.recipe import load_recipe
+from debiformer.tasks import evaluate_checkpoint
+from debiformer.tasks.classification import build_split_loader
+from debiformer.tools.classifier import load_classifier
+from debiformer.tools.predict import image_files, predict
+from debiformer.weights import ModelSpec, build_model, spec_entry
+
+CLASSES = ["ant", "bee", "cat"]
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> dict[str, Path]:
+    """An image folder of three classes (greyscale, RGB and palette PNGs and JPEGs of several
+    sizes), a nano checkpoint for them with a recorded 40-pixel, crop-0.8 preprocessing, and the
+    recipe `eval` reads the folder with."""
+    root = tmp_path_factory.mktemp("predict")
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(CLASSES):
+        (root / "images" / name).mkdir(parents=True)
+        for index, (mode, size, suffix) in enumerate(
+            [("L", (28, 28), ".png"), ("RGB", (61, 45), ".jpg"), ("P", (50, 70), ".png")] * 2
+        ):
+            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            pixels[..., label] //= 4  # a colour cast per class
+            image = Image.fromarray(pixels).convert(mode)
+            image.save(root / "images" / name / f"{index}{suffix}")
+    torch.manual_seed(0)
+    spec = ModelSpec(
+        "debiformer_nano",
+        num_classes=3,
+        preprocessing={"input_size": [3, 40, 40], "crop_pct": 0.8, "interpolation": "bilinear"},
+    )
+    model, _ = build_model(spec)
+    torch.nn.init.normal_(model.head.weight, std=1.0)
+    save_checkpoint({"model": model.state_dict(), **spec_entry(spec)}, root / "nano.pt")
+    recipe = root / "eval.yaml"
+    recipe.write_text(
+        "model: {name: debiformer_nano}\n"
+        f"data: {{backend: torchvision, train_path: {root / 'images'}, "
+        f"val_path: {root / 'images'}, image_size: 40, crop_ratio: 0.8, num_workers: 0}}\n"
+        "train: {device: cpu, batch_size: 5}\n"
+    )
+    return {
+        "root": root,
+        "images": root / "images",
+        "checkpoint": root / "nano.pt",
+        "recipe": recipe,
+    }
+
+
+def test_predictions_equal_what_eval_computes_on_the_same_images(labelled):
+    recipe = load_recipe(str(labelled["recipe"]))
+    evaluated = evaluate_checkpoint(recipe, labelled["checkpoint"])
+    predictions, failures = predict([labelled["images"]], checkpoint=labelled["checkpoint"])
+    assert failures == [] and len(predictions) == evaluated["images"] == 18
+    hits = [p.classes[0] == CLASSES.index(Path(p.image).parent.name) for p in predictions]
+    top1 = 100 * np.mean(hits)
+    assert top1 == pytest.approx(evaluated["top1"])
+    assert len({p.classes[0] for p in predictions}) > 1  # the check can tell images apart
+
+    classifier = load_classifier(checkpoint=labelled["checkpoint"])
+    loader = build_split_loader(recipe, "val", torch.device("cpu"), 5)
+    with torch.no_grad():
+        probabilities = torch.cat([classifier.model(x).softmax(-1) for x, _ in loader])
+    by_file = {p.image: p for p in predictions}
+    files = [path for path, _ in ImageFolder(labelled["images"]).samples]  # the loader's order
+    for path, row in zip(files, probabilities, strict=True):
+        prediction = by_file[path]
+        torch.testing.assert_close(
+            torch.tensor(prediction.probabilities), row[prediction.classes], rtol=1e-5, atol=1e-6
+        )
+
+
+def test_the_csv_has_one_row_per_image_with_class_names(run_main, labelled, tmp_path):
+    out = tmp_path / "top.csv"
+    pattern = str(labelled["images"] / "*" / "*.png")
+    code, stdout, err = run_main(
+        "predict", pattern, "--checkpoint", str(labelled["checkpoint"]), "--out", str(out),
+        "--top-k", "2",
+    )  # fmt: skip
+    assert code == 0, err
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 12 and "wrote 12 predictions" in stdout
+    assert list(rows[0]) == [
+        "image", "class_1", "name_1", "probability_1", "class_2", "name_2", "probability_2",
+    ]  # fmt: skip
+    for row in rows:
+        assert row["name_1"] == f"class {row['class_1']}"  # the checkpoint records no names
+        assert float(row["probability_1"]) >= float(row["probability_2"])
+
+
+def test_class_names_come_from_the_recipe_and_json_names_the_model(labelled, tmp_path):
+    out = tmp_path / "top.json"
+    predict([labelled["images"] / "bee"], checkpoint=labelled["checkpoint"],
+            recipe=str(labelled["recipe"]), out=out, top_k=3)  # fmt: skip
+    written = json.loads(out.read_text())
+    assert written["model"] == "debiformer_nano" and written["failed"] == []
+    assert written["preprocessing"] == {"size": 40, "crop_pct": 0.8, "interpolation": "bilinear"}
+    assert len(written["predictions"]) == 6
+    top = written["predictions"][0]["top"]
+    assert sorted(entry["name"] for entry in top) == CLASSES
+    assert sum(entry["probability"] for entry in top) == pytest.approx(1.0)
+
+
+def test_unreadable_files_are_skipped_with_a_notice_and_exit_code_1(run_main, labelled, tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not an image")
+    good = labelled["images"] / "cat" / "0.png"
+    out = tmp_path / "top.csv"
+    code, stdout, err = run_main(
+        "predict", str(tmp_path / "broken.png"), str(good), str(tmp_path / "empty.jpg"),
+        str(tmp_path / "notes.txt"), "--checkpoint", str(labelled["checkpoint"]),
+        "--out", str(out),
+    )  # fmt: skip
+    assert code == 1
+    notices = [line for line in err.splitlines() if line.startswith("skipped:")]
+    assert len(notices) == 3 and all("fix or remove it" in line for line in notices)
+    assert [row["image"] for row in csv.DictReader(out.open())] == [str(good)]
+    assert "3 of 4 files not read" in stdout
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["missing.png"], "missing.png: no such file or folder"),
+        (["*.nothing"], "*.nothing: no file matches this pattern"),
+        (["{images}", "--out", "top.txt"], "--out top.txt: expected a .csv or .json file name"),
+        (["{images}", "--top-k", "0"], "--top-k must be at least 1"),
+        (["{images}", "--precision", "fp8"], "--precision"),
+    ],
+)
+def test_bad_input_is_one_line_before_any_image_is_read(
+    run_main, labelled, tmp_path, monkeypatch, arguments, message
+):
+    monkeypatch.chdir(tmp_path)
+    arguments = [a.format(images=labelled["images"]) for a in arguments]
+    code, _, err = run_main("predict", *arguments, "--checkpoint", str(labelled["checkpoint"]))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert message in err
+    assert not (tmp_path / "top.txt").exists()
+
+
+def test_folders_give_their_images_once_in_order(labelled):
+    files = image_files([labelled["images"] / "ant", labelled["images"] / "ant" / "0.png"])
+    assert [f.name for f in files] == ["0.png", "1.jpg", "2.png", "3.png", "4.jpg", "5.png"]
