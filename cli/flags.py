@@ -71,6 +71,7 @@ FLAGS: dict[str, dict[str, str]] = {
         "size": "--size",
         "json_path": "--json",
         "max_pixels": "--max-pixels",
+        "stage": "--stage",
     },
     "predict": {
         **MODEL,

@@ -29,7 +29,9 @@ def parse_size(text: str) -> int | tuple[int, int]:
 
 
 def show(
-    images: list[Path] = typer.Argument(..., help="Image files (PNG, JPEG, ...; any size)."),
+    images: list[Path] = typer.Argument(
+        ..., help="Image files (PNG, JPEG, ...; any size); with --erf also folders and globs."
+    ),
     out: Path = typer.Option(
         ..., "--out", help="Figure file; with several images, OUT-<image stem>.png each."
     ),
@@ -56,11 +58,40 @@ def show(
         "--max-pixels",
         help="Refuse images with more pixels (default: PIL's limit, about 89.5 million).",
     ),
+    erf: bool = typer.Option(
+        False,
+        "--erf",
+        help="Instead: the effective receptive field of --stage averaged over the images, in one "
+        "figure (the paper's Figure 5; images resized and centre-cropped to --size N).",
+    ),
+    stage: int = typer.Option(4, "--stage", help="With --erf: the stage (1-4) whose map is used."),
 ) -> None:
     """Draw a classifier's view of images: top-5 classes, a Grad-CAM, and for chosen blocks DBRA's
     agents (reference grid, sampled positions, offsets), the regions BRA and DBRA route a query
     point to, and its attention over the agents."""
     from debiformer.data.images import MAX_IMAGE_PIXELS
+
+    if erf:
+        from debiformer.tools.erf import show_erf
+
+        if query is not None or blocks:
+            raise UserError("--erf draws the receptive field alone: drop --query and --blocks")
+        parsed = parse_size(size) if size is not None else None
+        if isinstance(parsed, tuple):
+            raise UserError(f"--size {size!r}: with --erf give one side N (a square input)")
+        show_erf(
+            images,
+            out,
+            stage=stage,
+            model_name=model,
+            recipe=recipe,
+            checkpoint=checkpoint,
+            pretrained=pretrained,
+            size=parsed,
+            json_path=json_path,
+            max_pixels=MAX_IMAGE_PIXELS if max_pixels is None else max_pixels,
+        )
+        return
     from debiformer.tools.show import show as show_images
 
     show_images(

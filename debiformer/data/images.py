@@ -1,4 +1,5 @@
-"""The one place that opens image files: header checks and fully loaded RGB images.
+"""The one place that finds and opens image files: the files that inputs name (`image_files`),
+header checks and fully loaded RGB images.
 
 Every problem with a file is a one-line UserError naming it: missing, a folder, not an image,
 truncated, or above a pixel limit. The limit is this module's own check: importing it sets PIL's
@@ -9,7 +10,9 @@ setting) is said in the message with the name of the setting that raises it.
 
 from __future__ import annotations
 
+import glob
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +23,11 @@ from debiformer.errors import UserError, mention
 MAX_IMAGE_PIXELS: int = 89_478_485  # PIL's default: 0.25 GiB of 24-bit pixels
 DETAIL_CHARS = 120  # at most this much of an underlying error is quoted
 READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError)  # what PIL raises on a bad file
+
+# what a folder's images are recognised by (files named directly are tried whatever they are)
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+)
 
 Image.MAX_IMAGE_PIXELS = None
 
@@ -122,3 +130,31 @@ def read_rgb(
     """The image file fully loaded as RGB (greyscale and palette images converted), with the
     errors of `read_image`."""
     return _loaded(Path(path), max_pixels, limit_name, what, "RGB")
+
+
+def image_files(inputs: Sequence[str | Path]) -> list[Path]:
+    """The files `inputs` name, in the order given, each once: a file as it is, a folder's image
+    files (by suffix, recursively, sorted), a glob pattern's matching files (sorted). An input
+    that names nothing is a one-line `UserError`, raised before any image is read."""
+    files: dict[Path, None] = {}
+    for text in map(str, inputs):
+        path = Path(text)
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not found:
+                suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+                raise UserError(f"{text}: a folder with no image files ({suffixes})")
+        elif path.exists():
+            found = [path]
+        elif glob.has_magic(text):
+            found = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+            if not found:
+                raise UserError(f"{text}: no file matches this pattern")
+        else:
+            raise UserError(f"{text}: no such file or folder")
+        files.update(dict.fromkeys(found))
+    if not files:
+        raise UserError("give at least one image file, folder or pattern", about="inputs")
+    return list(files)

@@ -1,6 +1,5 @@
 """`debiformer predict`: a trained classifier applied to image files, its answers as data.
 
-    image_files        the files that inputs name: files, folders (their images, recursively), globs
     predict_classes    the top-k classes of every readable image, in batches
     write_predictions  one row per image, to CSV or JSON
     predict            the command: all of it, with a notice for each file that cannot be read
@@ -13,7 +12,6 @@ equals what `debiformer eval` computes for the same image.
 from __future__ import annotations
 
 import csv
-import glob
 import io
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,15 +23,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from debiformer import runtime
-from debiformer.data.images import MAX_IMAGE_PIXELS, read_rgb
+from debiformer.data.images import MAX_IMAGE_PIXELS, image_files, read_rgb
 from debiformer.errors import UserError
 from debiformer.tools.classifier import Classifier, load_classifier
 from debiformer.tools.common import check_at_least
 
-# what a folder's images are recognised by (files named directly are tried whatever they are)
-IMAGE_SUFFIXES = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-)
 OUT_FORMATS = (".csv", ".json")
 
 
@@ -53,37 +47,6 @@ class Failure:
 
     image: str
     reason: str
-
-
-def image_files(inputs: Sequence[str | Path]) -> list[Path]:
-    """The files `inputs` name, in the order given, each once: a file as it is, a folder's image
-    files (by suffix, recursively, sorted), a glob pattern's matching files (sorted). An input
-    that names nothing is a one-line `UserError`, raised before any image is read."""
-    files: dict[Path, None] = {}
-    for text in map(str, inputs):
-        path = Path(text)
-        if path.is_dir():
-            found = sorted(
-                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-            )
-            if not found:
-                raise UserError(f"{text}: a folder with no image files ({_suffixes()})")
-        elif path.exists():
-            found = [path]
-        elif glob.has_magic(text):
-            found = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
-            if not found:
-                raise UserError(f"{text}: no file matches this pattern")
-        else:
-            raise UserError(f"{text}: no such file or folder")
-        files.update(dict.fromkeys(found))
-    if not files:
-        raise UserError("give at least one image file, folder or pattern", about="inputs")
-    return list(files)
-
-
-def _suffixes() -> str:
-    return ", ".join(sorted(IMAGE_SUFFIXES))
 
 
 def check_out_path(out: str | Path) -> Path:

@@ -12,11 +12,12 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from debiformer.checkpoint import save_checkpoint
+from debiformer.data.images import image_files
 from debiformer.recipe import load_recipe
 from debiformer.tasks import evaluate_checkpoint
 from debiformer.tasks.classification import build_split_loader
 from debiformer.tools.classifier import load_classifier
-from debiformer.tools.predict import image_files, predict
+from debiformer.tools.predict import predict
 from debiformer.weights import ModelSpec, build_model, spec_entry
 
 CLASSES = ["ant", "bee", "cat"]
