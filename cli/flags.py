@@ -82,6 +82,7 @@ FLAGS: dict[str, dict[str, str]] = {
         "device": "--device",
         "precision": "--precision",
         "max_pixels": "--max-pixels",
+        "overlay": "--overlay",
     },
     "plot": {"out": "--out"},
     "data convert": {

@@ -16,7 +16,10 @@ def predict(
         ..., help="Image files, folders (their images, recursively) or glob patterns."
     ),
     out: Path | None = typer.Option(
-        None, "--out", help="Write one row per image here: NAME.csv or NAME.json."
+        None,
+        "--out",
+        help="Classifiers: one row per image in NAME.csv or NAME.json. Segmenters: the folder of "
+        "the label PNGs (required).",
     ),
     model: str | None = options.MODEL,
     recipe: str | None = options.MODEL_RECIPE,
@@ -31,10 +34,14 @@ def predict(
         "--max-pixels",
         help="Skip images with more pixels (default: PIL's limit, about 89.5 million).",
     ),
+    overlay: bool = typer.Option(
+        False, "--overlay", help="Segmenters: also NAME-overlay.png, the colours over the image."
+    ),
 ) -> None:
-    """The top-k classes (names and probabilities) of each image, through the model's own
-    evaluation transform (the recipe's resize and centre crop), as `eval` computes them. Files
-    that cannot be read get a one-line notice and the exit code 1; the rest are predicted."""
+    """A classifier's top-k classes (names and probabilities) of each image, through the model's
+    own evaluation transform (the recipe's resize and centre crop); a segmenter's label PNG per
+    image (pixel value = class), by the recipe's evaluation inference: as `eval` computes them.
+    Files that cannot be read get a one-line notice and the exit code 1; the rest are predicted."""
     from debiformer.data.images import MAX_IMAGE_PIXELS
     from debiformer.tools.predict import predict as predict_images
 
@@ -51,8 +58,11 @@ def predict(
         device=device,
         precision=precision,
         max_pixels=MAX_IMAGE_PIXELS if max_pixels is None else max_pixels,
+        overlay=overlay,
     )
-    if out is None:
+    if predictions and isinstance(predictions[0], Path):
+        console.print(f"wrote {len(predictions)} label PNGs to {out}", highlight=False)
+    elif out is None:
         table = Table("image", "classes (probability)", box=None, pad_edge=False)
         for p in predictions:
             top = ", ".join(f"{n} ({q:.3f})" for n, q in zip(p.names, p.probabilities, strict=True))

@@ -1,14 +1,17 @@
 """Fixtures that every test package shares: a cache folder of the session's own, the `debiformer`
-command run in this process, and the release fixture's weights computed once per session; and the
-skip of tests marked `cuda` where there is no CUDA GPU."""
+command run in this process, the release fixture's weights and the mosaics set (detection and
+segmentation) made once per session; and the skip of tests marked `cuda` where there is no CUDA
+GPU."""
 
 import os
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from types import MappingProxyType
 
 import pytest
 import torch
 
+from debiformer.data.mosaics import write_mosaics
 from tests.helpers.cli import run_in_process
 from tests.helpers.official_fixture import load_fixture, official_state_dict
 
@@ -52,3 +55,12 @@ def official_state() -> Mapping[str, torch.Tensor]:
     """The release fixture's DeBiFormer-T state dict in the release's names (1000 classes),
     read-only: a test that changes it changes a copy, `dict(official_state)`."""
     return MappingProxyType(official_state_dict(load_fixture()))
+
+
+@pytest.fixture(scope="session")
+def mosaics(tmp_path_factory) -> Path:
+    """8 training and 3 validation mosaics of 64x64 with 1-2 unscaled items each, read-only."""
+    out = tmp_path_factory.mktemp("mosaics") / "set"
+    return write_mosaics(
+        out, train_images=8, val_images=3, canvas_size=64, items=(1, 2), scale=(1.0, 1.0)
+    )

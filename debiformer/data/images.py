@@ -158,3 +158,16 @@ def image_files(inputs: Sequence[str | Path]) -> list[Path]:
     if not files:
         raise UserError("give at least one image file, folder or pattern", about="inputs")
     return list(files)
+
+
+def unique_stems(paths: Sequence[Path]) -> list[str]:
+    """A name per path for the files written from it: its stem, with -2, -3, ... added where
+    stems repeat."""
+    stems, seen = [], set()
+    for path in paths:
+        stem, number = path.stem, 2
+        while stem in seen:
+            stem, number = f"{path.stem}-{number}", number + 1
+        seen.add(stem)
+        stems.append(stem)
+    return stems

@@ -29,11 +29,10 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from debiformer.data.draws import stream_seed
-from debiformer.data.images import PixelLimit, read_image, read_rgb
+from debiformer.data.images import IMAGE_SUFFIXES, PixelLimit, read_image, read_rgb
 from debiformer.data.loaders import KeyedLoader
 from debiformer.errors import UserError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MASK_MODES = ("L", "P")  # single-channel PNGs: grey levels or palette indices
 IGNORE_INDEX = 255
 CROP_RETRIES = 10  # mmsegmentation's RandomCrop redraws a crop at most this often
@@ -232,7 +231,7 @@ def _image_files(images: Path) -> list[Path]:
         raise UserError(f"image folder {images}: cannot be read ({error})") from None
     if not files:
         raise UserError(
-            f"image folder {images}: no image ({', '.join(IMAGE_SUFFIXES)}); "
+            f"image folder {images}: no image ({', '.join(sorted(IMAGE_SUFFIXES))}); "
             "nothing to train or evaluate on"
         )
     return files

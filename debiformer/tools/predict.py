@@ -1,8 +1,10 @@
-"""`debiformer predict`: a trained classifier applied to image files, its answers as data.
+"""`debiformer predict`: a trained classifier or segmenter applied to image files, its answers as
+data.
 
     predict_classes    the top-k classes of every readable image, in batches
     write_predictions  one row per image, to CSV or JSON
-    predict            the command: all of it, with a notice for each file that cannot be read
+    predict            the command: all of it, with a notice for each file that cannot be read;
+                       a segmentation checkpoint's label PNGs come from `predict_segmentation`
 
 Each image goes through the classifier's own evaluation transform (`classifier.Preprocessing`:
 the recipe's for this tool's checkpoints, the release's for released weights), so a prediction
@@ -23,10 +25,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from debiformer import runtime
-from debiformer.data.images import MAX_IMAGE_PIXELS, image_files, read_rgb
+from debiformer.data.images import MAX_IMAGE_PIXELS, image_files, read_rgb, unique_stems
 from debiformer.errors import UserError
+from debiformer.recipe import load_recipe
 from debiformer.tools.classifier import Classifier, load_classifier
 from debiformer.tools.common import check_at_least
+from debiformer.tools.predict_segmentation import (
+    Segmenter,
+    load_segmenter,
+    predict_label_maps,
+    write_label_png,
+)
+from debiformer.weights import WeightsFile, open_weights, recorded_spec
 
 OUT_FORMATS = (".csv", ".json")
 
@@ -163,6 +173,16 @@ def write_predictions(
     runtime.write_text(out, text.getvalue())
 
 
+def task_of(file: WeightsFile | None, recipe: str | None) -> str:
+    """The task of the model to apply: the recipe's, else the one the checkpoint records."""
+    if recipe is not None:
+        return load_recipe(recipe).task
+    if file is not None and file.recipe is not None:
+        return str(file.recipe.get("task", "classification"))
+    spec = recorded_spec(file) if file is not None else None
+    return spec.task if spec is not None else "classification"
+
+
 def predict(
     inputs: Sequence[str | Path],
     *,
@@ -176,26 +196,45 @@ def predict(
     device: str = "auto",
     precision: str = "fp32",
     max_pixels: int = MAX_IMAGE_PIXELS,
+    overlay: bool = False,
     console: Console | None = None,
-) -> tuple[list[Prediction], list[Failure]]:
+) -> tuple[list[Prediction] | list[Path], list[Failure]]:
     """`debiformer predict`: the inputs' files found, the settings and `out` checked and the
-    classifier loaded (`classifier.load_classifier`) before any image is read; then every image
-    predicted with a progress bar, a one-line notice for each that cannot be read, and the rows
-    written to `out` (.csv or .json) when given. Returns the predictions and the failures."""
+    model loaded before any image is read; then every image predicted with a progress bar, a
+    one-line notice for each that cannot be read. A classifier's rows are written to `out`
+    (.csv or .json) when given; a segmentation checkpoint writes one label PNG per image into
+    the folder `out` (`predict_segmentation`; with `overlay`, the colours over the image too).
+    Returns the predictions (the PNGs written, for segmentation) and the failures."""
     console = console or Console(stderr=True, soft_wrap=True)
     check_at_least("top_k", top_k, 1)
     check_at_least("batch_size", batch_size, 1)
     check_at_least("max_pixels", max_pixels, 1)
-    if out is not None:
+    file = open_weights(checkpoint) if checkpoint is not None else None
+    task = task_of(file, recipe)
+    if task == "segmentation":
+        check_label_folder(out)
+    elif task != "classification":
+        raise UserError(f"predict takes classifiers and segmenters; this is a {task} model")
+    elif out is not None:
         check_out_path(out)
     paths = image_files(inputs)
     torch_device = runtime.select_device(device)
     resolved = runtime.resolve_precision(precision, torch_device)
-    classifier = load_classifier(model_name, recipe, checkpoint, pretrained, work="predict")
     progress = Progress(
         TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
         console=console, transient=True,
     )  # fmt: skip
+    if task == "segmentation":
+        segmenter = load_segmenter(file, recipe)
+        with progress:
+            bar = progress.add_task("predict", total=len(paths))
+            written, failures = _write_label_maps(
+                segmenter, paths, Path(out), torch_device, resolved, max_pixels, overlay,
+                lambda count: progress.advance(bar, count),
+            )  # fmt: skip
+        _say_failures(console, failures)
+        return written, failures
+    classifier = load_classifier(model_name, recipe, file, pretrained, work="predict")
     with progress:
         task = progress.add_task("predict", total=len(paths))
         predictions, failures = predict_classes(
@@ -203,8 +242,7 @@ def predict(
             precision=resolved, max_pixels=max_pixels,
             advance=lambda count: progress.advance(task, count),
         )  # fmt: skip
-    for failure in failures:
-        console.print(f"[yellow]skipped:[/] {failure.reason}", highlight=False)
+    _say_failures(console, failures)
     if out is not None:
         about = {
             "model": classifier.name,
@@ -214,3 +252,47 @@ def predict(
         }
         write_predictions(out, predictions, failures, about)
     return predictions, failures
+
+
+def _say_failures(console: Console, failures: Sequence[Failure]) -> None:
+    for failure in failures:
+        console.print(f"[yellow]skipped:[/] {failure.reason}", highlight=False)
+
+
+def check_label_folder(out: str | Path | None) -> Path:
+    """`out` as the folder of a segmentation model's label PNGs (made if missing)."""
+    if out is None or Path(out).suffix or Path(out).is_file():
+        raise UserError(
+            f"{out or 'not given'}: a segmentation model writes one label PNG per image; give a "
+            "folder",
+            about="out",
+        )
+    Path(out).mkdir(parents=True, exist_ok=True)
+    return runtime.check_writable(Path(out) / "label.png", "out").parent
+
+
+def _write_label_maps(
+    segmenter: Segmenter,
+    paths: Sequence[Path],
+    out: Path,
+    device: torch.device,
+    precision: str,
+    max_pixels: int,
+    overlay: bool,
+    advance: Callable[[int], None],
+) -> tuple[list[Path], list[Failure]]:
+    """Each image's label PNG (and overlay) in `out`, named by the image's stem (a number added
+    where stems repeat)."""
+    failures: list[Failure] = []
+    written = []
+    names = dict(zip(paths, unique_stems(paths), strict=True))
+    maps = predict_label_maps(
+        segmenter, paths, device=device, precision=precision, max_pixels=max_pixels,
+        on_failure=lambda path, reason: failures.append(Failure(str(path), reason)),
+        advance=advance,
+    )  # fmt: skip
+    for path, image, labels in maps:
+        target = out / f"{names[path]}.png"
+        write_label_png(labels, segmenter.num_classes, target, image if overlay else None)
+        written.append(target)
+    return written, failures

@@ -31,7 +31,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
 from debiformer import runtime
-from debiformer.data.images import MAX_IMAGE_PIXELS, read_rgb
+from debiformer.data.images import MAX_IMAGE_PIXELS, read_rgb, unique_stems
 from debiformer.errors import UserError
 from debiformer.model import BiLevelRoutingAttention
 from debiformer.routing import RegionGrid, recording
@@ -593,14 +593,7 @@ def figure_paths(out: Path, images: Sequence[Path]) -> list[Path]:
     (a number added where stems repeat)."""
     if len(images) == 1:
         return [out]
-    paths, seen = [], set()
-    for image in images:
-        stem, number = image.stem, 2
-        while stem in seen:
-            stem, number = f"{image.stem}-{number}", number + 1
-        seen.add(stem)
-        paths.append(out.with_name(f"{out.stem}-{stem}{out.suffix}"))
-    return paths
+    return [out.with_name(f"{out.stem}-{stem}{out.suffix}") for stem in unique_stems(images)]
 
 
 def show(

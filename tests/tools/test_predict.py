@@ -13,7 +13,7 @@ from torchvision.datasets import ImageFolder
 
 from debiformer.checkpoint import save_checkpoint
 from debiformer.data.images import image_files
-from debiformer.recipe import load_recipe
+from debiformer.recipe import load_recipe, recipe_to_dict
 from debiformer.tasks import evaluate_checkpoint
 from debiformer.tasks.classification import build_split_loader
 from debiformer.tools.classifier import load_classifier
@@ -159,3 +159,53 @@ def test_bad_input_is_one_line_before_any_image_is_read(
 def test_folders_give_their_images_once_in_order(labelled):
     files = image_files([labelled["images"] / "ant", labelled["images"] / "ant" / "0.png"])
     assert [f.name for f in files] == ["0.png", "1.jpg", "2.png", "3.png", "4.jpg", "5.png"]
+
+
+def test_segmentation_label_pngs_give_the_miou_eval_computes(mosaics, tmp_path, run_main):
+    """A segmenter's PNGs (pixel value = class) scored against the validation masks give `eval`'s
+    mIoU, with a test ratio and flip as the recipe's evaluation says."""
+    from debiformer.tasks.segmentation import SegmentationTask
+    from debiformer.tasks.segmentation_metrics import confusion_matrix, segmentation_metrics
+    from tests.helpers.recipes import segmentation_recipe, write_recipe
+
+    path = write_recipe(tmp_path / "seg.yaml", segmentation_recipe(mosaics, "fpn"))
+    overrides = ["segmentation.eval_ratios=[0.75,1.0]", "segmentation.eval_flip=true"]
+    recipe = load_recipe(str(path), overrides)
+    path = write_recipe(tmp_path / "seg_eval.yaml", recipe_to_dict(recipe))
+    torch.manual_seed(0)
+    model = build_model(ModelSpec.from_recipe(recipe, 11))[0]
+    checkpoint = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), checkpoint)
+    evaluated = evaluate_checkpoint(recipe, checkpoint)
+    out = tmp_path / "labels"
+    code, stdout, err = run_main(
+        "predict", str(recipe.data.val_path), "--checkpoint", str(checkpoint), "--recipe",
+        str(path), "--out", str(out), "--overlay",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "wrote 3 label PNGs" in stdout
+    data = SegmentationTask(recipe).read_data("val")
+    confusion = torch.zeros(len(data.class_names), len(data.class_names), dtype=torch.int64)
+    for index, (image_path, _) in enumerate(data.samples.pairs):
+        written = Image.open(out / f"{image_path.stem}.png")
+        assert written.mode == "P" and written.size == Image.open(image_path).size
+        assert (out / f"{image_path.stem}-overlay.png").is_file()
+        labels = torch.from_numpy(np.array(written)).long()
+        _, mask = data.samples[(0, index)]
+        confusion += confusion_matrix(labels, mask, len(data.class_names))
+    miou = segmentation_metrics(confusion, data.class_names)["miou"]
+    assert miou == pytest.approx(evaluated["miou"], abs=1e-9)
+
+
+def test_a_segmenter_needs_a_folder_to_write_into(mosaics, tmp_path, run_main):
+    from tests.helpers.recipes import segmentation_recipe, write_recipe
+
+    path = write_recipe(tmp_path / "seg.yaml", segmentation_recipe(mosaics, "fpn"))
+    recipe = load_recipe(str(path))
+    checkpoint = tmp_path / "weights.pt"
+    torch.save(build_model(ModelSpec.from_recipe(recipe, 11))[0].state_dict(), checkpoint)
+    code, _, err = run_main(
+        "predict", str(recipe.data.val_path), "--checkpoint", str(checkpoint), "--recipe",
+        str(path), "--out", str(tmp_path / "labels.csv"),
+    )  # fmt: skip
+    assert code == 2 and "--out" in err and "give a folder" in err

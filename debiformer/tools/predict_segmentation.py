@@ -1,0 +1,118 @@
+"""`debiformer predict` with a segmentation checkpoint: one label PNG per image, as `eval` computes
+it (the recipe's `segmentation.eval_*` inference: whole or sliding window, test ratios, flip).
+
+    load_segmenter        the network, its recipe's segmentation settings and class count
+    predict_label_maps    every readable image's (H, W) class indices, at the image's own size
+    write_label_png       a label map as a palette PNG (pixel value = class index), and an overlay
+
+The PNGs are the masks `data.val_masks` holds: single-channel, one value per class, so `eval`'s
+metrics can be computed from them again (the tests do).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torchvision.transforms import v2
+
+from debiformer import runtime
+from debiformer.data.images import read_rgb
+from debiformer.data.segmentation import SegmentationTransform
+from debiformer.errors import UserError
+from debiformer.recipe import Recipe, SegmentationConfig, load_recipe, recipe_from_stored
+from debiformer.tasks.segmentation import palette
+from debiformer.tasks.segmentation_inference import predict as segmentation_probabilities
+from debiformer.weights import WeightsFile, build_model, spec_of_checkpoint
+
+OVERLAY_ALPHA = 0.5  # the label colours' weight over the image in an overlay
+
+
+@dataclass
+class Segmenter:
+    """A segmentation model in eval mode, its recipe's inference settings and class count."""
+
+    model: nn.Module
+    settings: SegmentationConfig
+    num_classes: int
+    weights: str
+
+
+def load_segmenter(file: WeightsFile, recipe: str | None) -> Segmenter:
+    """The segmentation network of checkpoint `file` with exactly its weights; its inference
+    settings from `recipe`, else the recipe the checkpoint stores."""
+    the_recipe: Recipe | None = load_recipe(recipe) if recipe is not None else None
+    if the_recipe is None and file.recipe is not None:
+        the_recipe = recipe_from_stored(file.recipe)
+    if the_recipe is None or the_recipe.task != "segmentation":
+        raise UserError(
+            f"checkpoint {file.path}: a segmentation model needs its recipe's segmentation "
+            "settings; give the recipe it was trained with"
+        )
+    spec = spec_of_checkpoint(file, recipe=the_recipe)
+    model, provenance = build_model(spec, checkpoint=file)
+    return Segmenter(model.eval(), the_recipe.segmentation, spec.num_classes, str(file.path))
+
+
+@torch.no_grad()
+def predict_label_maps(
+    segmenter: Segmenter,
+    paths: Sequence[Path],
+    *,
+    device: torch.device,
+    precision: str,
+    max_pixels: int,
+    on_failure: Callable[[Path, str], None],
+    advance: Callable[[int], None] = lambda count: None,
+) -> Iterator[tuple[Path, Image.Image, np.ndarray]]:
+    """(path, image, (H, W) uint8 class indices) of each readable image of `paths`, one image at
+    a time (images differ in size), normalised as the evaluation loader does; for each
+    unreadable one `on_failure(path, reason)`. `advance(1)` is called as each file is done."""
+    seg = segmenter.settings
+    normalise = SegmentationTransform().build(train=False)
+    model = segmenter.model.to(device)
+    for path in paths:
+        try:
+            image = read_rgb(path, max_pixels=max_pixels)
+        except UserError as error:
+            on_failure(path, str(error))
+            advance(1)
+            continue
+        pixels = normalise(v2.functional.pil_to_tensor(image))[None].to(device)
+        with runtime.autocast(device, precision):
+            probabilities = segmentation_probabilities(
+                lambda x: model(x)["out"],
+                pixels,
+                num_classes=segmenter.num_classes,
+                scale=(seg.scale[0], seg.scale[1]),
+                ratios=seg.eval_ratios,
+                flip=seg.eval_flip,
+                mode=seg.eval_mode,
+                crop_size=seg.crop_size,
+                stride=seg.eval_stride,
+                size_divisor=seg.size_divisor,
+            )
+        advance(1)
+        yield path, image, probabilities[0].argmax(dim=0).to(torch.uint8).cpu().numpy()
+
+
+def write_label_png(
+    labels: np.ndarray, num_classes: int, path: Path, image: Image.Image | None = None
+) -> None:
+    """`labels` as a palette PNG at `path` (pixel values are class indices, coloured by
+    `tasks.segmentation.palette`); with `image`, also PATH-overlay.png: the colours over it."""
+    colours = palette(num_classes).numpy()
+    label_png = Image.fromarray(labels, mode="P")
+    label_png.putpalette(colours[:num_classes].flatten().tolist())
+    with runtime.atomic_writer(path, "wb") as file:
+        label_png.save(file, format="PNG")
+    if image is not None:
+        blended = (1 - OVERLAY_ALPHA) * np.asarray(image) + OVERLAY_ALPHA * colours[labels]
+        overlay = Image.fromarray(blended.round().astype(np.uint8))
+        with runtime.atomic_writer(path.with_name(f"{path.stem}-overlay.png"), "wb") as file:
+            overlay.save(file, format="PNG")
