@@ -19,7 +19,7 @@ def predict(
         None,
         "--out",
         help="Classifiers: one row per image in NAME.csv or NAME.json. Segmenters: the folder of "
-        "the label PNGs (required).",
+        "the label PNGs. Detectors: the COCO results NAME.json.",
     ),
     model: str | None = options.MODEL,
     recipe: str | None = options.MODEL_RECIPE,
@@ -62,6 +62,10 @@ def predict(
     )
     if predictions and isinstance(predictions[0], Path):
         console.print(f"wrote {len(predictions)} label PNGs to {out}", highlight=False)
+    elif predictions and isinstance(predictions[0], dict):
+        console.print(
+            f"wrote {len(predictions)} detections (COCO results) to {out}", highlight=False
+        )
     elif out is None:
         table = Table("image", "classes (probability)", box=None, pad_edge=False)
         for p in predictions:

@@ -4,7 +4,8 @@ data.
     predict_classes    the top-k classes of every readable image, in batches
     write_predictions  one row per image, to CSV or JSON
     predict            the command: all of it, with a notice for each file that cannot be read;
-                       a segmentation checkpoint's label PNGs come from `predict_segmentation`
+                       a segmentation checkpoint's label PNGs come from `predict_segmentation`,
+                       a detector's COCO results from `predict_detection`
 
 Each image goes through the classifier's own evaluation transform (`classifier.Preprocessing`:
 the recipe's for this tool's checkpoints, the release's for released weights), so a prediction
@@ -30,6 +31,7 @@ from debiformer.errors import UserError
 from debiformer.recipe import load_recipe
 from debiformer.tools.classifier import Classifier, load_classifier
 from debiformer.tools.common import check_at_least
+from debiformer.tools.predict_detection import load_detector, predict_coco_results
 from debiformer.tools.predict_segmentation import (
     Segmenter,
     load_segmenter,
@@ -203,8 +205,9 @@ def predict(
     model loaded before any image is read; then every image predicted with a progress bar, a
     one-line notice for each that cannot be read. A classifier's rows are written to `out`
     (.csv or .json) when given; a segmentation checkpoint writes one label PNG per image into
-    the folder `out` (`predict_segmentation`; with `overlay`, the colours over the image too).
-    Returns the predictions (the PNGs written, for segmentation) and the failures."""
+    the folder `out` (`predict_segmentation`; with `overlay`, the colours over the image too); a
+    detection checkpoint writes COCO results to the .json file `out` (`predict_detection`).
+    Returns the predictions (the PNGs written; the COCO entries) and the failures."""
     console = console or Console(stderr=True, soft_wrap=True)
     check_at_least("top_k", top_k, 1)
     check_at_least("batch_size", batch_size, 1)
@@ -213,8 +216,8 @@ def predict(
     task = task_of(file, recipe)
     if task == "segmentation":
         check_label_folder(out)
-    elif task != "classification":
-        raise UserError(f"predict takes classifiers and segmenters; this is a {task} model")
+    elif task == "detection":
+        check_results_path(out)
     elif out is not None:
         check_out_path(out)
     paths = image_files(inputs)
@@ -234,6 +237,19 @@ def predict(
             )  # fmt: skip
         _say_failures(console, failures)
         return written, failures
+    if task == "detection":
+        detector = load_detector(file, recipe)
+        failures = []
+        with progress:
+            bar = progress.add_task("predict", total=len(paths))
+            results = predict_coco_results(
+                detector, paths, device=torch_device, precision=resolved, max_pixels=max_pixels,
+                on_failure=lambda path, reason: failures.append(Failure(str(path), reason)),
+                advance=lambda count: progress.advance(bar, count),
+            )  # fmt: skip
+        _say_failures(console, failures)
+        runtime.write_json(out, results)
+        return results, failures
     classifier = load_classifier(model_name, recipe, file, pretrained, work="predict")
     with progress:
         task = progress.add_task("predict", total=len(paths))
@@ -257,6 +273,15 @@ def predict(
 def _say_failures(console: Console, failures: Sequence[Failure]) -> None:
     for failure in failures:
         console.print(f"[yellow]skipped:[/] {failure.reason}", highlight=False)
+
+
+def check_results_path(out: str | Path | None) -> Path:
+    """`out` as the .json file of a detector's COCO results."""
+    if out is None or Path(out).suffix.lower() != ".json":
+        raise UserError(
+            f"{out or 'not given'}: a detector writes COCO results; give a .json file", about="out"
+        )
+    return runtime.check_writable(out, "out")
 
 
 def check_label_folder(out: str | Path | None) -> Path:

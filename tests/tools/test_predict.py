@@ -209,3 +209,58 @@ def test_a_segmenter_needs_a_folder_to_write_into(mosaics, tmp_path, run_main):
         str(path), "--out", str(tmp_path / "labels.csv"),
     )  # fmt: skip
     assert code == 2 and "--out" in err and "give a folder" in err
+
+
+def test_detection_results_are_evals_detections_and_load_in_pycocotools(
+    mosaics, tmp_path, run_main, monkeypatch
+):
+    """A Mask R-CNN's COCO results JSON holds the detections `eval` scores (the same image ids,
+    categories, boxes, scores and RLE masks), reads back with `loadRes`, and scores `eval`'s box
+    and mask AP against the validation annotations."""
+    from debiformer.data.coco import load_coco
+    from debiformer.tasks import detection
+    from debiformer.tasks.coco_metrics import coco_metrics
+    from tests.helpers.recipes import detection_recipe, write_recipe
+
+    # one image per batch, as predict reads them: a batch pads its images to one size, which
+    # moves boxes by float rounding (about 1e-6 pixels)
+    recipe = detection_recipe(mosaics, "maskrcnn", train={"eval_batch_size": 1})
+    path = write_recipe(tmp_path / "det.yaml", recipe)
+    recipe = load_recipe(str(path))
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "weights.pt"
+    torch.save(build_model(ModelSpec.from_recipe(recipe, 10))[0].state_dict(), checkpoint)
+    scored_by_eval = []
+
+    def keep_results(ground_truth, results, iou_types):
+        scored_by_eval.extend(results)
+        return coco_metrics(ground_truth, results, iou_types)
+
+    monkeypatch.setattr(detection, "coco_metrics", keep_results)
+    evaluated = evaluate_checkpoint(recipe, checkpoint)
+    out = tmp_path / "results.json"
+    code, stdout, err = run_main(
+        "predict", str(recipe.data.val_path), "--checkpoint", str(checkpoint), "--recipe",
+        str(path), "--out", str(out),
+    )  # fmt: skip
+    assert code == 0, err
+    results = json.loads(out.read_text())
+    assert len(results) == len(scored_by_eval) > 0 and f"wrote {len(results)} detections" in stdout
+
+    def key(entry):
+        return entry["image_id"], entry["score"]
+
+    for ours, theirs in zip(sorted(results, key=key), sorted(scored_by_eval, key=key), strict=True):
+        assert (ours["image_id"], ours["category_id"]) == (
+            theirs["image_id"],
+            theirs["category_id"],
+        )
+        assert ours["bbox"] == pytest.approx(theirs["bbox"]) and ours["score"] == pytest.approx(
+            theirs["score"]
+        )
+        assert ours["segmentation"] == theirs["segmentation"]
+    ground_truth = load_coco(recipe.data.val_annotations)
+    assert ground_truth.loadRes([dict(r) for r in results]).getAnnIds()  # pycocotools reads it
+    scored = coco_metrics(ground_truth, results, ("bbox", "segm"))
+    assert scored["bbox_ap"] == pytest.approx(evaluated["bbox_ap"])
+    assert scored["segm_ap"] == pytest.approx(evaluated["segm_ap"])
