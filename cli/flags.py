@@ -83,6 +83,7 @@ FLAGS: dict[str, dict[str, str]] = {
         "precision": "--precision",
         "max_pixels": "--max-pixels",
         "overlay": "--overlay",
+        "runtime_name": "--runtime",
     },
     "plot": {"out": "--out"},
     "data convert": {

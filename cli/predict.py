@@ -37,6 +37,11 @@ def predict(
     overlay: bool = typer.Option(
         False, "--overlay", help="Segmenters: also NAME-overlay.png, the colours over the image."
     ),
+    runtime: str = typer.Option(
+        "eager",
+        "--runtime",
+        help="eager (PyTorch) or onnxruntime (an exported --checkpoint FILE.onnx, CPU, fp32).",
+    ),
 ) -> None:
     """A classifier's top-k classes (names and probabilities) of each image, through the model's
     own evaluation transform (the recipe's resize and centre crop); a segmenter's label PNG per
@@ -59,6 +64,7 @@ def predict(
         precision=precision,
         max_pixels=MAX_IMAGE_PIXELS if max_pixels is None else max_pixels,
         overlay=overlay,
+        runtime_name=runtime,
     )
     if predictions and isinstance(predictions[0], Path):
         console.print(f"wrote {len(predictions)} label PNGs to {out}", highlight=False)

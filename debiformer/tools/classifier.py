@@ -3,15 +3,18 @@
 evaluation preprocessing its weights were trained with.
 
     load_classifier   the classifier, from what the user gives (model, recipe, checkpoint, start)
+    load_onnx_classifier  an exported ONNX file, run by onnxruntime, with its recorded config
     Preprocessing     resize, centre crop, normalise: the loaders' evaluation transform, so that
                       a prediction on a file equals `eval` on the same image
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -26,6 +29,7 @@ from debiformer.data.loaders import CentreCrop, DeviceBatchTransform
 from debiformer.errors import UserError
 from debiformer.recipe import Recipe, load_recipe, recipe_from_stored
 from debiformer.weights import (
+    EXPORT_CONFIG_KEY,
     ModelSpec,
     WeightsFile,
     build_model,
@@ -126,3 +130,51 @@ def _classifier_spec(
     raise UserError(
         "give a model name, a recipe or a checkpoint of this tool (it records its model)"
     )
+
+
+class OnnxClassifier(nn.Module):
+    """An exported ONNX classifier run by onnxruntime on the CPU, as a module that maps a
+    normalised image batch to logits: a file exported with batch 1 is run image by image."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        from debiformer.tools.export import INPUT_NAME, OUTPUT_NAME, onnx_session
+
+        self.session = onnx_session(path)
+        self.names = (INPUT_NAME, OUTPUT_NAME)
+        self.fixed_batch = self.session.get_inputs()[0].shape[0] == 1
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        input_name, output_name = self.names
+        batches = images.split(1) if self.fixed_batch else [images]
+        logits = [
+            self.session.run([output_name], {input_name: batch.float().cpu().numpy()})[0]
+            for batch in batches
+        ]
+        return torch.from_numpy(np.concatenate(logits))
+
+
+def load_onnx_classifier(path: str | Path) -> Classifier:
+    """The ONNX file `debiformer export` wrote, with the preprocessing and class names its
+    recorded config holds; a one-line `UserError` for a file without that config or for an
+    input that is not square."""
+    path = Path(path)
+    if path.suffix != ".onnx" or not path.is_file():
+        raise UserError(
+            f"{path}: give an .onnx file that debiformer export wrote", about="checkpoint"
+        )
+    model = OnnxClassifier(path)
+    metadata = model.session.get_modelmeta().custom_metadata_map
+    if EXPORT_CONFIG_KEY not in metadata:
+        raise UserError(
+            f"{path}: records no {EXPORT_CONFIG_KEY!r} config (debiformer export writes one); "
+            "export the model again",
+            about="checkpoint",
+        )
+    config = json.loads(metadata[EXPORT_CONFIG_KEY])
+    height, width = config["input_size"][1:]
+    if height != width:
+        raise UserError(f"{path}: its input is {height}x{width}; predict takes square inputs")
+    preprocessing = Preprocessing(width, config["crop_pct"], config["interpolation"])
+    names = class_names(config.get("label_names"), config["num_classes"])
+    return Classifier(model, config["model"], names, preprocessing, str(path))

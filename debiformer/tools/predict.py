@@ -27,10 +27,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from debiformer import runtime
 from debiformer.data.images import MAX_IMAGE_PIXELS, image_files, read_rgb, unique_stems
-from debiformer.errors import UserError
+from debiformer.errors import UserError, mention
 from debiformer.recipe import load_recipe
-from debiformer.tools.classifier import Classifier, load_classifier
+from debiformer.tools.classifier import Classifier, load_classifier, load_onnx_classifier
 from debiformer.tools.common import check_at_least
+from debiformer.tools.export import require_onnx_packages
 from debiformer.tools.predict_detection import load_detector, predict_coco_results
 from debiformer.tools.predict_segmentation import (
     Segmenter,
@@ -199,6 +200,7 @@ def predict(
     precision: str = "fp32",
     max_pixels: int = MAX_IMAGE_PIXELS,
     overlay: bool = False,
+    runtime_name: str = "eager",
     console: Console | None = None,
 ) -> tuple[list[Prediction] | list[Path], list[Failure]]:
     """`debiformer predict`: the inputs' files found, the settings and `out` checked and the
@@ -207,12 +209,15 @@ def predict(
     (.csv or .json) when given; a segmentation checkpoint writes one label PNG per image into
     the folder `out` (`predict_segmentation`; with `overlay`, the colours over the image too); a
     detection checkpoint writes COCO results to the .json file `out` (`predict_detection`).
+    With `runtime_name="onnxruntime"` the classifier is the ONNX file `checkpoint` that
+    `debiformer export` wrote, run by onnxruntime on the CPU in fp32.
     Returns the predictions (the PNGs written; the COCO entries) and the failures."""
     console = console or Console(stderr=True, soft_wrap=True)
     check_at_least("top_k", top_k, 1)
     check_at_least("batch_size", batch_size, 1)
     check_at_least("max_pixels", max_pixels, 1)
-    file = open_weights(checkpoint) if checkpoint is not None else None
+    onnx = check_runtime(runtime_name, checkpoint, device, precision)
+    file = open_weights(checkpoint) if checkpoint is not None and not onnx else None
     task = task_of(file, recipe)
     if task == "segmentation":
         check_label_folder(out)
@@ -250,7 +255,10 @@ def predict(
         _say_failures(console, failures)
         runtime.write_json(out, results)
         return results, failures
-    classifier = load_classifier(model_name, recipe, file, pretrained, work="predict")
+    if onnx:
+        classifier = load_onnx_classifier(checkpoint)
+    else:
+        classifier = load_classifier(model_name, recipe, file, pretrained, work="predict")
     with progress:
         task = progress.add_task("predict", total=len(paths))
         predictions, failures = predict_classes(
@@ -273,6 +281,30 @@ def predict(
 def _say_failures(console: Console, failures: Sequence[Failure]) -> None:
     for failure in failures:
         console.print(f"[yellow]skipped:[/] {failure.reason}", highlight=False)
+
+
+RUNTIMES = ("eager", "onnxruntime")
+
+
+def check_runtime(
+    runtime_name: str, checkpoint: str | Path | None, device: str, precision: str
+) -> bool:
+    """Whether to run an ONNX file: `runtime_name` "onnxruntime" takes an .onnx `checkpoint`,
+    on the CPU in fp32, with the export extra installed; "eager" runs PyTorch."""
+    if runtime_name not in RUNTIMES:
+        raise UserError(f": unknown runtime {runtime_name!r}; choose eager or onnxruntime",
+                        about="runtime_name")  # fmt: skip
+    if runtime_name == "eager":
+        return False
+    require_onnx_packages("runtime_name", "onnxruntime")
+    if checkpoint is None or Path(checkpoint).suffix != ".onnx":
+        raise UserError(
+            f"{mention('runtime_name', 'onnxruntime')} runs an ONNX file: give "
+            f"{mention('checkpoint', 'FILE.onnx')} (from debiformer export)"
+        )
+    if device == "cuda" or precision not in ("fp32", "auto"):
+        raise UserError(f"{mention('runtime_name', 'onnxruntime')} runs on the CPU in fp32")
+    return True
 
 
 def check_results_path(out: str | Path | None) -> Path:

@@ -264,3 +264,47 @@ def test_detection_results_are_evals_detections_and_load_in_pycocotools(
     scored = coco_metrics(ground_truth, results, ("bbox", "segm"))
     assert scored["bbox_ap"] == pytest.approx(evaluated["bbox_ap"])
     assert scored["segm_ap"] == pytest.approx(evaluated["segm_ap"])
+
+
+@pytest.mark.slow
+def test_an_onnx_export_predicts_what_its_pytorch_model_does(exported_onnx, tmp_path):
+    """`--runtime onnxruntime` on an ONNX file: its recorded preprocessing and the same top-k
+    (ImageNet's names, 1000 classes) as the PyTorch model it was exported from."""
+    from debiformer.tools import export
+    from debiformer.tools.classifier import Preprocessing
+
+    for index in range(3):
+        Image.new("RGB", (50 + 9 * index, 40), (70 * index, 120, 30)).save(
+            tmp_path / f"{index}.png"
+        )
+    onnx_rows, failures = predict(
+        [tmp_path], checkpoint=exported_onnx.path, runtime_name="onnxruntime", top_k=3
+    )
+    assert failures == [] and len(onnx_rows) == 3
+    model, config = export.build_model(exported_onnx.options)
+    preprocessing = Preprocessing(33, config["crop_pct"], config["interpolation"])
+    for row in onnx_rows:
+        crop = preprocessing.crop(Image.open(row.image).convert("RGB"))
+        with torch.no_grad():
+            probabilities = model(preprocessing.normalise(crop[None], torch.device("cpu")))
+        top = probabilities.softmax(-1)[0].topk(3)
+        assert row.classes == top.indices.tolist()
+        torch.testing.assert_close(torch.tensor(row.probabilities), top.values, atol=1e-4, rtol=0)
+        assert len(row.names) == 3 and row.names[0] != "class 0"
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"checkpoint": "model.pt"}, "runs an ONNX file: give checkpoint=FILE.onnx"),
+        ({"checkpoint": "m.onnx", "precision": "bf16"}, "runs on the CPU in fp32"),
+        ({"checkpoint": "m.onnx", "runtime_name": "tvm"}, "unknown runtime 'tvm'"),
+    ],
+)
+def test_the_onnx_runtime_is_refused_in_one_line_where_it_cannot_run(tmp_path, options, message):
+    from debiformer.errors import UserError
+
+    pytest.importorskip("onnxruntime")
+    options = {"runtime_name": "onnxruntime", **options}
+    with pytest.raises(UserError, match=message):
+        predict([tmp_path], **options)
