@@ -13,11 +13,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import resource
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import IO, Any
@@ -216,6 +217,45 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
 
 
 # ----------------------------------------------------------------------------- collectives
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: "node07" of "node[07-09,12],gpu3"."""
+    head = re.match(r"[^,\[]*(\[[^\]]*\])?", nodelist.strip()).group(0)
+    if "[" not in head:
+        return head
+    prefix, ranges = head[:-1].split("[", 1)
+    return prefix + re.split(r"[,-]", ranges)[0]
+
+
+def slurm_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The torch.distributed variables that a task of a Slurm job of several tasks implies
+    (`srun debiformer train ...`, one task per GPU or CPU process): RANK, LOCAL_RANK and
+    WORLD_SIZE from SLURM_PROCID, SLURM_LOCALID and SLURM_NTASKS; MASTER_ADDR, where not set,
+    the first host of SLURM_JOB_NODELIST; MASTER_PORT, where not set, 20000 + the job id modulo
+    20000 (the same on every task of a job). Empty outside such a job, and under torchrun
+    (RANK already set)."""
+    if "RANK" in environ or "SLURM_PROCID" not in environ:
+        return {}
+    world_size = int(environ.get("SLURM_NTASKS", "1"))
+    if world_size < 2:
+        return {}
+    variables = {
+        "RANK": environ["SLURM_PROCID"],
+        "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+        "WORLD_SIZE": str(world_size),
+    }
+    if "MASTER_ADDR" not in environ:
+        variables["MASTER_ADDR"] = first_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+    if "MASTER_PORT" not in environ:
+        variables["MASTER_PORT"] = str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000)
+    return variables
+
+
+def adopt_slurm_environment() -> None:
+    """Sets the variables `slurm_environment` gives for this process, so that a Slurm job's
+    tasks join one process group as torchrun's workers do."""
+    os.environ.update(slurm_environment(os.environ))
 
 
 def is_distributed() -> bool:

@@ -3,7 +3,7 @@
 task.py      the Task protocol and its `Metric` declarations
 trainer.py   `fit` and the Trainer: the epoch loop, checkpoints, resume, the NaN stop
 progress.py  the progress bar, and the loss window of the `train` metrics lines
-state.py     TrainState (where training stands) and the SIGINT/SIGTERM stop request
+state.py     TrainState (where training stands) and the SIGINT/SIGTERM/SIGUSR1 stop request
 schedule.py  parameter groups, layer decay, freezing, the learning rate of every step
 rundir.py    the run directory: lock, recipe history, metrics.jsonl, summary, curves.png
 """

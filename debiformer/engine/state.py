@@ -1,5 +1,5 @@
 """Where a training stands (`TrainState`, saved in every checkpoint) and the stop request that
-SIGINT/SIGTERM raise between two optimizer steps."""
+SIGINT/SIGTERM/SIGUSR1 raise between two optimizer steps."""
 
 from __future__ import annotations
 
@@ -45,8 +45,14 @@ class TrainState:
             setattr(self, key, value)
 
 
+# what stops a run after its current step, with a checkpoint: Ctrl-C, a scheduler's TERM, and the
+# USR1 that Slurm sends before a job's time runs out (`#SBATCH --signal=USR1@120`)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
 class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag checked after every step; a second Ctrl-C aborts at once."""
+    """Turns SIGINT/SIGTERM/SIGUSR1 into a flag checked after every step; a second Ctrl-C aborts
+    at once."""
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
@@ -54,7 +60,7 @@ class StopRequest:
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

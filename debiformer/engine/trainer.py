@@ -79,7 +79,7 @@ def fit(
     """Trains `task` as `recipe` says and returns the summary (also <run_dir>/summary.json).
 
     Resumes from `resume`, or else from <run_dir>/checkpoints/last.pt when it exists (unless
-    `fresh`; a torchrun restart always resumes). SIGINT/SIGTERM save a checkpoint after the
+    `fresh`; a torchrun restart always resumes). SIGINT/SIGTERM/SIGUSR1 save a checkpoint after the
     current step and return early, with `stopped` set in the returned summary.
     """
     if resume is not None and fresh:

@@ -93,7 +93,10 @@ def train(
     resume: str | Path | None = None,
     fresh: bool = False,
 ) -> dict[str, Any]:
-    """Trains what the recipe describes (`debiformer train`); returns the run's summary."""
+    """Trains what the recipe describes (`debiformer train`); returns the run's summary. The
+    tasks of a Slurm job of several tasks (`srun debiformer train ...`) train as one job
+    (`runtime.adopt_slurm_environment`)."""
+    runtime.adopt_slurm_environment()
     return fit(recipe, build_task(recipe, run_dir), run_dir=run_dir, resume=resume, fresh=fresh)
 
 

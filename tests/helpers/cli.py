@@ -2,6 +2,7 @@
 a child process (under torchrun when given its options)."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -54,3 +55,10 @@ def run_in_child(
         text=True,
         timeout=timeout,
     )
+
+
+def free_port() -> int:
+    """A TCP port on this host that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

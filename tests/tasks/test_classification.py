@@ -23,7 +23,7 @@ from debiformer.errors import UserError
 from debiformer.recipe import load_recipe
 from debiformer.tasks import classification, evaluate_checkpoint, train
 from debiformer.tasks.classification import fall_back_without_ffcv
-from tests.helpers.cli import CLI_ENTRY, child_env, run_in_child
+from tests.helpers.cli import CLI_ENTRY, child_env, free_port, run_in_child
 from tests.helpers.recipes import SMALL_BACKBONE, write_recipe
 from tests.helpers.tensors import assert_same_tensors
 from tests.helpers.toy_task import metrics_lines
@@ -422,6 +422,69 @@ def test_two_processes_match_one_even_across_a_torchrun_restart(tmp_path):
         {k: v for k, v in two.items() if k in parameters},
         atol=1e-5,
     )
+
+
+def slurm_tasks(*args: str, env: dict[str, str], port: int) -> list:
+    """`debiformer ARGS` as the two tasks of a Slurm job on this host (`srun -n 2`), each with half
+    of this process's threads; their completed processes."""
+    threads = str(max(1, torch.get_num_threads() // 2))
+    env = {key: value for key, value in env.items() if not key.startswith(("SLURM_", "MASTER_"))}
+    tasks = [
+        subprocess.Popen(
+            [sys.executable, str(CLI_ENTRY), *args],
+            env={
+                **env,
+                "OMP_NUM_THREADS": threads,
+                "SLURM_PROCID": str(rank),
+                "SLURM_LOCALID": str(rank),
+                "SLURM_NTASKS": "2",
+                "SLURM_JOB_ID": "4242",
+                "SLURM_JOB_NODELIST": "localhost",
+                "MASTER_PORT": str(port),
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in range(2)
+    ]
+    for task in tasks:
+        task.stdout, task.stderr = task.communicate(timeout=240)
+    return tasks
+
+
+@pytest.mark.slow
+def test_slurm_tasks_train_as_one_job_and_resume_exactly_after_sigusr1(tmp_path):
+    """Two tasks started with a 2-task Slurm job's variables train as `--nproc-per-node 2` does,
+    to the same weights; SIGUSR1 (Slurm's warning before the time limit) after the second
+    checkpoint stops both with a checkpoint, and the requeued tasks finish with the same weights."""
+    path = write_recipe(tmp_path / "tiny.yaml", TINY, augment={"hflip": False})
+    done = run_in_child(
+        "train", str(path), "--out", str(tmp_path / "torchrun"), torchrun=["--nproc-per-node=2"]
+    )
+    assert done.returncode == 0, done.stderr
+    reference = weights(tmp_path / "torchrun" / "checkpoints" / "last.pt")
+    port = free_port()
+    train_args = ("train", str(path), "--out", str(tmp_path / "slurm"))
+    tasks = slurm_tasks(*train_args, env=child_env(), port=port)
+    assert [task.returncode for task in tasks] == [0, 0]
+    summary = json.loads((tmp_path / "slurm" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["stopped"] is None
+    assert_same_tensors(weights(tmp_path / "slurm" / "checkpoints" / "last.pt"), reference)
+
+    requeued = ("train", str(path), "--out", str(tmp_path / "requeued"))
+    tasks = slurm_tasks(*requeued, env=child_env(USR1_AT_SAVE="2"), port=port)
+    assert [task.returncode for task in tasks] == [0, 0]
+    stop_line = tasks[0].stderr + tasks[0].stdout
+    assert "stopped by SIGUSR1 at step" in stop_line and "Run the same command again" in stop_line
+    assert not (tmp_path / "requeued" / "summary.json").exists()
+    at_stop = load_checkpoint(tmp_path / "requeued" / "checkpoints" / "last.pt")
+    assert 0 < at_stop["train_state"][0]["step"] < summary["steps"]
+    tasks = slurm_tasks(*requeued, env=child_env(), port=port)
+    assert [task.returncode for task in tasks] == [0, 0]
+    finished = json.loads((tmp_path / "requeued" / "summary.json").read_text())
+    assert finished["stopped"] is None and finished["steps"] == summary["steps"]
+    assert_same_tensors(weights(tmp_path / "requeued" / "checkpoints" / "last.pt"), reference)
 
 
 def test_fp16_on_the_cpu_is_refused_before_any_work(tmp_path):
