@@ -14,13 +14,13 @@ python="${PYTHON:-python3}"
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi; }
 
-extras="test,detection,viz,tensorboard,export"
+extras="test,detection,viz,tensorboard,export,wandb,mlflow"
 if command -v apt-get >/dev/null && as_root true 2>/dev/null; then
     echo "[install] system packages: FFCV build headers and Fashion-MNIST"
     as_root apt-get update -qq
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends \
         libopencv-dev libturbojpeg0-dev pkg-config dataset-fashion-mnist >/dev/null
-    extras="test,detection,viz,tensorboard,export,ffcv"
+    extras="test,detection,viz,tensorboard,export,wandb,mlflow,ffcv"
 else
     echo "[install] no apt-get with root rights: skipping FFCV (the torchvision loader will be used)"
 fi

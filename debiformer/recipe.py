@@ -15,7 +15,8 @@ A recipe file has the sections below (every key optional, defaults in the datacl
     schedule: {epochs or steps, warmup_epochs or warmup_steps, warmup_lr, min_lr, decay, ...}
     augment:  {hflip, scale, ratio, randaugment, random_erasing, mixup, cutmix, label_smoothing}
     train:    {batch_size, accum_steps, precision, device, channels_last, compile, ema, ...}
-    output:   {dir, log_every, checkpoint_every, progress, tensorboard}
+    output:   {dir, log_every, checkpoint_every, progress, tensorboard, trackers, wandb_project,
+               mlflow_uri}
 
 A field's range check stands beside it (`checked(default, Rule)`), as does the function whose
 options a mapping holds (`options_of`: `data.mosaics` holds `write_mosaics`' options, checked by
@@ -424,8 +425,26 @@ class OutputConfig(Section):
     checkpoint_every: int = checked(0, NOT_NEGATIVE)
     progress: bool = True
     # also write the metrics.jsonl scalars as TensorBoard events in <run>/tensorboard
-    # (needs the tensorboard package: the `tensorboard` extra)
+    # (needs the tensorboard package: the `tensorboard` extra); the same as trackers: [tensorboard]
     tensorboard: bool = False
+    # experiment trackers fed the recipe, the metrics and the summary: tensorboard, wandb, mlflow
+    # (the extras of those names; see debiformer/engine/trackers.py)
+    trackers: list[str] = field(default_factory=list)
+    # wandb: the project (None: the recipe's name); offline runs with WANDB_MODE=offline
+    wandb_project: str | None = None
+    # mlflow: the tracking URI (None: $MLFLOW_TRACKING_URI, else sqlite:///<run>/mlflow.db)
+    mlflow_uri: str | None = None
+
+    def check(self) -> None:
+        """Every tracker is one this tool feeds."""
+        from debiformer.engine.trackers import TRACKERS
+
+        for name in self.trackers:
+            _require(
+                name in TRACKERS,
+                "output.trackers",
+                f"unknown tracker {name!r}; choose from {', '.join(TRACKERS)}",
+            )
 
 
 @dataclass

@@ -20,6 +20,7 @@ from typing import IO, Any
 from rich.console import Console
 
 from debiformer import curves, runtime
+from debiformer.engine.trackers import Tracker
 from debiformer.errors import UserError, mention
 from debiformer.recipe import Recipe, recipe_to_yaml
 
@@ -128,7 +129,8 @@ def summary_writer_class() -> type:
 class MetricsLog:
     """Appends JSON lines to metrics.jsonl; on resume, drops lines written after the checkpoint
     it resumes from. With `tensorboard_dir` (`output.tensorboard`) the same scalars go to
-    TensorBoard event files there too, an earlier attempt's events after the resumed step purged.
+    TensorBoard event files there too, an earlier attempt's events after the resumed step purged;
+    and every record goes to each of `trackers` (`engine.trackers`).
     Only rank 0's log is `enabled`; the other ranks' write nothing."""
 
     def __init__(
@@ -137,10 +139,12 @@ class MetricsLog:
         resume_step: int | None,
         enabled: bool,
         tensorboard_dir: Path | None = None,
+        trackers: list[Tracker] | None = None,
     ) -> None:
         self.path = path
         self.enabled = enabled
         self.tensorboard = None
+        self.trackers = list(trackers or [])
         if not enabled:
             return
         if tensorboard_dir is not None:
@@ -161,12 +165,18 @@ class MetricsLog:
                 if key not in TENSORBOARD_SKIPPED and isinstance(value, (int, float)):
                     self.tensorboard.add_scalar(f"{record['kind']}/{key}", value, record["step"])
             self.tensorboard.flush()
+        for tracker in self.trackers:
+            tracker.log(record)
 
-    def close(self) -> None:
-        """Closes the TensorBoard writer, if any."""
+    def close(self, summary: dict[str, Any] | None = None) -> None:
+        """Closes the TensorBoard writer and ends the trackers' runs, handing them `summary` (a
+        finished run's; None for a stopped or failed one)."""
         if self.tensorboard is not None:
             self.tensorboard.close()
             self.tensorboard = None
+        for tracker in self.trackers:
+            tracker.finish(summary)
+        self.trackers = []
 
 
 def write_curves(run_dir: Path, metric: str, console: Console) -> None:

@@ -59,6 +59,7 @@ from debiformer.engine.rundir import (
 from debiformer.engine.schedule import LrSchedule, build_optimizer, freeze, set_lr
 from debiformer.engine.state import StopRequest, TrainState
 from debiformer.engine.task import Task
+from debiformer.engine.trackers import open_trackers
 from debiformer.errors import UserError, mention
 from debiformer.recipe import Recipe, fixed_on_resume, recipe_to_dict
 from debiformer.weights import require_finite, spec_entry
@@ -161,11 +162,26 @@ class Trainer:
             self.resume(resume_from)
         if self.is_main:
             save_recipe_history(recipe, run_dir)
+        output = recipe.output
+        tensorboard = output.tensorboard or "tensorboard" in output.trackers
         self.metrics = MetricsLog(
             run_dir / "metrics.jsonl",
             self.state.step if resume_from is not None else None,
             enabled=self.is_main,
-            tensorboard_dir=run_dir / "tensorboard" if recipe.output.tensorboard else None,
+            tensorboard_dir=run_dir / "tensorboard" if tensorboard else None,
+            trackers=self._trackers(run_dir) if self.is_main else None,
+        )
+
+    def _trackers(self, run_dir: Path) -> list:
+        """The experiment trackers `output.trackers` names, started or resumed."""
+        output = self.recipe.output
+        return open_trackers(
+            output.trackers,
+            run_dir,
+            recipe_to_dict(self.recipe),
+            wandb_project=output.wandb_project,
+            mlflow_uri=output.mlflow_uri,
+            console=self.console,
         )
 
     def _build_loaders(self) -> None:
@@ -226,7 +242,7 @@ class Trainer:
         """Trains to the end of the schedule or a stop signal; returns the run's summary."""
         state, epochs = self.state, self.schedule.epochs
         self.print_start()
-        stopped = None
+        stopped, summary = None, None
         try:
             with (
                 StopRequest() as stop,
@@ -241,9 +257,9 @@ class Trainer:
                     if stopped is None:
                         train_loss = self.save_epoch()
                         self.log_epoch(train_loss, self.evaluate_if_due())
+            summary = self.summary(stopped)
         finally:
-            self.metrics.close()
-        summary = self.summary(stopped)
+            self.metrics.close(summary if stopped is None else None)
         self.report(summary)
         if self.is_main:
             write_curves(self.run_dir, self.task.best_metric, self.console)
