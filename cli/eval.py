@@ -29,8 +29,9 @@ def evaluate(
     tta: str | None = typer.Option(
         None,
         "--tta",
-        help="Classifiers: flip (the mean of each image's and its mirror image's probabilities), "
-        "reported beside the plain figures.",
+        help="Classifiers: flip (the mean of each image's and its mirror image's probabilities) "
+        "or multi-crop (of five crops, corners and centre, of the image resized to size / crop "
+        "ratio), reported beside the plain figures.",
     ),
     confusion: Path | None = typer.Option(
         None,

@@ -21,6 +21,7 @@ from rich.console import Console
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
+from torchvision.transforms import v2
 
 from debiformer import runtime
 from debiformer.data import build_loader, ensure_ffcv_file
@@ -142,7 +143,7 @@ def numpy_seeded(generator: torch.Generator) -> Iterator[None]:
 # ----------------------------------------------------------------------------- metrics
 
 
-TTA_MODES = ("flip",)
+TTA_MODES = ("flip", "multi-crop")
 
 
 def _scores(log_probabilities: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -157,6 +158,33 @@ def _flip_averaged(model: nn.Module, images: torch.Tensor, log_probabilities: to
     """Log of the mean of the class probabilities of the images and of their mirror images."""
     mirrored = model(images.flip(dims=[3])).float().log_softmax(dim=1)
     return torch.logsumexp(torch.stack([log_probabilities, mirrored]), dim=0) - math.log(2)
+
+
+@torch.no_grad()
+def evaluate_five_crops(
+    model: nn.Module, loader, size: int, *, channels_last: bool = False
+) -> dict[str, float]:
+    """`tta_top1`, `tta_top5` and `tta_loss` of the mean probabilities of five `size` crops (the
+    four corners and the centre, torchvision's FiveCrop) of each of `loader`'s images, which are
+    the evaluation images resized to size / crop ratio and not cropped (multi-crop testing)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # images, loss sum, top-1, top-5
+    for images, labels in loader:
+        crops = torch.stack(v2.functional.five_crop(images, [size, size]))
+        crops = crops.flatten(0, 1)
+        if channels_last:
+            crops = crops.contiguous(memory_format=torch.channels_last)
+        log_probabilities = model(crops).float().log_softmax(dim=1).unflatten(0, (5, -1))
+        mean = torch.logsumexp(log_probabilities, dim=0) - math.log(5)
+        totals[0] += len(labels)
+        totals[1:4] += _scores(mean, labels)
+    runtime.sum_over_ranks(totals)
+    model.train(was_training)
+    count, loss_sum, top1, top5 = totals.tolist()
+    return {"tta_top1": 100.0 * top1 / count, "tta_top5": 100.0 * top5 / count,
+            "tta_loss": loss_sum / count}  # fmt: skip
 
 
 @torch.no_grad()
@@ -312,10 +340,12 @@ class ClassificationTask(Task):
     ) -> dict[str, Any]:
         """Evaluates a checkpoint (this tool's, a bare state dict, or a released one) on the
         recipe's validation set, with per-class top-1 and the confusion matrix, and with `tta`
-        ("flip") the test-time augmented figures beside the plain ones; writes the result as JSON
-        to `json_path` when given."""
+        ("flip" or "multi-crop": `evaluate`, `evaluate_five_crops`) the test-time augmented
+        figures beside the plain ones; writes the result as JSON to `json_path` when given."""
         if tta not in (None, *TTA_MODES):
-            raise UserError(f": unknown test-time augmentation {tta!r}; choose flip", about="tta")
+            raise UserError(
+                f": unknown test-time augmentation {tta!r}; choose flip or multi-crop", about="tta"
+            )
         recipe = self.recipe
         file, device, precision = open_checkpoint(recipe, checkpoint, json_path)
         prepare_ffcv_files(recipe, splits=("val",))
@@ -334,8 +364,10 @@ class ClassificationTask(Task):
                 loader,
                 channels_last=recipe.train.channels_last,
                 confusion=confusion,
-                tta=tta,
+                tta="flip" if tta == "flip" else None,
             )
+            if tta == "multi-crop":
+                evaluation.metrics |= {"tta": tta, **self._five_crop_metrics(model, device)}
         result = {
             "checkpoint": str(checkpoint),
             "weights": provenance.weights,
@@ -348,3 +380,14 @@ class ClassificationTask(Task):
         if json_path is not None:
             runtime.write_json(json_path, result)
         return result
+
+    def _five_crop_metrics(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        """Multi-crop figures: the validation images resized to size / crop ratio, uncropped
+        (`data.crop_ratio` 1 at that size), five crops of the evaluation size each."""
+        recipe, size = self.recipe, self.recipe.data.val_image_size or self.recipe.data.image_size
+        wide = round(size / recipe.data.crop_ratio)
+        data = dataclasses.replace(recipe.data, val_image_size=wide, crop_ratio=1.0)
+        widened = dataclasses.replace(recipe, data=data)
+        prepare_ffcv_files(widened, splits=("val",))
+        loader = build_split_loader(widened, "val", device, eval_batch_size(recipe))
+        return evaluate_five_crops(model, loader, size, channels_last=recipe.train.channels_last)

@@ -160,6 +160,28 @@ def test_flip_test_time_augmentation_averages_each_image_with_its_mirror_image()
     assert metrics["tta_loss"] != pytest.approx(metrics["loss"])
 
 
+def test_multi_crop_averages_the_four_corners_and_the_centre():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+    images, labels = torch.randn(5, 3, 6, 7), torch.tensor([0, 1, 2, 0, 1])
+    metrics = classification.evaluate_five_crops(model, [(images, labels)], size=4)
+    corners = [(0, 0), (0, 3), (2, 0), (2, 3), (1, 2)]  # top-left, top-right, bottom-left, ...
+    with torch.no_grad():
+        mean = sum(model(images[:, :, y : y + 4, x : x + 4]).softmax(1) for y, x in corners) / 5
+    assert metrics["tta_top1"] == pytest.approx(100 * (mean.argmax(1) == labels).float().mean())
+    assert metrics["tta_loss"] == pytest.approx(-mean[range(5), labels].log().mean().item())
+
+
+def test_eval_reports_multi_crop_beside_the_plain_figures(finished_run):
+    path, run_dir, summary = finished_run
+    recipe = load_recipe(path)
+    result = evaluate_checkpoint(recipe, run_dir / "checkpoints" / "last.pt", tta="multi-crop")
+    assert result["tta"] == "multi-crop" and result["top1"] == pytest.approx(summary["top1"])
+    assert 0 <= result["tta_top1"] <= 100 and result["tta_loss"] > 0
+    with pytest.raises(UserError, match="unknown test-time augmentation 'ten-crop'"):
+        evaluate_checkpoint(recipe, run_dir / "checkpoints" / "last.pt", tta="ten-crop")
+
+
 def test_eval_needs_no_recipe_for_a_checkpoint_of_this_tool(finished_run, tmp_path):
     """The checkpoint's stored recipe and model spec rebuild its model; a recipe given still
     wins, and overrides apply to the stored recipe."""
