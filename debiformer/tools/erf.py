@@ -99,7 +99,7 @@ def show_erf(
         runtime.check_writable(json_path, "json_path")
     pictures = [read_rgb(path, max_pixels=max_pixels) for path in image_files(images)]
     torch.manual_seed(0)  # random weights, where no weights are given, are the same every time
-    classifier = load_classifier(model_name, recipe, checkpoint, pretrained, work="show --erf")
+    classifier = load_classifier(model_name, recipe, checkpoint, pretrained, work="show")
     preprocessing = classifier.preprocessing
     if size is not None:
         preprocessing = type(preprocessing)(
