@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,3 +171,23 @@ def unique_stems(paths: Sequence[Path]) -> list[str]:
         seen.add(stem)
         stems.append(stem)
     return stems
+
+
+def readable_images(
+    paths: Sequence[Path],
+    *,
+    max_pixels: int,
+    on_failure: Callable[[Path, str], None],
+    advance: Callable[[int], None] = lambda count: None,
+) -> Iterator[tuple[Path, Image.Image]]:
+    """(path, RGB image) of each file of `paths` that reads (`read_rgb`); for each that does not,
+    `on_failure(path, the one-line reason)`, and the rest go on. `advance(1)` as each is read."""
+    for path in paths:
+        try:
+            image = read_rgb(path, max_pixels=max_pixels)
+        except UserError as error:
+            on_failure(path, str(error))
+            continue
+        finally:
+            advance(1)
+        yield path, image

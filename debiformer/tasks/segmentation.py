@@ -44,6 +44,26 @@ def same_size_groups(images: list[Tensor]) -> list[list[int]]:
     return [[k] for k in range(len(images))]
 
 
+def evaluation_probabilities(
+    model: nn.Module, images: Tensor, seg: SegmentationConfig, num_classes: int
+) -> Tensor:
+    """Class probabilities (N, K, H, W) of normalised same-size images (N, 3, H, W) by the
+    recipe's evaluation inference (`segmentation.eval_mode`, `eval_ratios`, `eval_flip`, ...):
+    what `evaluate` and `debiformer predict` both compute."""
+    return predict(
+        lambda x: model(x)["out"],
+        images,
+        num_classes=num_classes,
+        scale=(seg.scale[0], seg.scale[1]),
+        ratios=seg.eval_ratios,
+        flip=seg.eval_flip,
+        mode=seg.eval_mode,
+        crop_size=seg.crop_size,
+        stride=seg.eval_stride,
+        size_divisor=seg.size_divisor,
+    )
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -62,18 +82,8 @@ def evaluate(
     previews = []
     for images, masks in loader:
         for group in same_size_groups(images):
-            probabilities = predict(
-                lambda x: model(x)["out"],
-                torch.stack([images[k] for k in group]),
-                num_classes=len(class_names),
-                scale=(seg.scale[0], seg.scale[1]),
-                ratios=seg.eval_ratios,
-                flip=seg.eval_flip,
-                mode=seg.eval_mode,
-                crop_size=seg.crop_size,
-                stride=seg.eval_stride,
-                size_divisor=seg.size_divisor,
-            )
+            group_images = torch.stack([images[k] for k in group])
+            probabilities = evaluation_probabilities(model, group_images, seg, len(class_names))
             predictions = probabilities.argmax(dim=1)
             for k, prediction in zip(group, predictions, strict=True):
                 confusion += confusion_matrix(

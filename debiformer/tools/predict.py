@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from debiformer import runtime
-from debiformer.data.images import MAX_IMAGE_PIXELS, image_files, read_rgb, unique_stems
+from debiformer.data.images import MAX_IMAGE_PIXELS, image_files, readable_images, unique_stems
 from debiformer.errors import UserError, mention
 from debiformer.recipe import load_recipe
 from debiformer.tools.classifier import Classifier, load_classifier, load_onnx_classifier
@@ -81,16 +81,13 @@ def _batches(
     """Batches of (paths, uint8 crops) of the readable images; each unreadable one is added to
     `failures` and left out. `advance(1)` is called as each file is read."""
     names, crops = [], []
-    for path in paths:
-        try:
-            crop = classifier.preprocessing.crop(read_rgb(path, max_pixels=max_pixels))
-        except UserError as error:
-            failures.append(Failure(str(path), str(error)))
-            continue
-        finally:
-            advance(1)
+    images = readable_images(
+        paths, max_pixels=max_pixels, advance=advance,
+        on_failure=lambda path, reason: failures.append(Failure(str(path), reason)),
+    )  # fmt: skip
+    for path, image in images:
         names.append(path)
-        crops.append(crop)
+        crops.append(classifier.preprocessing.crop(image))
         if len(crops) == batch_size:
             yield names, torch.stack(crops)
             names, crops = [], []

@@ -22,7 +22,7 @@ from torchvision.transforms import v2
 
 from debiformer import runtime
 from debiformer.data.coco import load_coco
-from debiformer.data.images import read_rgb
+from debiformer.data.images import readable_images
 from debiformer.errors import UserError
 from debiformer.recipe import Recipe, load_recipe, recipe_from_stored
 from debiformer.tasks.coco_metrics import to_coco_results
@@ -95,13 +95,9 @@ def predict_coco_results(
     model = detector.model.to(device)
     category_ids = torch.tensor(detector.category_ids)
     results = []
-    for position, path in enumerate(paths, start=1):
-        try:
-            image = read_rgb(path, max_pixels=max_pixels)
-        except UserError as error:
-            on_failure(path, str(error))
-            advance(1)
-            continue
+    positions = {path: position for position, path in enumerate(paths, start=1)}
+    images = readable_images(paths, max_pixels=max_pixels, on_failure=on_failure, advance=advance)
+    for path, image in images:
         pixels = v2.functional.to_dtype(v2.functional.to_image(image), torch.float32, scale=True)
         with runtime.autocast(device, precision):
             (prediction,) = model([pixels.to(device)])
@@ -110,7 +106,6 @@ def predict_coco_results(
             for key, value in prediction.items()
         }
         prediction["labels"] = category_ids[prediction["labels"] - 1]
-        image_id = detector.image_ids.get(path.name, position)
+        image_id = detector.image_ids.get(path.name, positions[path])
         results += to_coco_results(image_id, prediction)
-        advance(1)
     return results

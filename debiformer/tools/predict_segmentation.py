@@ -22,12 +22,11 @@ from torch import nn
 from torchvision.transforms import v2
 
 from debiformer import runtime
-from debiformer.data.images import read_rgb
+from debiformer.data.images import readable_images
 from debiformer.data.segmentation import SegmentationTransform
 from debiformer.errors import UserError
 from debiformer.recipe import Recipe, SegmentationConfig, load_recipe, recipe_from_stored
-from debiformer.tasks.segmentation import palette
-from debiformer.tasks.segmentation_inference import predict as segmentation_probabilities
+from debiformer.tasks.segmentation import evaluation_probabilities, palette
 from debiformer.weights import WeightsFile, build_model, spec_of_checkpoint
 
 OVERLAY_ALPHA = 0.5  # the label colours' weight over the image in an overlay
@@ -55,7 +54,7 @@ def load_segmenter(file: WeightsFile, recipe: str | None) -> Segmenter:
             "settings; give the recipe it was trained with"
         )
     spec = spec_of_checkpoint(file, recipe=the_recipe)
-    model, provenance = build_model(spec, checkpoint=file)
+    model, _ = build_model(spec, checkpoint=file)
     return Segmenter(model.eval(), the_recipe.segmentation, spec.num_classes, str(file.path))
 
 
@@ -73,31 +72,15 @@ def predict_label_maps(
     """(path, image, (H, W) uint8 class indices) of each readable image of `paths`, one image at
     a time (images differ in size), normalised as the evaluation loader does; for each
     unreadable one `on_failure(path, reason)`. `advance(1)` is called as each file is done."""
-    seg = segmenter.settings
     normalise = SegmentationTransform().build(train=False)
     model = segmenter.model.to(device)
-    for path in paths:
-        try:
-            image = read_rgb(path, max_pixels=max_pixels)
-        except UserError as error:
-            on_failure(path, str(error))
-            advance(1)
-            continue
+    images = readable_images(paths, max_pixels=max_pixels, on_failure=on_failure, advance=advance)
+    for path, image in images:
         pixels = normalise(v2.functional.pil_to_tensor(image))[None].to(device)
         with runtime.autocast(device, precision):
-            probabilities = segmentation_probabilities(
-                lambda x: model(x)["out"],
-                pixels,
-                num_classes=segmenter.num_classes,
-                scale=(seg.scale[0], seg.scale[1]),
-                ratios=seg.eval_ratios,
-                flip=seg.eval_flip,
-                mode=seg.eval_mode,
-                crop_size=seg.crop_size,
-                stride=seg.eval_stride,
-                size_divisor=seg.size_divisor,
+            probabilities = evaluation_probabilities(
+                model, pixels, segmenter.settings, segmenter.num_classes
             )
-        advance(1)
         yield path, image, probabilities[0].argmax(dim=0).to(torch.uint8).cpu().numpy()
 
 
