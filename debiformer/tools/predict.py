@@ -32,7 +32,7 @@ from debiformer.recipe import load_recipe
 from debiformer.tools.classifier import Classifier, load_classifier, load_onnx_classifier
 from debiformer.tools.common import check_at_least
 from debiformer.tools.export import require_onnx_packages
-from debiformer.tools.predict_detection import load_detector, predict_coco_results
+from debiformer.tools.predict_detection import Detector, load_detector, predict_coco_results
 from debiformer.tools.predict_segmentation import (
     Segmenter,
     load_segmenter,
@@ -229,50 +229,61 @@ def predict(
         TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
         console=console, transient=True,
     )  # fmt: skip
-    if task == "segmentation":
-        segmenter = load_segmenter(file, recipe)
-        with progress:
-            bar = progress.add_task("predict", total=len(paths))
-            written, failures = _write_label_maps(
-                segmenter, paths, Path(out), torch_device, resolved, max_pixels, overlay,
-                lambda count: progress.advance(bar, count),
-            )  # fmt: skip
-        _say_failures(console, failures)
-        return written, failures
-    if task == "detection":
-        detector = load_detector(file, recipe)
-        failures = []
-        with progress:
-            bar = progress.add_task("predict", total=len(paths))
-            results = predict_coco_results(
-                detector, paths, device=torch_device, precision=resolved, max_pixels=max_pixels,
-                on_failure=lambda path, reason: failures.append(Failure(str(path), reason)),
-                advance=lambda count: progress.advance(bar, count),
-            )  # fmt: skip
-        _say_failures(console, failures)
-        runtime.write_json(out, results)
-        return results, failures
-    if onnx:
-        classifier = load_onnx_classifier(checkpoint)
-    else:
-        classifier = load_classifier(model_name, recipe, file, pretrained, work="predict")
     with progress:
-        task = progress.add_task("predict", total=len(paths))
-        predictions, failures = predict_classes(
-            classifier, paths, top_k=top_k, batch_size=batch_size, device=torch_device,
-            precision=resolved, max_pixels=max_pixels,
-            advance=lambda count: progress.advance(task, count),
-        )  # fmt: skip
+        bar = progress.add_task("predict", total=len(paths))
+
+        def advance(count: int) -> None:
+            progress.advance(bar, count)
+
+        if task == "segmentation":
+            segmenter = load_segmenter(file, recipe)
+            rows, failures = _write_label_maps(
+                segmenter, paths, Path(out), torch_device, resolved, max_pixels, overlay, advance
+            )
+        elif task == "detection":
+            detector = load_detector(file, recipe)
+            rows, failures = _detections(
+                detector, paths, torch_device, resolved, max_pixels, advance
+            )
+        else:
+            if onnx:
+                classifier = load_onnx_classifier(checkpoint)
+            else:
+                classifier = load_classifier(model_name, recipe, file, pretrained, work="predict")
+            rows, failures = predict_classes(
+                classifier, paths, top_k=top_k, batch_size=batch_size, device=torch_device,
+                precision=resolved, max_pixels=max_pixels, advance=advance,
+            )  # fmt: skip
     _say_failures(console, failures)
-    if out is not None:
+    if task == "detection":
+        runtime.write_json(out, rows)
+    elif out is not None and task == "classification":
         about = {
             "model": classifier.name,
             "weights": classifier.weights,
             "preprocessing": vars(classifier.preprocessing),
             "precision": resolved,
         }
-        write_predictions(out, predictions, failures, about)
-    return predictions, failures
+        write_predictions(out, rows, failures, about)
+    return rows, failures
+
+
+def _detections(
+    detector: Detector,
+    paths: Sequence[Path],
+    device: torch.device,
+    precision: str,
+    max_pixels: int,
+    advance: Callable[[int], None],
+) -> tuple[list[dict], list[Failure]]:
+    """The COCO result entries of every readable image, and the files that could not be read."""
+    failures: list[Failure] = []
+    results = predict_coco_results(
+        detector, paths, device=device, precision=precision, max_pixels=max_pixels,
+        on_failure=lambda path, reason: failures.append(Failure(str(path), reason)),
+        advance=advance,
+    )  # fmt: skip
+    return results, failures
 
 
 def _say_failures(console: Console, failures: Sequence[Failure]) -> None:
