@@ -1,6 +1,6 @@
 """Options several commands share, each defined once: the recipe and its `--set` overrides
-(train, eval, recipes show), the model and its weights (show, export), and the device and
-precision of the measuring commands (bench, profile)."""
+(train, eval, recipes show), the model and its weights (show, export, predict), the pixel limit
+of images read (show, predict), and the device and precision (bench, profile, predict)."""
 
 import typer
 from rich.console import Console
@@ -36,6 +36,21 @@ PRETRAINED = typer.Option(
     help="Weights file or URL to start from, as model.pretrained takes (a head for other classes "
     "starts at zero).",
 )
+
+MAX_PIXELS = typer.Option(
+    None,
+    "--max-pixels",
+    help="Refuse images with more pixels (default: PIL's limit, about 89.5 million).",
+)
+
+
+def pixel_limit(max_pixels: int | None) -> int:
+    """--max-pixels as the library takes it: PIL's limit where not given (PIL is imported only
+    when a command runs)."""
+    from debiformer.data.images import MAX_IMAGE_PIXELS
+
+    return MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+
 
 DEVICE = typer.Option("auto", "--device", help="auto (cuda if present, else cpu), cpu or cuda.")
 PRECISION = typer.Option(

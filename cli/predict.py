@@ -29,11 +29,7 @@ def predict(
     batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
     device: str = options.DEVICE,
     precision: str = options.PRECISION,
-    max_pixels: int | None = typer.Option(
-        None,
-        "--max-pixels",
-        help="Skip images with more pixels (default: PIL's limit, about 89.5 million).",
-    ),
+    max_pixels: int | None = options.MAX_PIXELS,
     overlay: bool = typer.Option(
         False, "--overlay", help="Segmenters: also NAME-overlay.png, the colours over the image."
     ),
@@ -47,7 +43,6 @@ def predict(
     own evaluation transform (the recipe's resize and centre crop); a segmenter's label PNG per
     image (pixel value = class), by the recipe's evaluation inference: as `eval` computes them.
     Files that cannot be read get a one-line notice and the exit code 1; the rest are predicted."""
-    from debiformer.data.images import MAX_IMAGE_PIXELS
     from debiformer.tools.predict import predict as predict_images
 
     console = Console()
@@ -62,7 +57,7 @@ def predict(
         batch_size=batch_size,
         device=device,
         precision=precision,
-        max_pixels=MAX_IMAGE_PIXELS if max_pixels is None else max_pixels,
+        max_pixels=options.pixel_limit(max_pixels),
         overlay=overlay,
         runtime_name=runtime,
     )

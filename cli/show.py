@@ -53,11 +53,7 @@ def show(
     json_path: Path | None = typer.Option(
         None, "--json", help="Also write the arrays (pixels, region indices, weights, CAM)."
     ),
-    max_pixels: int | None = typer.Option(
-        None,
-        "--max-pixels",
-        help="Refuse images with more pixels (default: PIL's limit, about 89.5 million).",
-    ),
+    max_pixels: int | None = options.MAX_PIXELS,
     erf: bool = typer.Option(
         False,
         "--erf",
@@ -69,8 +65,6 @@ def show(
     """Draw a classifier's view of images: top-5 classes, a Grad-CAM, and for chosen blocks DBRA's
     agents (reference grid, sampled positions, offsets), the regions BRA and DBRA route a query
     point to, and its attention over the agents."""
-    from debiformer.data.images import MAX_IMAGE_PIXELS
-
     if erf:
         from debiformer.tools.erf import show_erf
 
@@ -89,7 +83,7 @@ def show(
             pretrained=pretrained,
             size=parsed,
             json_path=json_path,
-            max_pixels=MAX_IMAGE_PIXELS if max_pixels is None else max_pixels,
+            max_pixels=options.pixel_limit(max_pixels),
         )
         return
     from debiformer.tools.show import show as show_images
@@ -105,5 +99,5 @@ def show(
         blocks=names(blocks),
         size=parse_size(size) if size is not None else None,
         json_path=json_path,
-        max_pixels=MAX_IMAGE_PIXELS if max_pixels is None else max_pixels,
+        max_pixels=options.pixel_limit(max_pixels),
     )
