@@ -352,34 +352,45 @@ class ClassificationTask(Task):
         loader = build_split_loader(recipe, "val", device, eval_batch_size(recipe))
         spec = ModelSpec.from_recipe(recipe, recipe.data.num_classes or loader.num_classes)
         model, provenance = build_model(spec, checkpoint=file, ema=use_ema, official=official)
-        model.to(device)
-        if recipe.train.channels_last:
-            model.to(memory_format=torch.channels_last)
         confusion = torch.zeros(
             spec.num_classes, spec.num_classes, dtype=torch.int64, device=device
         )
         with runtime.autocast(device, precision):
-            evaluation = evaluate(
-                model,
-                loader,
-                channels_last=recipe.train.channels_last,
-                confusion=confusion,
-                tta="flip" if tta == "flip" else None,
-            )
-            if tta == "multi-crop":
-                evaluation.metrics |= {"tta": tta, **self._five_crop_metrics(model, device)}
+            metrics = self._checkpoint_metrics(model, loader, device, confusion, tta)
         result = {
             "checkpoint": str(checkpoint),
             "weights": provenance.weights,
             "model": recipe.model.name,
             "image_size": recipe.data.val_image_size or recipe.data.image_size,
             "device": str(device),
-            **evaluation.metrics,
+            **metrics,
             **class_report(confusion.cpu(), known_class_names(recipe, file, spec.num_classes)),
         }
         if json_path is not None:
             runtime.write_json(json_path, result)
         return result
+
+    def _checkpoint_metrics(
+        self,
+        model: nn.Module,
+        loader,
+        device: torch.device,
+        confusion: torch.Tensor,
+        tta: str | None,
+    ) -> dict[str, Any]:
+        """The plain metrics of `model` (moved to `device`) over `loader`, its (true, top-1)
+        counts added into `confusion`, and the `tta` figures beside them."""
+        channels_last = self.recipe.train.channels_last
+        model.to(device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        flip = "flip" if tta == "flip" else None
+        metrics = evaluate(
+            model, loader, channels_last=channels_last, confusion=confusion, tta=flip
+        ).metrics
+        if tta == "multi-crop":
+            metrics |= {"tta": tta, **self._five_crop_metrics(model, device)}
+        return metrics
 
     def _five_crop_metrics(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         """Multi-crop figures: the validation images resized to size / crop ratio, uncropped
