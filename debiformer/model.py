@@ -466,14 +466,15 @@ class DeBiFormer(nn.Module):
         channels-last memory."""
         check_input(x, self.stem[0].in_channels)
         maps = []
-        x = x.contiguous(memory_format=torch.channels_last)
         for i, stage in enumerate(self.stages[: last_stage + 1]):
             with step("model/stem" if i == 0 else f"model/downsample{i + 1}"):
-                x = self.stem(x) if i == 0 else self.downsamples[i - 1](x)
+                if i == 0:
+                    x = self.stem(x.contiguous(memory_format=torch.channels_last))
+                else:
+                    x = self.downsamples[i - 1](x)
                 x = x.permute(0, 2, 3, 1)
             with step(f"model/stage{i + 1}"):
-                x = stage(x)
-            x = x.permute(0, 3, 1, 2)
+                x = stage(x).permute(0, 3, 1, 2)
             maps.append(x)
         return maps
 
@@ -516,7 +517,9 @@ class DeBiFormer(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The last stage's map after the final norm, NCHW."""
-        return self.norm(self.stage_maps(x)[-1])
+        last_map = self.stage_maps(x)[-1]
+        with step("model/norm"):
+            return self.norm(last_map)
 
     @torch.jit.ignore
     def set_grad_checkpointing(

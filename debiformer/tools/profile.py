@@ -153,6 +153,11 @@ class _StepTimes:
         self.time = {"forward": {}, "backward": {}}
         self.memory = {"forward": {}, "backward": {}}
         self.total = {"forward": 0.0, "backward": 0.0}
+        self.outside: dict[str, float] = {}
+
+    def add_outside(self, name: str, event: FunctionEvent) -> None:
+        """Count `event` towards the work outside every step, under `name`."""
+        self.outside[name] = self.outside.get(name, 0.0) + self.duration(event)
 
     def duration(self, event: FunctionEvent) -> float:
         """Device time (kernels) on CUDA, wall time on the CPU; inclusive of nested events."""
@@ -187,6 +192,8 @@ def attribute_steps(events: list[FunctionEvent], is_step, device: torch.device) 
             node_owner[event.sequence_nr] = event
         if is_step(event.name) and phase is not None:
             steps.add(phase, event.name, event)
+        elif phase == "forward" and _is_outermost_op(event, is_step):
+            steps.add_outside(event.name, event)
     for event in events:
         if not event.name.startswith(BACKWARD_NODE) or any(
             outer.name.startswith(BACKWARD_NODE) for outer in _ancestors(event)
@@ -194,10 +201,25 @@ def attribute_steps(events: list[FunctionEvent], is_step, device: torch.device) 
             continue
         steps.total["backward"] += steps.duration(event)
         owner = node_owner.get(event.sequence_nr)
-        for outer in _ancestors(owner) if owner is not None else []:
-            if is_step(outer.name):
-                steps.add("backward", outer.name, event)
+        owning_steps = [
+            outer.name for outer in (_ancestors(owner) if owner else []) if is_step(outer.name)
+        ]
+        for name in owning_steps:
+            steps.add("backward", name, event)
+        if not owning_steps:
+            # Named by the forward op that made the node, or, for nodes made outside the forward
+            # pass (the loss, gradient accumulation into parameters), by the node itself.
+            steps.add_outside(
+                f"{owner.name} (backward)" if owner else event.name.split(": ")[-1], event
+            )
     return steps
+
+
+def _is_outermost_op(event: FunctionEvent, is_step) -> bool:
+    """Whether `event` is an operator called directly by the op's code outside every step."""
+    return event.name.startswith("aten::") and not any(
+        outer.name.startswith("aten::") or is_step(outer.name) for outer in _ancestors(event)
+    )
 
 
 def _step_filter(op: str):
@@ -291,10 +313,14 @@ def _profile_record(steps: _StepTimes, iterations: int, peak_mb: float) -> dict:
             }
         )
     covered = sum(row["share"] for row in rows if row["parent"] is None)
+    outside = sorted(steps.outside.items(), key=lambda item: -item[1])
     return {
         "forward_ms": round(steps.total["forward"] / iterations / 1000, 3),
         "backward_ms": round(steps.total["backward"] / iterations / 1000, 3),
         "coverage": round(covered, 4),
+        "outside_steps": [
+            {"name": name, "ms": round(us / iterations / 1000, 3)} for name, us in outside
+        ],
         "peak_mem_mb": round(peak_mb, 1),
         "steps": rows,
     }
@@ -322,7 +348,11 @@ def profile_table(result: dict) -> Table:
         "fwd/bwd ms: milliseconds per iteration in the forward/backward pass; share: of the op's "
         "forward + backward time; fwd/bwd MB: net memory the step's forward/backward leaves "
         f"allocated. Peak memory {result['peak_mem_mb']:.0f} MB "
-        f"({result['peak_mem']}, over the warm-up)"
+        f"({result['peak_mem']}, over the warm-up). Outside every step: "
+        + (
+            ", ".join(f"{row['name']} {row['ms']:.2f} ms" for row in result["outside_steps"][:3])
+            or "none"
+        )
     )
     table = fitting_table(title, caption, PROFILE_COLUMNS)
     prefix = f"{result['op']}/"

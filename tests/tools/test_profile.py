@@ -26,6 +26,14 @@ DBRA_STEPS = {
     "dbra/query_agent_attention",
     "dbra/output_projection",
 }
+# What may run outside every step: the profile's own loss, gradient accumulation into the
+# parameters, and a view (the crop of the routed agents' padding), which computes nothing.
+OUTSIDE_STEPS = {
+    "MeanBackward0",
+    "torch::autograd::AccumulateGrad",
+    "aten::alias",
+    "aten::alias (backward)",
+}
 TINY = {"resolution": 32, "batch_size": 2, "warmup": 1, "iterations": 1}
 NANO = {"variant": "debiformer_nano", "device": "cpu", **TINY}
 
@@ -42,7 +50,7 @@ def test_profile_command_writes_dbra_steps_and_a_trace(tmp_path):
     profiled = json.loads(out.read_text())
     steps = {row["name"]: row for row in profiled["steps"]}
     assert set(steps) >= DBRA_STEPS
-    assert profiled["coverage"] >= 0.9
+    assert {row["name"] for row in profiled["outside_steps"]} <= OUTSIDE_STEPS
     assert steps["dbra/region_routing"]["backward_ms"] == 0
     for name in DBRA_STEPS - {"dbra/region_routing"}:
         assert steps[name]["forward_ms"] > 0 and steps[name]["backward_ms"] > 0, name
@@ -62,11 +70,12 @@ def test_profile_command_writes_dbra_steps_and_a_trace(tmp_path):
     ],
 )
 def test_profile_steps_cover_the_op(op, impl):
-    # three timed iterations: one alone leaves the share of tiny unnamed work to chance
-    profiled = run_profile(ProfileOptions(op=op, impl=impl, **{**NANO, "iterations": 3}))
+    profiled = run_profile(ProfileOptions(op=op, impl=impl, **NANO))
     outermost = [row for row in profiled["steps"] if row["parent"] is None]
     assert profiled["coverage"] == pytest.approx(sum(row["share"] for row in outermost), abs=1e-3)
-    assert profiled["coverage"] >= 0.9
+    # every operator of the op runs in a step; the coverage's shortfall is time between them
+    assert {row["name"] for row in profiled["outside_steps"]} <= OUTSIDE_STEPS
+    assert profiled["outside_steps"][0]["ms"] > 0
     if op == "bra":
         gather = next(row for row in profiled["steps"] if row["name"] == "routed_gather")
         assert gather["parent"] == "bra/routed_attention"
@@ -167,6 +176,7 @@ def test_profile_table_fits_80_columns_without_cutting_anything():
         "forward_ms": 12345.678,
         "backward_ms": 23456.789,
         "coverage": 0.987,
+        "outside_steps": [{"name": "torch::autograd::AccumulateGrad", "ms": 12.345}],
         "peak_mem_mb": 4321.0,
         "peak_mem": "CPU peak RSS rise",
         "steps": [
@@ -200,4 +210,5 @@ def test_profile_table_fits_80_columns_without_cutting_anything():
     for cell in ("fwd ms", "bwd ms", "share", "fwd MB", "bwd MB", "2345.60", "-1234.5", "45.6%"):
         assert cell in text
     assert "4321 MB" in text
+    assert "Outside every step: torch::autograd::AccumulateGrad 12.35" in " ".join(text.split())
     assert "└ routed_gather (in routed_attention)" in text
