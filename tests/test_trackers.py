@@ -67,6 +67,8 @@ def test_wandb_and_mlflow_get_the_recipe_every_metric_and_a_resume_continues_the
     mlflow.set_tracking_uri(store)
     (run,) = mlflow.search_runs(experiment_names=["tiny"], output_format="list")
     assert run.info.run_id == ids["mlflow"] and run.info.status == "FINISHED"
+    # the recipe artifact lies beside the database, not in the working directory's ./mlruns
+    assert (tmp_path / "mlartifacts" / run.info.run_id / "artifacts" / "recipe.json").is_file()
     assert (
         run.data.params["optim.lr"] == "0.002"
         and run.data.params["model.name"] == "debiformer_nano"

@@ -93,8 +93,8 @@ class MlflowTracker:
         self.mlflow = mlflow
         mlflow.set_tracking_uri(uri)
         if run_id is None:
-            mlflow.set_experiment(str(config.get("name", "debiformer")))
-            run = mlflow.start_run(run_name=run_dir.name)
+            experiment_id = _mlflow_experiment(mlflow, str(config.get("name", "debiformer")), uri)
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=run_dir.name)
             mlflow.log_params(flat(config))
             mlflow.log_dict(config, "recipe.json")
         else:
@@ -109,6 +109,20 @@ class MlflowTracker:
             values = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}
             self.mlflow.log_metrics({f"summary/{k}": v for k, v in values.items()})
         self.mlflow.end_run(status="FINISHED" if summary is not None else "KILLED")
+
+
+def _mlflow_experiment(mlflow: Any, name: str, uri: str) -> str:
+    """The id of experiment `name`, made if new. With a SQLite store its artifacts go to
+    `mlartifacts` beside the database file (MLflow's default is ./mlruns in the working
+    directory); a tracking server keeps its own."""
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        database = Path(uri.removeprefix("sqlite:///")).absolute()
+        location = (database.parent / "mlartifacts").as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
 
 
 def open_trackers(
