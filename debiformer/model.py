@@ -37,6 +37,21 @@ class Conv2dNHWC(nn.Conv2d):
         return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
+class Fp32Conv2dNHWC(Conv2dNHWC):
+    """A `Conv2dNHWC` that computes in fp32 under autocast and returns its input's dtype. For
+    the 5×5 and strided depthwise convolutions of the attentions: on the CPU, oneDNN's bf16
+    backward for them is slower than its fp32 one (1.4x for the 5×5, 10-24x for the strided,
+    with DeBiFormer-T's shapes on AVX-512), and they are a small share of the work either
+    way."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        device = x.device.type
+        if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+            return super().forward(x)
+        with torch.autocast(device, enabled=False):
+            return super().forward(x.float()).to(x.dtype)
+
+
 def _residual_depthwise(hidden: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """h + depthwise conv(h) on an NHWC map (odd kernel, same-size output), in h's dtype."""
     conv = F.conv2d(
@@ -131,7 +146,7 @@ class BiLevelRoutingAttention(nn.Module):
         self.topk = topk
         self.scale = dim**-0.5
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.lepe = Conv2dNHWC(dim, dim, 5, padding=2, groups=dim)
+        self.lepe = Fp32Conv2dNHWC(dim, dim, 5, padding=2, groups=dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -190,9 +205,9 @@ class DeformableBiLevelRoutingAttention(nn.Module):
         self.scale = dim**-0.5
         group_dim = dim // offset_groups
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.lepe = Conv2dNHWC(dim, dim, 5, stride=offset_stride, padding=2, groups=dim)
+        self.lepe = Fp32Conv2dNHWC(dim, dim, 5, stride=offset_stride, padding=2, groups=dim)
         self.offset_net = nn.Sequential(
-            Conv2dNHWC(
+            Fp32Conv2dNHWC(
                 group_dim,
                 group_dim,
                 offset_kernel,
@@ -300,16 +315,20 @@ class DeformableBiLevelRoutingAttention(nn.Module):
         return output.transpose(1, 2).reshape(batch, height, width, channels)
 
     def _position_bias(self, positions: Tensor, height: int, width: int) -> Tensor:
-        """(N, M, H·W, agents): `rpe_table` sampled at half the pixel-to-agent displacement."""
+        """(N, M, H·W, agents): `rpe_table` sampled at half the pixel-to-agent displacement.
+        The halving and grid_sample's (x, y) order are applied to the pixel grid and the agent
+        positions, so that the (H·W × agents) displacement is made by one subtraction (halving
+        is exact in floating point)."""
         groups = self.offset_groups
         batch = positions.shape[0] // groups
         ys = torch.arange(height, device=positions.device, dtype=positions.dtype) / (height - 1)
         xs = torch.arange(width, device=positions.device, dtype=positions.dtype) / (width - 1)
-        pixel_grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1) * 2 - 1
-        displacement = (pixel_grid.reshape(1, -1, 1, 2) - positions.flatten(1, 2)[:, None]) * 0.5
+        half_pixel_grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1) - 0.5
+        half_positions = positions.flip(-1).flatten(1, 2) * 0.5
+        displacement_xy = half_pixel_grid.reshape(1, -1, 1, 2) - half_positions[:, None]
         table = self.rpe_table.reshape(groups, self.num_heads // groups, *self.rpe_table.shape[1:])
         table = table.expand(batch, -1, -1, -1, -1).flatten(0, 1)
-        bias = F.grid_sample(table, displacement.flip(-1), mode="bilinear", align_corners=True)
+        bias = F.grid_sample(table, displacement_xy, mode="bilinear", align_corners=True)
         return bias.reshape(batch, self.num_heads, height * width, -1)
 
 

@@ -215,3 +215,26 @@ def test_mlp_saves_one_hidden_map_and_matches_the_plain_composition():
         torch.testing.assert_close(ours, reference)
     activations = {t.data_ptr(): t.numel() for t in saved if t.numel() >= x.numel()}
     assert sum(activations.values()) == x.numel() * (1 + 3)
+
+
+def test_the_attentions_depthwise_convolutions_compute_in_fp32_under_bf16_autocast():
+    attention = DeformableBiLevelRoutingAttention(
+        64,
+        2,
+        7,
+        4,
+        offset_groups=2,
+        offset_kernel=5,
+        offset_stride=2,
+        agent_mlp_ratio=3,
+        rpe_size=7,
+    )
+    torch.manual_seed(0)
+    values = torch.randn(2, 14, 14, 64).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lepe = attention.lepe(values)
+        plain = torch.nn.Conv2d.forward(attention.lepe, values.permute(0, 3, 1, 2))
+    assert lepe.dtype == torch.bfloat16 and plain.dtype == torch.bfloat16
+    in_fp32 = torch.nn.Conv2d.forward(attention.lepe, values.float().permute(0, 3, 1, 2))
+    assert torch.equal(lepe, in_fp32.permute(0, 2, 3, 1).to(torch.bfloat16))
+    assert not torch.equal(lepe, plain.permute(0, 2, 3, 1))  # autocast alone: a bf16 conv

@@ -95,8 +95,10 @@ def train(
 ) -> dict[str, Any]:
     """Trains what the recipe describes (`debiformer train`); returns the run's summary. The
     tasks of a Slurm job of several tasks (`srun debiformer train ...`) train as one job
-    (`runtime.adopt_slurm_environment`)."""
+    (`runtime.adopt_slurm_environment`). Freed host memory is kept for reuse
+    (`runtime.keep_freed_memory`)."""
     runtime.adopt_slurm_environment()
+    runtime.keep_freed_memory()
     return fit(recipe, build_task(recipe, run_dir), run_dir=run_dir, resume=resume, fresh=fresh)
 
 

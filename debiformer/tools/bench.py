@@ -43,6 +43,7 @@ from debiformer.runtime import (
     autocast,
     check_precision,
     compile_cache_errors,
+    keep_freed_memory,
     peak_memory,
     resolve_precision,
     select_device,
@@ -362,8 +363,10 @@ def _timed_steps(row: BenchRow) -> tuple[list[float], float]:
 def measure(row: BenchRow) -> dict:
     """Times one row in this process: ms per batch, images/s and peak memory.
 
-    Raises `OutOfMemory` when it does not fit at `row.batch_size`.
+    Raises `OutOfMemory` when it does not fit at `row.batch_size`. Freed host memory is kept
+    for reuse, as in training (`keep_freed_memory`; the record says whether it applied).
     """
+    kept = keep_freed_memory()
     try:
         seconds, peak_mb = _timed_steps(row)
     except Exception as error:
@@ -380,6 +383,7 @@ def measure(row: BenchRow) -> dict:
         "ms_per_batch": round(step_s * 1000, 2),
         "images_per_s": round(row.batch_size / step_s, 2),
         "peak_mem_mb": round(peak_mb, 1),
+        "keeps_freed_memory": kept,
     }
 
 

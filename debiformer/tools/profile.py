@@ -28,6 +28,7 @@ from debiformer.runtime import (
     atomic_writer,
     autocast,
     check_precision,
+    keep_freed_memory,
     peak_memory,
     resolve_precision,
     select_device,
@@ -238,6 +239,7 @@ def run_profile(options: ProfileOptions) -> dict:
     """
     device = select_device(options.device)
     precision = resolve_precision(options.precision, device)
+    keep_freed_memory()
     torch.manual_seed(0)
 
     def forward_backward() -> None:

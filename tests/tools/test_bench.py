@@ -28,6 +28,7 @@ RECORD_FIELDS = {
     "macs",
     "images_per_s",
     "peak_mem_mb",
+    "keeps_freed_memory",
 }
 TINY = {"resolution": 32, "batch_size": 2, "warmup": 1, "iterations": 1}
 NANO = {"models": ("debiformer_nano",), "device": "cpu", **TINY}
