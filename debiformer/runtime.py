@@ -69,12 +69,49 @@ def check_precision(precision: str, device: torch.device, *, option: str = "prec
         raise UserError(": fp16 needs a CUDA device; use bf16 or fp32 on the CPU", about=option)
 
 
-def _cpu_has_amx() -> bool:
+def cpu_has_amx() -> bool:
     """Whether this CPU has AMX for bf16 (Intel Sapphire Rapids and later), where oneDNN
     multiplies bf16 matrices several times faster than fp32. False on torch releases without
     `torch.cpu.get_capabilities`."""
     capabilities = getattr(torch.cpu, "get_capabilities", None)
     return capabilities is not None and bool(capabilities().get("amx_bf16", False))
+
+
+def _cpu_model() -> str:
+    """The CPU's model name, as lscpu gives it (/proc/cpuinfo); `platform.processor()` off Linux."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """What a measurement ran on, for its record: the CPU's model, torch's CPU capability (the
+    kernels it picks: DEFAULT, AVX2, AVX512...), whether the CPU has AMX, torch's threads and
+    version, and the GPU's name on CUDA."""
+    record = {
+        "cpu": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "amx": cpu_has_amx(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    if device.type == "cuda":
+        record["gpu"] = torch.cuda.get_device_name(device)
+    return record
+
+
+def machine_text(record: dict[str, Any]) -> str:
+    """`machine`'s record in words, as in "AMD EPYC (AVX512, no AMX), 2 threads, torch 2.14.1"."""
+    amx = "AMX" if record["amx"] else "no AMX"
+    text = f"{record['cpu']} ({record['cpu_capability']}, {amx}), {record['threads']} threads"
+    if "gpu" in record:
+        text = f"{record['gpu']}; {text}"
+    return f"{text}, torch {record['torch']}"
 
 
 def _auto_precision(device: torch.device) -> tuple[str, str]:
@@ -85,7 +122,7 @@ def _auto_precision(device: torch.device) -> tuple[str, str]:
             return "bf16", "CUDA device with native bf16"
         return "fp32", "CUDA device without native bf16"
     if device.type == "cpu":
-        return ("bf16", "CPU with AMX") if _cpu_has_amx() else ("fp32", "CPU without AMX")
+        return ("bf16", "CPU with AMX") if cpu_has_amx() else ("fp32", "CPU without AMX")
     return "fp32", f"{device.type} device"
 
 

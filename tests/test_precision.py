@@ -117,3 +117,15 @@ def test_the_commands_take_precision_auto_and_say_what_it_chose(monkeypatch, amx
     assert result.exit_code == 0, result.output
     assert [options.precision for options in ran] == ["auto"]
     assert result.output.splitlines() == ["precision auto → fp32 (CPU without AMX)", "the table"]
+
+
+def test_measurements_record_the_machine_they_ran_on(amx):
+    amx(True)
+    record = runtime.machine(CPU)
+    assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert record["amx"] is True and record["threads"] == torch.get_num_threads()
+    assert record["torch"] == torch.__version__ and record["cpu"]
+    assert runtime.machine_text(record).startswith(f"{record['cpu']} (")
+    assert "AMX)" in runtime.machine_text(record)
+    amx(False)
+    assert "no AMX" in runtime.machine_text(runtime.machine(CPU))

@@ -44,6 +44,8 @@ from debiformer.runtime import (
     check_precision,
     compile_cache_errors,
     keep_freed_memory,
+    machine,
+    machine_text,
     peak_memory,
     resolve_precision,
     select_device,
@@ -447,6 +449,7 @@ def _run_rows(
         fresh_process = device.type == "cpu"
     sizes: dict[str, tuple[int, int]] = {}
     onnx_files: dict[str, str] = {}
+    ran_on = machine(device)
     records = []
     for row in bench_rows(options, device):
         if row.model not in sizes:
@@ -476,6 +479,7 @@ def _run_rows(
             "warmup": ran.warmup,
             "iterations": ran.iterations,
             "note": note,
+            "machine": ran_on,
         }
         records.append(record)
         if on_record is not None:
@@ -512,6 +516,8 @@ def bench_table(records: list[dict]) -> Table:
         "img/s and ms (per batch): from the median step; "
         f"MB: peak memory the row adds ({first.get('peak_mem', '')})."
     )
+    if "machine" in first:
+        caption += f" On {machine_text(first['machine'])}."
     show_runtime = any(record.get("runtime", "eager") != "eager" for record in records)
     columns = list(BENCH_COLUMNS)
     if show_runtime:

@@ -29,6 +29,7 @@ from debiformer.runtime import (
     autocast,
     check_precision,
     keep_freed_memory,
+    machine,
     peak_memory,
     resolve_precision,
     select_device,
@@ -289,6 +290,7 @@ def run_profile(options: ProfileOptions) -> dict:
         "warmup": options.warmup,
         "iterations": options.iterations,
         "trace": str(options.trace) if options.trace is not None else None,
+        "machine": machine(device),
     }
 
 

@@ -29,6 +29,7 @@ RECORD_FIELDS = {
     "images_per_s",
     "peak_mem_mb",
     "keeps_freed_memory",
+    "machine",
 }
 TINY = {"resolution": 32, "batch_size": 2, "warmup": 1, "iterations": 1}
 NANO = {"models": ("debiformer_nano",), "device": "cpu", **TINY}
@@ -270,6 +271,13 @@ def _record(model, impl, note=""):
         "peak_mem_mb": 12345.6,
         "peak_mem": CPU_MEMORY,
         "note": note,
+        "machine": {
+            "cpu": "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz",
+            "cpu_capability": "AVX512",
+            "amx": True,
+            "threads": 2,
+            "torch": "2.14.1",
+        },
     }
 
 
@@ -287,6 +295,9 @@ def test_bench_table_fits_80_columns_without_cutting_anything():
         assert cell in text
     assert "swin_tiny_patch4_window7_" in text  # a long name wraps, whole
     assert "CPU peak RSS rise" in text  # the caption says what MB is
+    caption = " ".join(text.split())
+    assert "On Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz (AVX512, AMX), 2 threads" in caption
+    assert "torch 2.14.1" in caption
 
 
 def test_loader_bench_checks_its_settings_and_json_path_before_any_work(tmp_path):
