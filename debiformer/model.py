@@ -277,7 +277,9 @@ class DeformableBiLevelRoutingAttention(nn.Module):
         sampled = F.grid_sample(grouped, positions.flip(-1), mode="bilinear", align_corners=True)
         batch_groups, group_channels, agent_height, agent_width = sampled.shape
         sampled = sampled.reshape(-1, self.offset_groups, group_channels, agent_height, agent_width)
-        return sampled.permute(0, 3, 4, 1, 2).flatten(3)
+        # made contiguous: a linear layer on the strided view would run as a batched product
+        # with its weight copied for every image row
+        return sampled.permute(0, 3, 4, 1, 2).flatten(3).contiguous()
 
     def _routed_agent_attention(self, agents: Tensor, key: Tensor, value: Tensor) -> Tensor:
         """Agent queries attend to the full-resolution pixels of their top-k routed regions."""
