@@ -83,6 +83,12 @@ def bench(
     ),
     warmup: int = typer.Option(2, "--warmup", help="Untimed steps first."),
     iterations: int = typer.Option(10, "--iterations", help="Timed steps (median is reported)."),
+    rounds: int = typer.Option(
+        1,
+        "--rounds",
+        help="Measure the whole table this many times, row after row; each row reports its "
+        "median round.",
+    ),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the records here."),
 ) -> None:
     """Images/s, ms per batch, peak memory, parameters and MACs, as a table."""
@@ -103,6 +109,7 @@ def bench(
         grad_checkpointing=_stages(grad_checkpointing),
         warmup=warmup,
         iterations=iterations,
+        rounds=rounds,
     )
     if json_path is not None:
         check_writable(json_path, "--json")

@@ -45,6 +45,7 @@ FLAGS: dict[str, dict[str, str]] = {
         "runtimes": "--runtime",
         "grad_checkpointing": "--grad-checkpointing",
         "channels_last": "--channels-last",
+        "rounds": "--rounds",
     },
     "profile": {
         **MEASURE,

@@ -100,7 +100,9 @@ class BenchOptions:
     `runtimes`: each row runs in each of them (eager PyTorch, `torch.compile`, onnxruntime; the
     last for DeBiFormer models with the fast implementation only, in inference at fp32 on the CPU).
     `fresh_process` (None: on the CPU) measures each row in a new process so that its CPU peak
-    memory is its own; in-process CPU peaks are a lower bound after a larger one.
+    memory is its own; in-process CPU peaks are a lower bound after a larger one. `rounds`
+    measures the whole table that many times, row after row, and reports each row's median
+    round: on a machine whose speed drifts over minutes, every row then meets the same drift.
     """
 
     models: tuple[str, ...] = DEFAULT_MODELS
@@ -116,6 +118,7 @@ class BenchOptions:
     grad_checkpointing: tuple[int, ...] = ()
     warmup: int = 2
     iterations: int = 10
+    rounds: int = 1
     fresh_process: bool | None = None
 
     def __post_init__(self) -> None:
@@ -151,6 +154,7 @@ class BenchOptions:
         check_at_least("batch_size", self.batch_size, 1)
         check_at_least("warmup", self.warmup, 0)
         check_at_least("iterations", self.iterations, 1)
+        check_at_least("rounds", self.rounds, 1)
         if not set(self.grad_checkpointing) <= {1, 2, 3, 4}:
             raise UserError(
                 f"takes stages 1-4, got {list(self.grad_checkpointing)}", about="grad_checkpointing"
@@ -449,42 +453,71 @@ def _run_rows(
         fresh_process = device.type == "cpu"
     sizes: dict[str, tuple[int, int]] = {}
     onnx_files: dict[str, str] = {}
-    ran_on = machine(device)
-    records = []
-    for row in bench_rows(options, device):
+    rows = bench_rows(options, device)
+    for index, row in enumerate(rows):
         if row.model not in sizes:
             sizes[row.model] = model_size(row.model, row.resolution)
         if row.runtime == "onnxruntime":
             if row.model not in onnx_files:
                 onnx_files[row.model] = export_for_onnxruntime(row, folder)
-            row = replace(row, onnx_file=onnx_files[row.model])
-        ran, result, note = measure_with_backoff(row, fresh_process)
-        params, macs = sizes[row.model]
-        record = {
-            "model": ran.model,
-            "impl": ran.impl,
-            "mode": ran.mode,
-            "resolution": ran.resolution,
-            "batch_size": ran.batch_size,
-            "precision": ran.precision,
-            "device": ran.device,
-            "channels_last": ran.channels_last,
-            "runtime": ran.runtime,
-            "compile": ran.runtime == "compile",
-            "grad_checkpointing": list(ran.grad_checkpointing),
-            "params": params,
-            "macs": macs,
-            **result,
-            "peak_mem": memory_kind(device),
-            "warmup": ran.warmup,
-            "iterations": ran.iterations,
-            "note": note,
-            "machine": ran_on,
-        }
-        records.append(record)
-        if on_record is not None:
-            on_record(record)
+            rows[index] = replace(row, onnx_file=onnx_files[row.model])
+    ran_on = machine(device)
+    rounds: list[list[dict]] = [[] for _ in rows]
+    notes = [""] * len(rows)
+    records = []
+    for round_number in range(1, options.rounds + 1):
+        for index, row in enumerate(rows):
+            # a batch halved after out-of-memory stays halved in the later rounds
+            rows[index], result, note = measure_with_backoff(row, fresh_process)
+            rounds[index].append(result)
+            notes[index] = notes[index] or note
+            if round_number < options.rounds:
+                continue
+            record = _record(rows[index], rounds[index], notes[index], sizes, device) | {
+                "machine": ran_on
+            }
+            records.append(record)
+            if on_record is not None:
+                on_record(record)
     return records
+
+
+def _record(
+    ran: BenchRow,
+    results: list[dict],
+    note: str,
+    sizes: dict[str, tuple[int, int]],
+    device: torch.device,
+) -> dict:
+    """One row's record from its rounds' measurements: the median round's speed (of an even
+    number, the faster middle one; all rounds' images/s listed when more than one), the largest
+    peak memory."""
+    params, macs = sizes[ran.model]
+    median = sorted(results, key=lambda result: result["ms_per_batch"])[(len(results) - 1) // 2]
+    record = {
+        "model": ran.model,
+        "impl": ran.impl,
+        "mode": ran.mode,
+        "resolution": ran.resolution,
+        "batch_size": ran.batch_size,
+        "precision": ran.precision,
+        "device": ran.device,
+        "channels_last": ran.channels_last,
+        "runtime": ran.runtime,
+        "compile": ran.runtime == "compile",
+        "grad_checkpointing": list(ran.grad_checkpointing),
+        "params": params,
+        "macs": macs,
+        **median,
+        "peak_mem_mb": max(result["peak_mem_mb"] for result in results),
+        "peak_mem": memory_kind(device),
+        "warmup": ran.warmup,
+        "iterations": ran.iterations,
+        "note": note,
+    }
+    if len(results) > 1:
+        record["rounds_images_per_s"] = [result["images_per_s"] for result in results]
+    return record
 
 
 BENCH_COLUMNS = (

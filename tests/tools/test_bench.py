@@ -81,6 +81,30 @@ def test_bench_runs_both_implementations_and_timm_models_in_one_table():
     assert table.row_count == 3
 
 
+def test_rounds_measure_the_table_row_after_row_and_report_each_rows_median(monkeypatch):
+    measured = []
+    speeds = {"debiformer_nano": iter([10.0, 30.0, 20.0]), "test_resnet": iter([5.0, 4.0, 6.0])}
+
+    def measure_scripted(row, fresh_process):
+        measured.append(row.model)
+        images_per_s = next(speeds[row.model])
+        ms_per_batch = 1000 * row.batch_size / images_per_s
+        peak_mb = images_per_s  # a different peak each round
+        result = {
+            "ms_per_batch": ms_per_batch,
+            "images_per_s": images_per_s,
+            "peak_mem_mb": peak_mb,
+        }
+        return row, result, ""
+
+    monkeypatch.setattr(bench, "measure_with_backoff", measure_scripted)
+    options = BenchOptions(**NANO, compare=("test_resnet",), modes=("train",), rounds=3)
+    nano, resnet = bench.run_bench(options)
+    assert measured == ["debiformer_nano", "test_resnet"] * 3  # the table, three times over
+    assert nano["images_per_s"] == 20.0 and nano["rounds_images_per_s"] == [10.0, 30.0, 20.0]
+    assert resnet["images_per_s"] == 5.0 and resnet["peak_mem_mb"] == 6.0  # the largest peak
+
+
 @pytest.mark.slow
 def test_bench_times_onnxruntime_beside_eager_pytorch_in_one_run(exported_onnx, monkeypatch):
     exported = []
@@ -169,6 +193,7 @@ def test_out_of_memory_at_batch_one_is_a_user_error(monkeypatch):
         ({"grad_checkpointing": (0, 3)}, r"grad_checkpointing takes stages 1-4, got \[0, 3\]"),
         ({"grad_checkpointing": (5,)}, "grad_checkpointing takes stages 1-4"),
         ({"iterations": 0}, "iterations must be at least 1, got 0"),
+        ({"rounds": 0}, "rounds must be at least 1, got 0"),
         ({"warmup": -1}, "warmup must be at least 0, got -1"),
         ({"batch_size": 0}, "batch_size must be at least 1, got 0"),
         ({"resolution": 0}, "resolution must be at least 32, got 0"),
@@ -213,6 +238,7 @@ def no_work(monkeypatch):
     ("flags", "message"),
     [
         (["--iterations", "0"], "--iterations must be at least 1, got 0"),
+        (["--rounds", "0"], "--rounds must be at least 1, got 0"),
         (["--warmup", "-1"], "--warmup must be at least 0, got -1"),
         (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
         (["--resolution", "0"], "--resolution must be at least 32, got 0"),
