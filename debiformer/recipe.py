@@ -568,6 +568,21 @@ def recipe_from_stored(stored: dict, overrides: typing.Sequence[str] = ()) -> Re
     return recipe_from_dict(own)
 
 
+def task_recipe(path: str | None, stored: dict | None, task: str, *, of: str) -> Recipe:
+    """The recipe at `path`, else the one a checkpoint stores (`stored`), which must be a `task`
+    recipe: a model of that task runs by its recipe's settings. `of` names the checkpoint in the
+    one-line error when there is no such recipe."""
+    recipe = load_recipe(path) if path is not None else None
+    if recipe is None and stored is not None:
+        recipe = recipe_from_stored(stored)
+    if recipe is None or recipe.task != task:
+        raise UserError(
+            f"{of}: a {task} model needs its recipe's {task} settings; give the recipe it was "
+            "trained with"
+        )
+    return recipe
+
+
 def recipe_to_dict(recipe: Recipe) -> dict:
     """The recipe as plain data: every key of its task's sections, defaults included."""
     return {k: v for k, v in dataclasses.asdict(recipe).items() if v is not None}

@@ -24,7 +24,7 @@ from debiformer import runtime
 from debiformer.data.coco import load_coco
 from debiformer.data.images import readable_images
 from debiformer.errors import UserError
-from debiformer.recipe import Recipe, load_recipe, recipe_from_stored
+from debiformer.recipe import Recipe, task_recipe
 from debiformer.tasks.coco_metrics import to_coco_results
 from debiformer.weights import WeightsFile, build_model, spec_of_checkpoint
 
@@ -37,19 +37,6 @@ class Detector:
     model: nn.Module
     category_ids: list[int]
     image_ids: dict[str, int] = field(default_factory=dict)
-
-
-def _recipe_of(file: WeightsFile, recipe: str | None) -> Recipe:
-    """`recipe`, else the recipe the checkpoint stores; a detection recipe."""
-    the_recipe = load_recipe(recipe) if recipe is not None else None
-    if the_recipe is None and file.recipe is not None:
-        the_recipe = recipe_from_stored(file.recipe)
-    if the_recipe is None or the_recipe.task != "detection":
-        raise UserError(
-            f"checkpoint {file.path}: a detector needs its recipe's detection settings; give "
-            "the recipe it was trained with"
-        )
-    return the_recipe
 
 
 def _annotated_ids(recipe: Recipe, num_classes: int) -> tuple[list[int], dict[str, int]]:
@@ -66,7 +53,7 @@ def _annotated_ids(recipe: Recipe, num_classes: int) -> tuple[list[int], dict[st
 def load_detector(file: WeightsFile, recipe: str | None) -> Detector:
     """The detector of checkpoint `file` with exactly its weights, the category ids of its
     recipe's annotations (`recipe`, else the one the checkpoint stores)."""
-    the_recipe = _recipe_of(file, recipe)
+    the_recipe = task_recipe(recipe, file.recipe, "detection", of=f"checkpoint {file.path}")
     spec = spec_of_checkpoint(file, recipe=the_recipe)
     model, _ = build_model(spec, checkpoint=file)
     category_ids, image_ids = _annotated_ids(the_recipe, spec.num_classes)

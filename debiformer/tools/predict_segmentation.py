@@ -24,8 +24,7 @@ from torchvision.transforms import v2
 from debiformer import runtime
 from debiformer.data.images import readable_images
 from debiformer.data.segmentation import SegmentationTransform
-from debiformer.errors import UserError
-from debiformer.recipe import Recipe, SegmentationConfig, load_recipe, recipe_from_stored
+from debiformer.recipe import SegmentationConfig, task_recipe
 from debiformer.tasks.segmentation import evaluation_probabilities, palette
 from debiformer.weights import WeightsFile, build_model, spec_of_checkpoint
 
@@ -45,14 +44,7 @@ class Segmenter:
 def load_segmenter(file: WeightsFile, recipe: str | None) -> Segmenter:
     """The segmentation network of checkpoint `file` with exactly its weights; its inference
     settings from `recipe`, else the recipe the checkpoint stores."""
-    the_recipe: Recipe | None = load_recipe(recipe) if recipe is not None else None
-    if the_recipe is None and file.recipe is not None:
-        the_recipe = recipe_from_stored(file.recipe)
-    if the_recipe is None or the_recipe.task != "segmentation":
-        raise UserError(
-            f"checkpoint {file.path}: a segmentation model needs its recipe's segmentation "
-            "settings; give the recipe it was trained with"
-        )
+    the_recipe = task_recipe(recipe, file.recipe, "segmentation", of=f"checkpoint {file.path}")
     spec = spec_of_checkpoint(file, recipe=the_recipe)
     model, _ = build_model(spec, checkpoint=file)
     return Segmenter(model.eval(), the_recipe.segmentation, spec.num_classes, str(file.path))

@@ -13,12 +13,15 @@ from torchvision.datasets import ImageFolder
 
 from debiformer.checkpoint import save_checkpoint
 from debiformer.data.images import image_files
+from debiformer.errors import UserError
 from debiformer.recipe import load_recipe, recipe_to_dict
 from debiformer.tasks import evaluate_checkpoint
 from debiformer.tasks.classification import build_split_loader
 from debiformer.tools.classifier import load_classifier
 from debiformer.tools.predict import predict
-from debiformer.weights import ModelSpec, build_model, spec_entry
+from debiformer.tools.predict_detection import load_detector
+from debiformer.tools.predict_segmentation import load_segmenter
+from debiformer.weights import ModelSpec, build_model, open_weights, spec_entry
 
 CLASSES = ["ant", "bee", "cat"]
 
@@ -154,6 +157,17 @@ def test_bad_input_is_one_line_before_any_image_is_read(
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert message in err
     assert not (tmp_path / "top.txt").exists()
+
+
+@pytest.mark.parametrize(
+    ("load", "task"), [(load_segmenter, "segmentation"), (load_detector, "detection")]
+)
+def test_a_dense_model_needs_a_recipe_of_its_task(labelled, load, task):
+    file = open_weights(labelled["checkpoint"])  # stores no recipe
+    expected = f"a {task} model needs its recipe's {task} settings"
+    for recipe in (None, str(labelled["recipe"])):  # none, then a classification recipe
+        with pytest.raises(UserError, match=expected):
+            load(file, recipe)
 
 
 def test_folders_give_their_images_once_in_order(labelled):
