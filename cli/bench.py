@@ -115,14 +115,18 @@ def bench(
         check_writable(json_path, "--json")
     console = Console()
     say_precision(console, options.precision, options.device)
-    records = run_bench(
-        options,
-        on_record=lambda record: console.print(
-            f"{record['model']} {record['impl']} {record['mode']} {record['runtime']}: "
-            f"{record['images_per_s']:.1f} images/s {record['note']}",
-            highlight=False,
-        ),
-    )
+    records = run_bench(options, on_record=lambda record: _say_measured(console, record, rounds))
     console.print(bench_table(records))
     if json_path is not None:
         write_json(json_path, records)
+
+
+def _say_measured(console: Console, record: dict, rounds: int) -> None:
+    """One line per measurement: the row, and its images/s (with rounds: this round's)."""
+    row = f"{record['model']} {record['impl']} {record['mode']} {record['runtime']}"
+    if rounds == 1:
+        line = f"{row}: {record['images_per_s']:.1f} images/s"
+    else:
+        this_round = record.get("rounds_images_per_s", [record["images_per_s"]])[-1]
+        line = f"round {record['round']}/{rounds}, {row}: {this_round:.1f} images/s"
+    console.print(f"{line} {record['note']}".rstrip(), highlight=False)

@@ -22,6 +22,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from debiformer.depthwise import DepthwiseConvNHWC, depthwise_conv_backward, smaller_than_kernel
 from debiformer.errors import UserError
 from debiformer.official import rename_official_state_dict
 from debiformer.regions import step
@@ -29,12 +30,34 @@ from debiformer.routing import attend_routed_regions, pad_to_regions, record, re
 from debiformer.weights import as_model_shape, is_official_state_dict, load_pretrained
 
 
+@register_notrace_module  # chooses its backward by the map's size: a leaf for torch.fx
 class Conv2dNHWC(nn.Conv2d):
     """A `Conv2d` that takes and returns NHWC maps: the NCHW view of an NHWC tensor is
-    channels-last memory, which the convolution keeps, so neither permute copies."""
+    channels-last memory, which the convolution keeps, so neither permute copies. In training,
+    a depthwise one (stride 1, same-size output) on a map smaller than its kernel is
+    differentiated by `DepthwiseConvNHWC`, whose weight gradient is fast there."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._on_small_map_in_training(x):
+            return DepthwiseConvNHWC.apply(x, self.weight, self.bias)
         return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+    def _on_small_map_in_training(self, x: Tensor) -> bool:
+        kernel = self.kernel_size[0]
+        depthwise_same_size = (
+            self.groups == self.in_channels == self.out_channels
+            and self.kernel_size == (kernel, kernel)
+            and self.stride == (1, 1)
+            and self.padding == (kernel // 2, kernel // 2)
+            and self.dilation == (1, 1)
+            and self.bias is not None
+        )
+        return (
+            depthwise_same_size
+            and torch.is_grad_enabled()
+            and self.weight.requires_grad
+            and smaller_than_kernel(x, kernel)
+        )
 
 
 class Fp32Conv2dNHWC(Conv2dNHWC):
@@ -90,21 +113,10 @@ class _MlpTail(torch.autograd.Function):
         grad_pre_activation = torch.ops.aten.gelu_backward(
             grad_output @ weight.to(dtype), pre_activation
         )
-        channels, _, kernel, _ = conv_weight.shape
-        grad_conv_input, grad_conv_weight, grad_conv_bias = torch.ops.aten.convolution_backward(
-            grad_pre_activation.permute(0, 3, 1, 2),
-            hidden.permute(0, 3, 1, 2),
-            conv_weight.to(dtype),
-            [channels],
-            [1, 1],
-            [kernel // 2, kernel // 2],
-            [1, 1],
-            False,
-            [0, 0],
-            channels,
-            [True, True, True],
+        grad_conv_input, grad_conv_weight, grad_conv_bias = depthwise_conv_backward(
+            grad_pre_activation, hidden, conv_weight
         )
-        grad_hidden = grad_pre_activation + grad_conv_input.permute(0, 2, 3, 1)
+        grad_hidden = grad_pre_activation + grad_conv_input
         return grad_hidden, grad_conv_weight, grad_conv_bias, grad_weight, grad_bias
 
 

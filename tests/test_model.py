@@ -192,18 +192,20 @@ def test_grad_checkpointing_rejects_unknown_stages():
         model.set_grad_checkpointing(stages=(0, 5))
 
 
-def test_mlp_saves_one_hidden_map_and_matches_the_plain_composition():
+@pytest.mark.parametrize("size", [(9, 11), (2, 3)])  # (2, 3): smaller than the 3×3 kernel
+def test_mlp_saves_one_hidden_map_and_matches_the_plain_composition(size):
     """The training MLP recomputes its depthwise conv and GELU in the backward pass: same
     outputs and gradients (input and every parameter) as the plain layers, and only the input
     and the expanded map are kept for the backward pass."""
     torch.manual_seed(0)
     mlp = Mlp(16, 3).double()
-    x = torch.randn(2, 9, 11, 16, dtype=torch.double, requires_grad=True)
+    x = torch.randn(2, *size, 16, dtype=torch.double, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         output = mlp(x)
     hidden = mlp.fc1(x)
-    plain = mlp.fc2(torch.nn.functional.gelu(hidden + mlp.dwconv(hidden)))
+    conv = torch.nn.Conv2d.forward(mlp.dwconv, hidden.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    plain = mlp.fc2(torch.nn.functional.gelu(hidden + conv))
     torch.testing.assert_close(output, plain)
     upstream = torch.randn_like(output)
     inputs = [x, *mlp.parameters()]
@@ -213,7 +215,8 @@ def test_mlp_saves_one_hidden_map_and_matches_the_plain_composition():
         strict=True,
     ):
         torch.testing.assert_close(ours, reference)
-    activations = {t.data_ptr(): t.numel() for t in saved if t.numel() >= x.numel()}
+    weights = {parameter.data_ptr() for parameter in mlp.parameters()}
+    activations = {t.data_ptr(): t.numel() for t in saved if t.data_ptr() not in weights}
     assert sum(activations.values()) == x.numel() * (1 + 3)
 
 

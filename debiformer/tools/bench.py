@@ -437,7 +437,8 @@ def measure_with_backoff(row: BenchRow, fresh_process: bool) -> tuple[BenchRow, 
 
 def run_bench(options: BenchOptions, on_record: Callable[[dict], None] | None = None) -> list[dict]:
     """Measures every row of `options`; returns one record per row, in table order.
-    `on_record` is called with each record as soon as it is measured. onnxruntime rows run a file
+    `on_record` is called after every measurement with the row's record so far (its median over
+    the rounds measured, `round` the round's number). onnxruntime rows run a file
     exported once per model in this process, so that a fresh process's memory is the session's."""
     with tempfile.TemporaryDirectory() as folder:
         return _run_rows(options, folder, on_record)
@@ -471,14 +472,13 @@ def _run_rows(
             rows[index], result, note = measure_with_backoff(row, fresh_process)
             rounds[index].append(result)
             notes[index] = notes[index] or note
-            if round_number < options.rounds:
-                continue
             record = _record(rows[index], rounds[index], notes[index], sizes, device) | {
                 "machine": ran_on
             }
-            records.append(record)
             if on_record is not None:
-                on_record(record)
+                on_record(record | {"round": round_number})
+            if round_number == options.rounds:
+                records.append(record)
     return records
 
 

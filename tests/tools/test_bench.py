@@ -99,10 +99,33 @@ def test_rounds_measure_the_table_row_after_row_and_report_each_rows_median(monk
 
     monkeypatch.setattr(bench, "measure_with_backoff", measure_scripted)
     options = BenchOptions(**NANO, compare=("test_resnet",), modes=("train",), rounds=3)
-    nano, resnet = bench.run_bench(options)
+    progress = []
+    nano, resnet = bench.run_bench(
+        options, on_record=lambda record: progress.append((record["round"], record["model"]))
+    )
     assert measured == ["debiformer_nano", "test_resnet"] * 3  # the table, three times over
+    assert progress == [(n, model) for n in (1, 2, 3) for model in measured[:2]]  # none silent
     assert nano["images_per_s"] == 20.0 and nano["rounds_images_per_s"] == [10.0, 30.0, 20.0]
     assert resnet["images_per_s"] == 5.0 and resnet["peak_mem_mb"] == 6.0  # the largest peak
+
+
+def test_bench_command_says_every_rounds_measurement_as_it_comes(monkeypatch):
+    speeds = iter([10.0, 30.0])
+
+    def measure_scripted(row, fresh_process):
+        images_per_s = next(speeds)
+        result = {"ms_per_batch": 1000 * row.batch_size / images_per_s, "peak_mem_mb": 1.0}
+        return row, result | {"images_per_s": images_per_s}, ""
+
+    monkeypatch.setattr(bench, "measure_with_backoff", measure_scripted)
+    result = CliRunner().invoke(
+        app,
+        ["bench", "--models", "debiformer_nano", "--mode", "train", "--resolution", "32"]
+        + ["--device", "cpu", "--rounds", "2"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "round 1/2, debiformer_nano fast train eager: 10.0 images/s" in result.output
+    assert "round 2/2, debiformer_nano fast train eager: 30.0 images/s" in result.output
 
 
 @pytest.mark.slow
