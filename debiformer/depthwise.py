@@ -19,6 +19,19 @@ def smaller_than_kernel(x: Tensor, kernel_size: int) -> bool:
     return x.shape[1] < kernel_size or x.shape[2] < kernel_size
 
 
+def depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """The depthwise convolution of the NHWC map `x` (stride 1, odd kernel, same-size output),
+    in `x`'s dtype."""
+    output = F.conv2d(
+        x.permute(0, 3, 1, 2),
+        weight.to(x.dtype),
+        bias.to(x.dtype),
+        padding=weight.shape[-1] // 2,
+        groups=weight.shape[0],
+    )
+    return output.permute(0, 2, 3, 1)
+
+
 def depthwise_conv_backward(
     grad_output: Tensor, x: Tensor, weight: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -60,8 +73,7 @@ def _tapwise_weight_grad(grad_output: Tensor, x: Tensor, kernel: int) -> Tensor:
 
 
 class DepthwiseConvNHWC(torch.autograd.Function):
-    """`depthwise_conv(x, weight, bias)` on an NHWC map (stride 1, odd kernel, same-size
-    output), differentiated by `depthwise_conv_backward`. Computes in `x`'s dtype, or autocast's
+    """`depthwise_conv(x, weight, bias)`, differentiated by `depthwise_conv_backward`. Computes in `x`'s dtype, or autocast's
     where autocast is on."""
 
     @staticmethod
@@ -70,14 +82,7 @@ class DepthwiseConvNHWC(torch.autograd.Function):
         if torch.is_autocast_enabled(device):
             x = x.to(torch.get_autocast_dtype(device))
         ctx.save_for_backward(x, weight)
-        output = F.conv2d(
-            x.permute(0, 3, 1, 2),
-            weight.to(x.dtype),
-            bias.to(x.dtype),
-            padding=weight.shape[-1] // 2,
-            groups=weight.shape[0],
-        )
-        return output.permute(0, 2, 3, 1)
+        return depthwise_conv(x, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

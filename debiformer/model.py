@@ -22,7 +22,12 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from debiformer.depthwise import DepthwiseConvNHWC, depthwise_conv_backward, smaller_than_kernel
+from debiformer.depthwise import (
+    DepthwiseConvNHWC,
+    depthwise_conv,
+    depthwise_conv_backward,
+    smaller_than_kernel,
+)
 from debiformer.errors import UserError
 from debiformer.official import rename_official_state_dict
 from debiformer.regions import step
@@ -77,14 +82,7 @@ class Fp32Conv2dNHWC(Conv2dNHWC):
 
 def _residual_depthwise(hidden: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """h + depthwise conv(h) on an NHWC map (odd kernel, same-size output), in h's dtype."""
-    conv = F.conv2d(
-        hidden.permute(0, 3, 1, 2),
-        weight.to(hidden.dtype),
-        bias.to(hidden.dtype),
-        padding=weight.shape[-1] // 2,
-        groups=weight.shape[0],
-    )
-    return hidden + conv.permute(0, 2, 3, 1)
+    return hidden + depthwise_conv(hidden, weight, bias)
 
 
 class _MlpTail(torch.autograd.Function):
