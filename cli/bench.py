@@ -127,6 +127,7 @@ def _say_measured(console: Console, record: dict, rounds: int) -> None:
     if rounds == 1:
         line = f"{row}: {record['images_per_s']:.1f} images/s"
     else:
-        this_round = record.get("rounds_images_per_s", [record["images_per_s"]])[-1]
-        line = f"round {record['round']}/{rounds}, {row}: {this_round:.1f} images/s"
+        line = (
+            f"round {record['round']}/{rounds}, {row}: {record['round_images_per_s']:.1f} images/s"
+        )
     console.print(f"{line} {record['note']}".rstrip(), highlight=False)

@@ -73,8 +73,8 @@ def _tapwise_weight_grad(grad_output: Tensor, x: Tensor, kernel: int) -> Tensor:
 
 
 class DepthwiseConvNHWC(torch.autograd.Function):
-    """`depthwise_conv(x, weight, bias)`, differentiated by `depthwise_conv_backward`. Computes in `x`'s dtype, or autocast's
-    where autocast is on."""
+    """`depthwise_conv(x, weight, bias)`, differentiated by `depthwise_conv_backward`. Computes
+    in `x`'s dtype, or autocast's where autocast is on."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:

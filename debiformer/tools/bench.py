@@ -438,7 +438,7 @@ def measure_with_backoff(row: BenchRow, fresh_process: bool) -> tuple[BenchRow, 
 def run_bench(options: BenchOptions, on_record: Callable[[dict], None] | None = None) -> list[dict]:
     """Measures every row of `options`; returns one record per row, in table order.
     `on_record` is called after every measurement with the row's record so far (its median over
-    the rounds measured, `round` the round's number). onnxruntime rows run a file
+    the rounds measured; `round` and `round_images_per_s`: this round's). onnxruntime rows run a file
     exported once per model in this process, so that a fresh process's memory is the session's."""
     with tempfile.TemporaryDirectory() as folder:
         return _run_rows(options, folder, on_record)
@@ -476,7 +476,9 @@ def _run_rows(
                 "machine": ran_on
             }
             if on_record is not None:
-                on_record(record | {"round": round_number})
+                on_record(
+                    record | {"round": round_number, "round_images_per_s": result["images_per_s"]}
+                )
             if round_number == options.rounds:
                 records.append(record)
     return records
