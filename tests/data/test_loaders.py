@@ -29,6 +29,7 @@ from tests.data.common import (
     pixels,
     write_idx_folder,
 )
+from tests.helpers.cli import free_port
 
 # FFCV compiles its pipelines on first use in each process: seconds per loader
 SLOW_FFCV = pytest.param("ffcv", marks=pytest.mark.slow)
@@ -302,7 +303,7 @@ def test_torchrun_sharding(tmp_path, one_per_class):
     command = [
         Path(sys.executable).parent / "torchrun",
         "--nproc_per_node=2",
-        "--master_port=29531",
+        f"--master_port={free_port()}",
         __file__,
         str(folder),
         str(result),
