@@ -2,6 +2,7 @@
 the schedule, best.pt by the declared metric, the run-directory lock, resume semantics, recipe
 history, stale temporaries."""
 
+import copy
 import errno
 import json
 import os
@@ -443,3 +444,27 @@ def test_a_pretrained_backbone_learns_at_pretrained_lr_scale_times_the_lr(tmp_pa
         build_optimizer(torch.nn.Linear(2, 2), optim, peak_lr=1e-3, pretrained=True)
     with pytest.raises(UserError, match="optim.pretrained_lr_scale: set it to 1 with optim.layer"):
         OptimConfig(layer_decay=0.75, pretrained_lr_scale=0.5).check()
+
+
+def test_adamw_is_fused_on_the_cpu_and_takes_the_same_steps_as_its_loop():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 3)
+    looped = copy.deepcopy(model)
+    optim = OptimConfig()
+    optimizer = build_optimizer(model, optim, peak_lr=1e-2)
+    loop = torch.optim.AdamW(
+        param_groups(looped, optim.weight_decay), lr=1e-2, betas=optim.betas, eps=optim.eps
+    )
+    assert (
+        optimizer.defaults["fused"] and not loop.defaults["fused"] and not loop.defaults["foreach"]
+    )
+    inputs = torch.randn(4, 6)
+    for _ in range(3):
+        for net, opt in ((model, optimizer), (looped, loop)):
+            opt.zero_grad()
+            net(inputs).square().sum().backward()
+            opt.step()
+    for fused_param, loop_param in zip(model.parameters(), looped.parameters(), strict=True):
+        torch.testing.assert_close(fused_param, loop_param)
+    on_meta = torch.nn.Linear(2, 2, device="meta")
+    assert not build_optimizer(on_meta, OptimConfig(), peak_lr=1e-3).defaults["fused"]

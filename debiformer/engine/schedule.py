@@ -4,6 +4,7 @@ frozen modules, AdamW at the recipe's peak learning rate, and the learning rate 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import timm.utils
 import torch
@@ -90,12 +91,21 @@ def build_optimizer(
     """AdamW over `param_groups` of `model` at `peak_lr`; the backbone of a model started from
     `pretrained` weights at `optim.pretrained_lr_scale` times that."""
     backbone_lr_scale = optim.pretrained_lr_scale if pretrained else 1.0
-    return torch.optim.AdamW(
+    return adamw(
+        model,
         param_groups(model, optim.weight_decay, optim.layer_decay, backbone_lr_scale),
         lr=peak_lr,
         betas=tuple(optim.betas),
         eps=optim.eps,
     )
+
+
+def adamw(model: nn.Module, params: Iterable, **options) -> torch.optim.AdamW:
+    """torch's AdamW over `params` (tensors or groups) of `model`: its fused implementation (one
+    kernel per tensor) where every parameter is on a CPU or a CUDA GPU, else its per-tensor loop.
+    On the CPU the fused step is 3x faster (DeBiFormer-T: 20 against 61 ms, docs/results.md)."""
+    fused = all(param.device.type in ("cpu", "cuda") for param in model.parameters())
+    return torch.optim.AdamW(params, fused=fused, **options)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

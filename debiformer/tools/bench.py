@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import debiformer
+from debiformer.engine.schedule import adamw
 from debiformer.errors import UserError, mention
 from debiformer.routing import IMPLEMENTATIONS, implementation
 from debiformer.runtime import (
@@ -279,7 +280,7 @@ def make_step(
         return infer
 
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = adamw(model, model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def train() -> None:
