@@ -24,9 +24,12 @@ def _cores() -> int:
 
 
 @pytest.hookimpl(optionalhook=True)
-def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """`-n auto` starts one worker per core this process may use (pytest-xdist's own count asks
-    for physical cores, one on a 2-vCPU machine), up to MAX_WORKERS."""
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """`-n auto` starts one worker per core this process may run on, up to MAX_WORKERS;
+    pytest-xdist's own count is the machine's physical cores, blind to the CPUs a container or
+    CI job is limited to. PYTEST_XDIST_AUTO_NUM_WORKERS, where set, still decides."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
     return min(_cores(), MAX_WORKERS)
 
 
