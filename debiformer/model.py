@@ -27,6 +27,7 @@ from debiformer.depthwise import (
     depthwise_conv,
     depthwise_conv_backward,
     smaller_than_kernel,
+    with_identity_tap,
 )
 from debiformer.errors import UserError
 from debiformer.official import rename_official_state_dict
@@ -43,9 +44,14 @@ class Conv2dNHWC(nn.Conv2d):
     differentiated by `DepthwiseConvNHWC`, whose weight gradient is fast there."""
 
     def forward(self, x: Tensor) -> Tensor:
+        return self._convolve(x, self.weight)
+
+    def _convolve(self, x: Tensor, weight: Tensor) -> Tensor:
+        """The convolution of the NHWC map `x` with `weight` (this layer's, or one derived
+        from it) and this layer's bias and settings."""
         if self._on_small_map_in_training(x):
-            return DepthwiseConvNHWC.apply(x, self.weight, self.bias)
-        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            return DepthwiseConvNHWC.apply(x, weight, self.bias)
+        return self._conv_forward(x.permute(0, 3, 1, 2), weight, self.bias).permute(0, 2, 3, 1)
 
     def _on_small_map_in_training(self, x: Tensor) -> bool:
         kernel = self.kernel_size[0]
@@ -80,9 +86,20 @@ class Fp32Conv2dNHWC(Conv2dNHWC):
             return super().forward(x.float()).to(x.dtype)
 
 
+@register_notrace_module  # a `Conv2dNHWC`: a leaf for torch.fx
+class ResidualConv2dNHWC(Conv2dNHWC):
+    """`x + conv(x)` for a depthwise same-size convolution (the blocks' position embeddings),
+    computed as one convolution whose kernel has 1 added at its centre tap
+    (`with_identity_tap`); the parameters are the convolution's own."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._convolve(x, with_identity_tap(self.weight))
+
+
 def _residual_depthwise(hidden: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """h + depthwise conv(h) on an NHWC map (odd kernel, same-size output), in h's dtype."""
-    return hidden + depthwise_conv(hidden, weight, bias)
+    """h + depthwise conv(h) on an NHWC map (odd kernel, same-size output), in h's dtype, as one
+    convolution (`with_identity_tap`)."""
+    return depthwise_conv(hidden, with_identity_tap(weight), bias)
 
 
 class _MlpTail(torch.autograd.Function):
@@ -111,10 +128,9 @@ class _MlpTail(torch.autograd.Function):
         grad_pre_activation = torch.ops.aten.gelu_backward(
             grad_output @ weight.to(dtype), pre_activation
         )
-        grad_conv_input, grad_conv_weight, grad_conv_bias = depthwise_conv_backward(
-            grad_pre_activation, hidden, conv_weight
+        grad_hidden, grad_conv_weight, grad_conv_bias = depthwise_conv_backward(
+            grad_pre_activation, hidden, with_identity_tap(conv_weight)
         )
-        grad_hidden = grad_pre_activation + grad_conv_input
         return grad_hidden, grad_conv_weight, grad_conv_bias, grad_weight, grad_bias
 
 
@@ -350,7 +366,8 @@ def _normed(norm: nn.Module, layer: nn.Module, x: Tensor) -> Tensor:
 
 
 class Block(nn.Module):
-    """Two residual attention + MLP pairs, each led by a depthwise-conv position embedding (NHWC).
+    """Two residual attention + MLP pairs, each led by a depthwise-conv position embedding added
+    to its input (`ResidualConv2dNHWC`; NHWC maps).
     With `grad_checkpointing` on, each attention and MLP branch stores only its input and is
     recomputed in the backward pass, one branch at a time."""
 
@@ -358,12 +375,12 @@ class Block(nn.Module):
         self, dim: int, mlp_ratio: float, drop_path: float, attn1: nn.Module, attn2: nn.Module
     ):
         super().__init__()
-        self.pos_embed1 = Conv2dNHWC(dim, dim, 3, padding=1, groups=dim)
+        self.pos_embed1 = ResidualConv2dNHWC(dim, dim, 3, padding=1, groups=dim)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn1 = attn1
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp1 = Mlp(dim, mlp_ratio)
-        self.pos_embed2 = Conv2dNHWC(dim, dim, 3, padding=1, groups=dim)
+        self.pos_embed2 = ResidualConv2dNHWC(dim, dim, 3, padding=1, groups=dim)
         self.norm3 = nn.LayerNorm(dim, eps=1e-6)
         self.attn2 = attn2
         self.norm4 = nn.LayerNorm(dim, eps=1e-6)
@@ -379,13 +396,13 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         with step("block/pos_embed1"):
-            x = x + self.pos_embed1(x)
+            x = self.pos_embed1(x)
         with step("block/attn1"):
             x = x + self._branch(self.norm1, self.attn1, x)
         with step("block/mlp1"):
             x = x + self._branch(self.norm2, self.mlp1, x)
         with step("block/pos_embed2"):
-            x = x + self.pos_embed2(x)
+            x = self.pos_embed2(x)
         with step("block/attn2"):
             x = x + self._branch(self.norm3, self.attn2, x)
         with step("block/mlp2"):

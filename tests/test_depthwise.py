@@ -4,12 +4,12 @@ gives the convolution's own gradients, and is used exactly where it applies."""
 import pytest
 import torch
 
-from debiformer.model import Conv2dNHWC
+from debiformer.model import Conv2dNHWC, ResidualConv2dNHWC
 
 
-def _conv(channels: int, kernel: int, stride: int = 1) -> Conv2dNHWC:
+def _conv(channels: int, kernel: int, stride: int = 1, kind: type = Conv2dNHWC) -> Conv2dNHWC:
     torch.manual_seed(0)
-    return Conv2dNHWC(
+    return kind(
         channels, channels, kernel, stride=stride, padding=kernel // 2, groups=channels
     ).double()
 
@@ -51,3 +51,23 @@ def test_bf16_autocast_computes_as_the_plain_convolution_does():
     assert torch.equal(output, plain)
     output.float().sum().backward()
     assert conv.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize(("size", "kernel"), [((2, 2), 3), ((8, 6), 3), ((9, 7), 5)])
+def test_a_residual_convolution_is_its_input_plus_the_convolution(size, kernel):
+    """One convolution whose kernel has 1 added at its centre: the same output and gradients as
+    the sum, on maps smaller and larger than the kernel."""
+    conv = _conv(6, kernel, kind=ResidualConv2dNHWC)
+    x = torch.randn(3, *size, 6, dtype=torch.double, requires_grad=True)
+    output = conv(x)
+    plain = x + torch.nn.Conv2d.forward(conv, x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    torch.testing.assert_close(output, plain)
+    upstream = torch.randn_like(output)
+    inputs = [x, conv.weight, conv.bias]
+    for ours, reference in zip(
+        torch.autograd.grad(output, inputs, upstream),
+        torch.autograd.grad(plain, inputs, upstream),
+        strict=True,
+    ):
+        torch.testing.assert_close(ours, reference)
+    assert conv.weight[:, 0, kernel // 2, kernel // 2].abs().max() < 1  # parameters untouched
