@@ -7,6 +7,9 @@ AVX2 only: for [512, 384, 2, 2] with a 3×3 kernel, 65-114 ms against 0.3 ms for
 and 0.4 ms for the input gradient. There the weight gradient is computed instead as one sum per
 kernel tap, `sum over n, h, w of grad[n, h, w, c] · input_padded[n, h + i, w + j, c]` (4 ms), and
 the bias gradient as a sum; elsewhere oneDNN computes both as before.
+
+`with_identity_tap` makes `x + conv(x)` one convolution (the MLP's and the position embeddings'
+residual depthwise convolutions), which saves a pass over the map each way.
 """
 
 import torch
