@@ -14,6 +14,17 @@ def _conv(channels: int, kernel: int, stride: int = 1, kind: type = Conv2dNHWC) 
     ).double()
 
 
+def _assert_same_gradients(output: torch.Tensor, plain: torch.Tensor, inputs: list) -> None:
+    """`output` and `plain` have the same gradients for `inputs` under one random upstream."""
+    upstream = torch.randn_like(output)
+    for ours, reference in zip(
+        torch.autograd.grad(output, inputs, upstream),
+        torch.autograd.grad(plain, inputs, upstream),
+        strict=True,
+    ):
+        torch.testing.assert_close(ours, reference)
+
+
 @pytest.mark.parametrize(("size", "kernel"), [((2, 2), 3), ((2, 3), 5), ((4, 4), 5), ((8, 6), 3)])
 def test_gradients_equal_the_plain_convolutions(size, kernel):
     conv = _conv(6, kernel)
@@ -23,14 +34,7 @@ def test_gradients_equal_the_plain_convolutions(size, kernel):
     torch.testing.assert_close(output, plain)
     small = min(size) < kernel
     assert ("DepthwiseConvNHWC" in type(output.grad_fn).__name__) == small
-    upstream = torch.randn_like(output)
-    inputs = [x, conv.weight, conv.bias]
-    for ours, reference in zip(
-        torch.autograd.grad(output, inputs, upstream),
-        torch.autograd.grad(plain, inputs, upstream),
-        strict=True,
-    ):
-        torch.testing.assert_close(ours, reference)
+    _assert_same_gradients(output, plain, [x, conv.weight, conv.bias])
 
 
 def test_only_same_size_depthwise_convolutions_in_training_take_the_tapwise_path():
@@ -62,12 +66,5 @@ def test_a_residual_convolution_is_its_input_plus_the_convolution(size, kernel):
     output = conv(x)
     plain = x + torch.nn.Conv2d.forward(conv, x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
     torch.testing.assert_close(output, plain)
-    upstream = torch.randn_like(output)
-    inputs = [x, conv.weight, conv.bias]
-    for ours, reference in zip(
-        torch.autograd.grad(output, inputs, upstream),
-        torch.autograd.grad(plain, inputs, upstream),
-        strict=True,
-    ):
-        torch.testing.assert_close(ours, reference)
+    _assert_same_gradients(output, plain, [x, conv.weight, conv.bias])
     assert conv.weight[:, 0, kernel // 2, kernel // 2].abs().max() < 1  # parameters untouched
