@@ -1,5 +1,6 @@
 """Depthwise convolutions on maps smaller than their kernel: the tap-by-tap weight gradient
-gives the convolution's own gradients, and is used exactly where it applies."""
+gives the convolution's own gradients, and is used exactly where it applies; a residual one
+(`x + conv(x)` as one convolution) gives the sum's outputs and gradients."""
 
 import pytest
 import torch
