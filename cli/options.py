@@ -62,9 +62,10 @@ PRECISION = typer.Option(
 
 
 def say_precision(console: Console, precision: str, device: str) -> None:
-    """For `--precision auto`, one line saying what it is on `device` and why."""
+    """For `--precision auto`, one line saying what it is on `device` and why; for a precision
+    that runs slowly there (bf16 on a CPU without bf16 instructions), one line saying so."""
     from debiformer.runtime import precision_text, select_device
 
-    if precision == "auto":
-        text = precision_text(precision, select_device(device))
+    text = precision_text(precision, select_device(device))
+    if text != precision:
         console.print(f"precision {text}", highlight=False)

@@ -77,6 +77,17 @@ def cpu_has_amx() -> bool:
     return capabilities is not None and bool(capabilities().get("amx_bf16", False))
 
 
+def cpu_converts_bf16() -> bool:
+    """Whether this is an x86 CPU with neither AMX nor AVX512-BF16, where oneDNN converts bf16 to
+    compute and bf16 runs slower than fp32 (DeBiFormer-T and Swin-T 2-3x slower on an Intel Ice
+    Lake). False where torch cannot tell (no `torch.cpu.get_capabilities`) and off x86."""
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if capabilities is None or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    found = capabilities()
+    return not (found.get("amx_bf16", False) or found.get("avx512_bf16", False))
+
+
 def _cpu_model() -> str:
     """The CPU's model name, as lscpu gives it (/proc/cpuinfo); `platform.processor()` off Linux."""
     try:
@@ -134,8 +145,11 @@ def resolve_precision(precision: str, device: torch.device, *, option: str = "pr
 
 
 def precision_text(precision: str, device: torch.device) -> str:
-    """`precision` for a notice: itself, or for "auto" what it is on `device` and why, as in
-    "auto → fp32 (CPU without AMX)"."""
+    """`precision` for a notice: itself; for "auto" what it is on `device` and why, as in
+    "auto → fp32 (CPU without AMX)"; for bf16 on a CPU without bf16 instructions, a warning that
+    it runs slower than fp32 there."""
+    if precision == "bf16" and device.type == "cpu" and cpu_converts_bf16():
+        return "bf16 (slower than fp32 here: this CPU has no bf16 instructions)"
     if precision != AUTO_PRECISION:
         return precision
     resolved, reason = _auto_precision(device)

@@ -59,7 +59,33 @@ def test_auto_is_bf16_only_where_the_hardware_multiplies_it_natively(
     assert asked == ([False, False] if device.type == "cuda" else [])  # emulated bf16 is slow
     for fixed in ("fp32", "bf16"):
         assert runtime.resolve_precision(fixed, device) == fixed
-        assert runtime.precision_text(fixed, device) == fixed
+    assert runtime.precision_text("fp32", device) == "fp32"
+
+
+@pytest.mark.parametrize(
+    ("machine", "capabilities", "warned"),
+    [
+        ("x86_64", {"amx_bf16": False, "avx512_bf16": False}, True),  # AVX2, or Ice Lake
+        ("x86_64", {"amx_bf16": False, "avx512_bf16": True}, False),
+        ("x86_64", {"amx_bf16": True, "avx512_bf16": True}, False),
+        ("aarch64", {}, False),  # torch's probe names x86 features only
+        ("x86_64", None, False),  # torch without the probe
+    ],
+)
+def test_bf16_on_a_cpu_without_bf16_instructions_is_said_to_be_slow(
+    monkeypatch, machine, capabilities, warned
+):
+    monkeypatch.setattr(runtime.platform, "machine", lambda: machine)
+    if capabilities is None:
+        monkeypatch.delattr(torch.cpu, "get_capabilities")
+    else:
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    text = runtime.precision_text("bf16", CPU)
+    assert (text != "bf16") == warned
+    assert runtime.resolve_precision("bf16", CPU) == "bf16"  # a warning, not a refusal
+    if warned:
+        assert text.startswith("bf16 (") and "slower than fp32" in text
+    assert runtime.precision_text("bf16", CUDA) == "bf16"
 
 
 def test_an_unknown_precision_names_auto_among_the_choices():
@@ -117,6 +143,15 @@ def test_the_commands_take_precision_auto_and_say_what_it_chose(monkeypatch, amx
     assert result.exit_code == 0, result.output
     assert [options.precision for options in ran] == ["auto"]
     assert result.output.splitlines() == ["precision auto → fp32 (CPU without AMX)", "the table"]
+    monkeypatch.setattr(runtime, "cpu_converts_bf16", lambda: True)
+    result = CliRunner().invoke(app, [command, "--device", "cpu", "--precision", "bf16"])
+    assert result.output.splitlines() == [
+        "precision bf16 (slower than fp32 here: this CPU has no bf16 instructions)",
+        "the table",
+    ]
+    monkeypatch.setattr(runtime, "cpu_converts_bf16", lambda: False)
+    result = CliRunner().invoke(app, [command, "--device", "cpu", "--precision", "bf16"])
+    assert result.output.splitlines() == ["the table"]
 
 
 def test_measurements_record_the_machine_they_ran_on(amx):
