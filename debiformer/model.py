@@ -119,7 +119,8 @@ class _MlpTail(torch.autograd.Function):
     def backward(ctx, grad_output):
         hidden, conv_weight, conv_bias, weight = ctx.saved_tensors
         dtype = hidden.dtype
-        pre_activation = _residual_depthwise(hidden, conv_weight, conv_bias)
+        residual_weight = with_identity_tap(conv_weight)
+        pre_activation = depthwise_conv(hidden, residual_weight, conv_bias)
         activated = F.gelu(pre_activation)
         grad_output = grad_output.to(dtype)
         flat_grad_output = grad_output.reshape(-1, grad_output.shape[-1])
@@ -129,7 +130,7 @@ class _MlpTail(torch.autograd.Function):
             grad_output @ weight.to(dtype), pre_activation
         )
         grad_hidden, grad_conv_weight, grad_conv_bias = depthwise_conv_backward(
-            grad_pre_activation, hidden, with_identity_tap(conv_weight)
+            grad_pre_activation, hidden, residual_weight
         )
         return grad_hidden, grad_conv_weight, grad_conv_bias, grad_weight, grad_bias
 
