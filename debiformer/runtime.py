@@ -69,23 +69,28 @@ def check_precision(precision: str, device: torch.device, *, option: str = "prec
         raise UserError(": fp16 needs a CUDA device; use bf16 or fp32 on the CPU", about=option)
 
 
+def _cpu_capabilities() -> dict[str, bool] | None:
+    """torch's probe of this CPU's features (`torch.cpu.get_capabilities`), or None on torch
+    releases without it."""
+    probe = getattr(torch.cpu, "get_capabilities", None)
+    return None if probe is None else probe()
+
+
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX for bf16 (Intel Sapphire Rapids and later), where oneDNN
-    multiplies bf16 matrices several times faster than fp32. False on torch releases without
-    `torch.cpu.get_capabilities`."""
-    capabilities = getattr(torch.cpu, "get_capabilities", None)
-    return capabilities is not None and bool(capabilities().get("amx_bf16", False))
+    multiplies bf16 matrices several times faster than fp32. False where torch cannot tell."""
+    capabilities = _cpu_capabilities()
+    return capabilities is not None and bool(capabilities.get("amx_bf16", False))
 
 
 def cpu_converts_bf16() -> bool:
     """Whether this is an x86 CPU with neither AMX nor AVX512-BF16, where oneDNN converts bf16 to
     compute and bf16 runs slower than fp32 (DeBiFormer-T and Swin-T 2-3x slower on an Intel Ice
-    Lake). False where torch cannot tell (no `torch.cpu.get_capabilities`) and off x86."""
-    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    Lake). False where torch cannot tell and off x86."""
+    capabilities = _cpu_capabilities()
     if capabilities is None or platform.machine().lower() not in ("x86_64", "amd64"):
         return False
-    found = capabilities()
-    return not (found.get("amx_bf16", False) or found.get("avx512_bf16", False))
+    return not (capabilities.get("amx_bf16", False) or capabilities.get("avx512_bf16", False))
 
 
 def _cpu_model() -> str:
