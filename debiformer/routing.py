@@ -138,8 +138,10 @@ class _RoutedAttention(torch.autograd.Function):
             with step("routed_gather"):
                 slot_keys = keys.index_select(0, slots[:, slot])
             logits[:, :, :, slot] = scaled_queries @ slot_keys.transpose(-1, -2)
+        # in the queries' dtype: CUDA's autocast computes softmax in fp32, and the backward pass
+        # (which runs outside autocast) multiplies the attention by bf16 gradients
         attention = logits.view(batch, heads, query_len, topk * key_len).softmax(dim=-1)
-        attention = attention.view(batch, heads, query_len, topk, key_len)
+        attention = attention.to(queries.dtype).view(batch, heads, query_len, topk, key_len)
         output = torch.zeros_like(queries)
         for slot in range(topk):
             with step("routed_gather"):

@@ -9,6 +9,8 @@ import debiformer
 from debiformer.errors import UserError
 from debiformer.model import DeformableBiLevelRoutingAttention, Mlp
 from debiformer.routing import RegionGrid, implementation, recording
+from tests.helpers.cuda_autocast import CudaAutocastPolicy
+from tests.helpers.recipes import SMALL_BACKBONE
 
 EXACT_PARAMETERS = {
     "debiformer_tiny": 21_495_598,
@@ -241,3 +243,31 @@ def test_the_attentions_depthwise_convolutions_compute_in_fp32_under_bf16_autoca
     in_fp32 = torch.nn.Conv2d.forward(attention.lepe, values.float().permute(0, 3, 1, 2))
     assert torch.equal(lepe, in_fp32.permute(0, 2, 3, 1).to(torch.bfloat16))
     assert not torch.equal(lepe, plain.permute(0, 2, 3, 1))  # autocast alone: a bf16 conv
+
+
+def test_a_bf16_training_step_under_cudas_autocast_policy_differentiates_every_parameter():
+    """CUDA computes softmax (and norms, sums) in fp32 under autocast and differentiates outside
+    it: the routed attention's own backward pass must not meet fp32 beside bf16 there (emulated
+    on the CPU by `CudaAutocastPolicy`; the slot-by-slot path runs at 64² with this backbone)."""
+    torch.manual_seed(0)
+    model = debiformer.create_model("debiformer_nano", num_classes=4, **SMALL_BACKBONE).train()
+    images, labels = torch.randn(2, 3, 64, 64), torch.tensor([1, 3])
+    with CudaAutocastPolicy(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.softmax(images.bfloat16(), dim=-1).dtype == torch.float32  # the policy holds
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    assert all(grad is not None and grad.isfinite().all() for grad in grads.values()), [
+        name for name, grad in grads.items() if grad is None or not grad.isfinite().all()
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_torch_compile_captures_the_model_in_one_graph_under_bf16_autocast(mode):
+    """A graph break in every attention made compiled inference slower than eager on a GPU."""
+    model = debiformer.create_model("debiformer_nano", num_classes=4, **SMALL_BACKBONE)
+    model.train(mode == "train")
+    with torch.set_grad_enabled(mode == "train"), torch.autocast("cpu", dtype=torch.bfloat16):
+        explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64))
+    assert (explanation.graph_count, explanation.break_reasons) == (1, [])
