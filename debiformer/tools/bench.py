@@ -237,12 +237,24 @@ def bench_rows(options: BenchOptions, device: torch.device) -> list[BenchRow]:
     ]
 
 
-def build_benchmark_model(name: str) -> nn.Module:
-    """A DeBiFormer variant or a timm model, randomly initialised, 1000 classes."""
+def build_benchmark_model(name: str, resolution: int) -> nn.Module:
+    """A DeBiFormer variant or a timm model, randomly initialised, 1000 classes, for images of
+    `resolution`² pixels: a timm model built for one input size (Swin, ViT) is built for this
+    one, where it takes the size as `img_size`."""
     if is_debiformer(name):
         return build_model(ModelSpec(name))[0]
     check_timm_model(name)
-    return timm.create_model(name, pretrained=False)
+    config = timm.models.get_pretrained_cfg(name)
+    if config is None or not config.fixed_input_size or config.input_size[1:] == (resolution,) * 2:
+        return timm.create_model(name, pretrained=False)
+    try:
+        return timm.create_model(name, pretrained=False, img_size=resolution)
+    except TypeError as error:
+        raise UserError(
+            f"{resolution}: timm's {name} takes {config.input_size[1]}² images only "
+            f"({error}); measure it at that resolution",
+            about="resolution",
+        ) from None
 
 
 def count_macs(model: nn.Module, resolution: int) -> int:
@@ -260,7 +272,7 @@ def count_macs(model: nn.Module, resolution: int) -> int:
 
 def model_size(name: str, resolution: int) -> tuple[int, int]:
     """Parameters and MACs per image of model `name`."""
-    model = build_benchmark_model(name)
+    model = build_benchmark_model(name, resolution)
     params = sum(parameter.numel() for parameter in model.parameters())
     return params, count_macs(model, resolution)
 
@@ -351,7 +363,8 @@ def _timed_steps(row: BenchRow) -> tuple[list[float], float]:
     memory_format = torch.channels_last if row.channels_last else torch.contiguous_format
     size = (row.batch_size, 3, row.resolution, row.resolution)
     with peak_memory(device) as peak:
-        model = build_benchmark_model(row.model).to(device, memory_format=memory_format)
+        model = build_benchmark_model(row.model, row.resolution)
+        model = model.to(device, memory_format=memory_format)
         if row.grad_checkpointing and is_debiformer(row.model):
             model.set_grad_checkpointing(stages=row.grad_checkpointing)
         if row.runtime == "compile":

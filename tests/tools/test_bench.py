@@ -162,7 +162,7 @@ def test_bench_times_onnxruntime_beside_eager_pytorch_in_one_run(exported_onnx, 
 
 
 def test_macs_match_the_published_count_of_debiformer_tiny():
-    model = bench.build_benchmark_model("debiformer_tiny")
+    model = bench.build_benchmark_model("debiformer_tiny", 224)
     assert bench.count_macs(model, 224) == pytest.approx(2.636e9, rel=1e-3)
 
 
@@ -359,3 +359,21 @@ def test_loader_bench_checks_its_settings_and_json_path_before_any_work(tmp_path
             bench_loaders_of(missing, repeats=0)
         with pytest.raises(UserError, match="is a directory"):
             bench_loaders_of(missing, json_path=str(tmp_path))
+
+
+def test_a_timm_model_built_for_one_input_size_is_built_for_the_benchmarks():
+    """Swin-T is built for 224² (timm's `fixed_input_size`); at another resolution it is built for
+    that one, as `bench --resolution 64 --compare swin_tiny_patch4_window7_224` needs."""
+    model = bench.build_benchmark_model("swin_tiny_patch4_window7_224", 64).eval()
+    with torch.inference_mode():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_a_timm_model_of_one_input_size_only_is_a_one_line_error(monkeypatch):
+    def without_img_size(name, pretrained, **kwargs):
+        if "img_size" in kwargs:
+            raise TypeError("__init__() got an unexpected keyword argument 'img_size'")
+
+    monkeypatch.setattr(bench.timm, "create_model", without_img_size)
+    with pytest.raises(UserError, match=r"takes 224² images only .*measure it at that resolution"):
+        bench.build_benchmark_model("swin_tiny_patch4_window7_224", 64)
