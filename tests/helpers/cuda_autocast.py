@@ -40,7 +40,6 @@ CUDA_FP32_OPS = frozenset(
         "l1_loss",
         "smooth_l1_loss",
         "binary_cross_entropy_with_logits",
-        "logsumexp",
     }
 )
 
