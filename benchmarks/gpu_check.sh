@@ -9,7 +9,8 @@
 #   tests.log, compile_test.log, bench.log, nvidia-smi.txt
 #
 # Steps, most important first, each within what is left of the budget: the tests but the compile
-# one; every model eager; the compile test (a cold compile of a small model's forward and backward
+# one; every model eager; DeBiFormer-T eager with the release's routed attention and with NHWC
+# inputs; the compile test (a cold compile of a small model's forward and backward
 # takes minutes); then compiled bench parts, one per model and mode (Swin-T and ConvNeXt-T ride
 # with DeBiFormer-T). A step that would not fit in the time left is skipped and gpu_check.json says
 # so. Exits 0 only when every test passed and every part ran. Needs debiformer installed in
@@ -133,6 +134,11 @@ cuda_tests=(-m pytest -q -m cuda tests/test_cuda.py tests/tasks/test_segmentatio
 run_step tests tests.log "$tests_limit_s" "$python" "${cuda_tests[@]}" -k "not torch_compile"
 part eager --models debiformer_tiny,debiformer_small,debiformer_base --compare "$compare" \
     --runtime eager --mode both
+# what a GPU's DeBiFormer-T might run instead: the release's routed attention (one gather of the
+# k regions, few and large kernels, where the fast path's slot-by-slot products bound CPU memory)
+# and NHWC inputs
+part reference_tiny --models debiformer_tiny --impl reference --runtime eager --mode both
+part channels_last_tiny --models debiformer_tiny --channels-last --runtime eager --mode both
 run_step compile_test compile_test.log "$budget_s" "$python" "${cuda_tests[@]}" -k torch_compile
 part compile_infer_tiny --models debiformer_tiny --compare "$compare" --runtime compile --mode infer
 part compile_train_tiny --models debiformer_tiny --compare "$compare" --runtime compile --mode train
