@@ -2,7 +2,8 @@
 lowers the loss, torch.compile and channels-last inputs give the eager output, the engine trains a
 classifier from an image folder, and the Mask R-CNN and Semantic FPN heads train. Every test is
 marked `cuda` and skips without a GPU (tests/conftest.py); `pytest -m cuda` runs them, and
-benchmarks/gpu_check.sh runs them first."""
+benchmarks/gpu_check.sh runs them first (the compile test, minutes of cold compiling, after the
+eager bench)."""
 
 import copy
 import math
