@@ -92,7 +92,7 @@ if command -v nvidia-smi >/dev/null; then
 else echo "nvidia-smi: not found" >"$out/nvidia-smi.txt"; fi
 : >"$out/bench.log"
 
-# status NAME STATUS START: appends NAME, its status and its seconds since START to
+# record_status NAME STATUS START: appends NAME, its status and its seconds since START to
 # $parts/status.tsv
 record_status() {
     printf '%s\t%s\t%s\n' "$1" "$2" "$((SECONDS - $3))" >>"$parts/status.tsv"
