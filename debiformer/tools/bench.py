@@ -84,10 +84,39 @@ def is_debiformer(name: str) -> bool:
     return name in debiformer.list_models()
 
 
-def check_timm_model(name: str) -> None:
-    """Rejects a name that timm does not know."""
+def check_timm_model(name: str, resolution: int) -> None:
+    """Rejects a name that timm does not know, and a model made for one input size that cannot
+    be made for `resolution`² (built on the meta device: no memory, a fraction of a second)."""
     if not timm.list_models(name):
         raise UserError(f": unknown timm model {name!r} (see timm.list_models())", about="compare")
+    if _fixed_input_size(name, resolution):
+        with torch.device("meta"):
+            _timm_model(name, resolution)
+
+
+def _fixed_input_size(name: str, resolution: int) -> int | None:
+    """The side of the only input size timm's model `name` is made for (Swin, ViT: timm's
+    `fixed_input_size`), where it is not `resolution`; else None."""
+    config = timm.models.get_pretrained_cfg(name)
+    if config is None or not config.fixed_input_size or config.input_size[1:] == (resolution,) * 2:
+        return None
+    return config.input_size[1]
+
+
+def _timm_model(name: str, resolution: int) -> nn.Module:
+    """timm's model `name`, randomly initialised, for `resolution`² images: one made for another
+    input size is made for this one, where it takes the size as `img_size`."""
+    side = _fixed_input_size(name, resolution)
+    if side is None:
+        return timm.create_model(name, pretrained=False)
+    try:
+        return timm.create_model(name, pretrained=False, img_size=resolution)
+    except TypeError as error:
+        raise UserError(
+            f"{resolution}: timm's {name} takes {side}² images only ({error}); measure it at "
+            "that resolution",
+            about="resolution",
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -161,7 +190,7 @@ class BenchOptions:
                 f"takes stages 1-4, got {list(self.grad_checkpointing)}", about="grad_checkpointing"
             )
         for name in self.compare:
-            check_timm_model(name)
+            check_timm_model(name, self.resolution)
         self._check_runtimes()
 
     def _check_runtimes(self) -> None:
@@ -238,23 +267,12 @@ def bench_rows(options: BenchOptions, device: torch.device) -> list[BenchRow]:
 
 
 def build_benchmark_model(name: str, resolution: int) -> nn.Module:
-    """A DeBiFormer variant or a timm model, randomly initialised, 1000 classes, for images of
-    `resolution`² pixels: a timm model built for one input size (Swin, ViT) is built for this
-    one, where it takes the size as `img_size`."""
+    """A DeBiFormer variant or a timm model (`_timm_model`), randomly initialised, 1000 classes,
+    for images of `resolution`² pixels."""
     if is_debiformer(name):
         return build_model(ModelSpec(name))[0]
-    check_timm_model(name)
-    config = timm.models.get_pretrained_cfg(name)
-    if config is None or not config.fixed_input_size or config.input_size[1:] == (resolution,) * 2:
-        return timm.create_model(name, pretrained=False)
-    try:
-        return timm.create_model(name, pretrained=False, img_size=resolution)
-    except TypeError as error:
-        raise UserError(
-            f"{resolution}: timm's {name} takes {config.input_size[1]}² images only "
-            f"({error}); measure it at that resolution",
-            about="resolution",
-        ) from None
+    check_timm_model(name, resolution)
+    return _timm_model(name, resolution)
 
 
 def count_macs(model: nn.Module, resolution: int) -> int:

@@ -369,11 +369,12 @@ def test_a_timm_model_built_for_one_input_size_is_built_for_the_benchmarks():
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
 
 
-def test_a_timm_model_of_one_input_size_only_is_a_one_line_error(monkeypatch):
+def test_a_timm_model_of_one_input_size_only_is_a_one_line_error_before_any_work(monkeypatch):
     def without_img_size(name, pretrained, **kwargs):
         if "img_size" in kwargs:
             raise TypeError("__init__() got an unexpected keyword argument 'img_size'")
 
     monkeypatch.setattr(bench.timm, "create_model", without_img_size)
+    bench.BenchOptions(models=(), compare=("swin_tiny_patch4_window7_224",), resolution=224)
     with pytest.raises(UserError, match=r"takes 224² images only .*measure it at that resolution"):
-        bench.build_benchmark_model("swin_tiny_patch4_window7_224", 64)
+        bench.BenchOptions(models=(), compare=("swin_tiny_patch4_window7_224",), resolution=64)
