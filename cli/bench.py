@@ -47,7 +47,10 @@ def _modes(mode: str) -> tuple[str, ...]:
 
 def bench(
     models: list[str] = typer.Option(
-        [], "--models", help=f"DeBiFormer variants ({LIST_HELP}); default: tiny, small, base."
+        [],
+        "--models",
+        help=f"DeBiFormer variants ({LIST_HELP}); default: tiny, small, base; '' for none (the "
+        "--compare models alone).",
     ),
     resolution: int = typer.Option(224, "--resolution", help="Image side in pixels (32 or more)."),
     batch_size: int = typer.Option(
@@ -67,8 +70,9 @@ def bench(
     runtime: list[str] = typer.Option(
         [],
         "--runtime",
-        help="eager, compile, onnxruntime (the model exported to ONNX, run on the CPU; inference, "
-        f"fp32) ({LIST_HELP}); default eager.",
+        help="eager, compile, cudagraphs (torch.compile with CUDA graphs, on a GPU), onnxruntime "
+        f"(the model exported to ONNX, run on the CPU; inference, fp32) ({LIST_HELP}); default "
+        "eager.",
     ),
     grad_checkpointing: list[str] = typer.Option(
         [],
@@ -96,7 +100,7 @@ def bench(
     from debiformer.tools.bench import DEFAULT_MODELS, BenchOptions, bench_table, run_bench
 
     options = BenchOptions(
-        models=tuple(names(models)) or DEFAULT_MODELS,
+        models=tuple(names(models)) if models else DEFAULT_MODELS,
         compare=tuple(names(compare)),
         impls=tuple(names(impl)),
         modes=_modes(mode),

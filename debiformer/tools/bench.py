@@ -9,9 +9,11 @@ the CPU (`debiformer.runtime.peak_memory`). Memory freed by one row stays in the
 the next to reuse unseen, so each CPU row runs in a fresh Python process
 (`python -m debiformer.tools.bench`) by default.
 
-A row runs its model in one of three runtimes: eager PyTorch, `torch.compile`, or onnxruntime on
-the CPU (the model exported to ONNX and checked against PyTorch by `debiformer.tools.export`
-first, then run with as many threads as PyTorch uses; inference, fp32, DeBiFormer models).
+A row runs its model in one of four runtimes: eager PyTorch, `torch.compile`, `torch.compile`
+with CUDA graphs (`cudagraphs`, its "reduce-overhead" mode: each step's kernels replayed as one
+graph, on a GPU), or onnxruntime on the CPU (the model exported to ONNX and checked against
+PyTorch by `debiformer.tools.export` first, then run with as many threads as PyTorch uses;
+inference, fp32, DeBiFormer models).
 """
 
 from __future__ import annotations
@@ -69,7 +71,9 @@ from debiformer.tools.export import (
 from debiformer.weights import ModelSpec, build_model
 
 MODES = ("infer", "train")
-RUNTIMES = ("eager", "compile", "onnxruntime")
+RUNTIMES = ("eager", "compile", "cudagraphs", "onnxruntime")
+# the runtimes that torch.compile the model, and the mode of each
+COMPILE_MODES = {"compile": "default", "cudagraphs": "reduce-overhead"}
 DEFAULT_MODELS = ("debiformer_tiny", "debiformer_small", "debiformer_base")
 NO_IMPL = "-"
 WORKER = "debiformer.tools.bench"
@@ -127,8 +131,9 @@ class BenchOptions:
     `models`: DeBiFormer variants, each run with every routed-attention implementation in
     `impls`; `compare`: timm models, built without weights. `grad_checkpointing`: DeBiFormer
     stages whose attention and MLP branches are recomputed in the backward pass (train mode).
-    `runtimes`: each row runs in each of them (eager PyTorch, `torch.compile`, onnxruntime; the
-    last for DeBiFormer models with the fast implementation only, in inference at fp32 on the CPU).
+    `runtimes`: each row runs in each of them (eager PyTorch, `torch.compile`, `torch.compile`
+    with CUDA graphs on a GPU, onnxruntime; the last for DeBiFormer models with the fast
+    implementation only, in inference at fp32 on the CPU).
     `fresh_process` (None: on the CPU) measures each row in a new process so that its CPU peak
     memory is its own; in-process CPU peaks are a lower bound after a larger one. `rounds`
     measures the whole table that many times, row after row, and reports each row's median
@@ -194,7 +199,7 @@ class BenchOptions:
         self._check_runtimes()
 
     def _check_runtimes(self) -> None:
-        """Rejects an unknown runtime, and onnxruntime where it cannot run."""
+        """Rejects an unknown runtime, and CUDA graphs or onnxruntime where they cannot run."""
         if not self.runtimes:
             raise UserError(": give at least one", about="runtimes")
         for runtime in self.runtimes:
@@ -203,6 +208,11 @@ class BenchOptions:
                     f": unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}",
                     about="runtimes",
                 )
+        if "cudagraphs" in self.runtimes and select_device(self.device).type != "cuda":
+            raise UserError(
+                f"{mention('runtimes', 'cudagraphs')} replays CUDA graphs: use "
+                f"{mention('device', 'cuda')} on a machine with an NVIDIA GPU"
+            )
         if "onnxruntime" not in self.runtimes:
             return
         onnxruntime = mention("runtimes", "onnxruntime")
@@ -384,17 +394,30 @@ def _timed_steps(row: BenchRow) -> tuple[list[float], float]:
         model = model.to(device, memory_format=memory_format)
         if row.grad_checkpointing and is_debiformer(row.model):
             model.set_grad_checkpointing(stages=row.grad_checkpointing)
-        if row.runtime == "compile":
-            model = torch.compile(model)
+        if row.runtime in COMPILE_MODES:
+            model = torch.compile(model, mode=COMPILE_MODES[row.runtime])
         images = torch.randn(size, device=device).contiguous(memory_format=memory_format)
         labels = torch.randint(0, 1000, (row.batch_size,), device=device)
         run_step = make_step(model, row.mode, images, labels, row.precision)
+        if row.runtime == "cudagraphs":
+            run_step = _marking_new_steps(run_step)
         with (
             implementation(row.impl if row.impl != NO_IMPL else "fast"),
-            compile_cache_errors(mention("runtimes", "compile")),
+            compile_cache_errors(mention("runtimes", row.runtime)),
         ):
             seconds = time_steps(run_step, row.warmup, row.iterations, device)
     return seconds, peak["mb"]
+
+
+def _marking_new_steps(run_step: Callable[[], None]) -> Callable[[], None]:
+    """`run_step` that first tells CUDA graphs a new step begins (the last step's outputs, which
+    nothing keeps, may be overwritten)."""
+
+    def marked_step() -> None:
+        torch.compiler.cudagraph_mark_step_begin()
+        run_step()
+
+    return marked_step
 
 
 def measure(row: BenchRow) -> dict:
@@ -537,7 +560,7 @@ def _record(
         "device": ran.device,
         "channels_last": ran.channels_last,
         "runtime": ran.runtime,
-        "compile": ran.runtime == "compile",
+        "compile": ran.runtime in COMPILE_MODES,
         "grad_checkpointing": list(ran.grad_checkpointing),
         "params": params,
         "macs": macs,

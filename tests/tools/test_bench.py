@@ -227,6 +227,7 @@ def test_out_of_memory_at_batch_one_is_a_user_error(monkeypatch):
         ({"runtimes": ["onnxruntime"], "modes": ["train"]}, "measures inference only"),
         ({"runtimes": ["onnxruntime"], "precision": "bf16"}, "runs fp32 on the CPU"),
         ({"runtimes": ["onnxruntime"], "impls": ["reference"]}, "with impls=fast"),
+        ({"runtimes": ["cudagraphs"]}, "runtimes=cudagraphs replays CUDA graphs: use device=cuda"),
     ],
 )
 def test_bench_options_reject_bad_input(options, message):
@@ -270,6 +271,11 @@ def no_work(monkeypatch):
         (["--models", "debiformer_nano,nope"], "--models: unknown model 'nope'"),
         (["--compile", "--runtime", "eager"], "--compile is --runtime compile: give one of them"),
         (["--runtime", "onnxruntime", "--mode", "both"], "measures inference only"),
+        (["--models", ""], "--models: nothing to measure; name a DeBiFormer variant or --compare"),
+        (
+            ["--runtime", "eager,cudagraphs"],
+            "--runtime cudagraphs replays CUDA graphs: use --device",
+        ),
     ],
 )
 def test_bench_command_checks_options_before_any_work(no_work, flags, message):
@@ -277,6 +283,24 @@ def test_bench_command_checks_options_before_any_work(no_work, flags, message):
     assert isinstance(result.exception, UserError)
     assert message in cli_message(result.exception, "bench")
     assert "\n" not in str(result.exception)
+
+
+@pytest.mark.parametrize(
+    ("flags", "models"),
+    [
+        ([], bench.DEFAULT_MODELS),
+        (["--models", ""], ()),
+        (["--models", "debiformer_nano"], ("debiformer_nano",)),
+    ],
+)
+def test_the_models_flag_names_the_variants_default_or_none(monkeypatch, flags, models):
+    measured = []
+    monkeypatch.setattr(bench, "run_bench", lambda options, on_record: measured.append(options))
+    monkeypatch.setattr(bench, "bench_table", lambda records: "")
+    flags = ["--device", "cpu", "--compare", "convnext_tiny", *flags]
+    result = CliRunner().invoke(app, ["bench", *flags])
+    assert result.exit_code == 0, result.output
+    assert (measured[0].models, measured[0].compare) == (models, ("convnext_tiny",))
 
 
 def test_bench_command_checks_the_json_path_before_any_work(no_work, tmp_path):
