@@ -1,5 +1,6 @@
 """Where code runs and how: device choice, precision, a damaged torch.compile cache,
-synchronisation, peak memory, collectives across torchrun processes, and atomic file writes.
+synchronisation, peak memory, the signals that stop a run, collectives across torchrun processes,
+and atomic file writes.
 Each of these lives here and nowhere else.
 
 Precision has one vocabulary everywhere (recipes, `train`, `eval`, `bench`, `profile`):
@@ -18,6 +19,7 @@ import platform
 import re
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -294,6 +296,22 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
         start = _ru_maxrss_mb()
         yield result
         result["mb"] = _ru_maxrss_mb() - start
+
+
+# ----------------------------------------------------------------------------- stop signals
+
+# what stops a run after its current step, with a checkpoint: Ctrl-C, a scheduler's TERM, and the
+# USR1 that Slurm sends before a job's time runs out (`#SBATCH --signal=USR1@120`)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A data loader worker's init: the stop signals are the main process's to act on, which ends
+    its workers itself. `timeout`, Slurm and `kill -- -PGID` signal the whole process group, and a
+    worker that died of a TERM or USR1 would end the run with the DataLoader's error instead of
+    a checkpoint."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------- collectives

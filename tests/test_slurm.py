@@ -4,8 +4,7 @@ import signal
 
 import pytest
 
-from debiformer.engine.state import STOP_SIGNALS
-from debiformer.runtime import first_host, slurm_environment
+from debiformer.runtime import STOP_SIGNALS, first_host, slurm_environment
 
 
 @pytest.mark.parametrize(

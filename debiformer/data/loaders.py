@@ -186,6 +186,7 @@ class WorkerReader:
             num_workers=num_workers,
             collate_fn=collate,
             pin_memory=pin_memory,
+            worker_init_fn=runtime.ignore_stop_signals,
             # its own generator: starting the workers then draws nothing from the global one
             generator=torch.Generator().manual_seed(seed),
         )

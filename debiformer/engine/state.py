@@ -9,6 +9,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from debiformer.runtime import STOP_SIGNALS
+
 
 @dataclass
 class TrainState:
@@ -43,11 +45,6 @@ class TrainState:
         """Restores the fields saved by `state_dict`."""
         for key, value in state.items():
             setattr(self, key, value)
-
-
-# what stops a run after its current step, with a checkpoint: Ctrl-C, a scheduler's TERM, and the
-# USR1 that Slurm sends before a job's time runs out (`#SBATCH --signal=USR1@120`)
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopRequest:

@@ -4,6 +4,7 @@ evaluation."""
 
 import importlib.util
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from debiformer.errors import UserError
 from debiformer.recipe import load_recipe
 from debiformer.tasks import classification, evaluate_checkpoint, train
 from debiformer.tasks.classification import fall_back_without_ffcv
+from tests.data.common import FASHION, needs_fashion_mnist
 from tests.helpers.cli import CLI_ENTRY, child_env, free_port, run_in_child
 from tests.helpers.recipes import SMALL_BACKBONE, write_recipe
 from tests.helpers.tensors import assert_same_tensors
@@ -368,6 +370,40 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     state = load_checkpoint(last)
     assert step_before <= state["train_state"][0]["step"] < 200 * STEPS_PER_EPOCH
     assert not (run_dir / "summary.json").exists()
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_sigterm_to_the_process_group_spares_the_loader_workers(tmp_path):
+    """`timeout`, Slurm and `kill -- -PGID` signal every process of the group, the loader's
+    workers too: the run still stops after a step with a checkpoint (it ended with the
+    DataLoader's "worker killed by signal" traceback and nothing saved)."""
+    data = {
+        "backend": "torchvision",
+        "train_path": FASHION,
+        "val_path": FASHION,
+        "num_classes": 10,
+        "num_workers": 2,
+    }
+    path = write_recipe(tmp_path / "tiny.yaml", TINY, data=data, output={"checkpoint_every": 2})
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, str(CLI_ENTRY), "train", str(path), "--out", str(run_dir)],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    last = run_dir / "checkpoints" / "last.pt"
+    while not last.exists() and process.poll() is None:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert "stopped by SIGTERM at step" in stderr, stderr
+    assert "Traceback" not in stderr
+    assert load_checkpoint(last)["train_state"][0]["step"] >= 2
 
 
 class PoisonedLoader:
