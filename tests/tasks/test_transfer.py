@@ -2,9 +2,10 @@
 (`recipes/quickstart_items.yaml`) helps segmentation of mosaics (`quickstart_segmentation`):
 both recipes scaled down to a 0.2 M-parameter backbone and a few hundred steps, the Semantic FPN
 whose backbone starts from the classifier, at 0.3 times the head's lr, beats the one from scratch
-with the same steps, for each of two seeds (measured for seeds 0-3: +0.070, +0.129, +0.128,
-+0.074 mIoU; at the full lr the lead is -0.009, +0.074, +0.009, +0.056, within the run-to-run
-spread of a 150-step segmentation)."""
+with the same steps (measured for seeds 0-3: +0.070, +0.129, +0.128, +0.074 mIoU; at the full lr
+the lead is -0.009, +0.074, +0.009, +0.056, within the run-to-run spread of a 150-step
+segmentation). The test runs one seed, the one of smallest lead: each seed costs two
+segmentation runs, about two minutes of the suite's time."""
 
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from debiformer.tasks import train
 from tests.data.common import needs_fashion_mnist
 from tests.helpers.recipes import SMALL_BACKBONE
 
-MARGIN = 0.03  # mIoU by which the pretrained start must lead, for each seed
+MARGIN = 0.03  # mIoU by which the pretrained start must lead
+SEED = 0  # of seeds 0-3, the one where it led least
 ARCH = f"model.arch={yaml.safe_dump(SMALL_BACKBONE, default_flow_style=True).strip()}"
 
 
@@ -77,10 +79,9 @@ def segmentation_miou(mosaics: Path, run_dir: Path, seed: int, pretrained: Path 
 
 @pytest.mark.slow
 @needs_fashion_mnist
-@pytest.mark.parametrize("seed", [0, 1])
 def test_a_backbone_pretrained_on_items_beats_scratch_on_mosaics(
-    items_classifier, small_mosaics, tmp_path, seed
+    items_classifier, small_mosaics, tmp_path
 ):
-    scratch = segmentation_miou(small_mosaics, tmp_path / "scratch", seed, None)
-    pretrained = segmentation_miou(small_mosaics, tmp_path / "pretrained", seed, items_classifier)
-    assert pretrained > scratch + MARGIN, f"seed {seed}: scratch {scratch}, pretrained {pretrained}"
+    scratch = segmentation_miou(small_mosaics, tmp_path / "scratch", SEED, None)
+    pretrained = segmentation_miou(small_mosaics, tmp_path / "pretrained", SEED, items_classifier)
+    assert pretrained > scratch + MARGIN, f"scratch {scratch}, pretrained {pretrained}"
