@@ -346,28 +346,40 @@ def test_ffcv_runs_with_flips_and_randaugment_are_bit_identical_and_resume_exact
     assert_same_tensors(final["first"]["optimizer"]["state"][0], done["optimizer"]["state"][0])
 
 
-@pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    path = write_recipe(
-        tmp_path / "tiny.yaml", TINY, schedule={"epochs": 200}, output={"checkpoint_every": 2}
-    )
-    run_dir = tmp_path / "run"
+def sigterm_after_a_checkpoint(path: Path, run_dir: Path, to_group: bool) -> tuple[int, str]:
+    """Starts `debiformer train PATH --out RUN_DIR` in a session of its own and, once it has
+    written a checkpoint, sends SIGTERM to it (or to its whole process group); returns the step
+    of that checkpoint and stderr, after checking that the command exited with status 0."""
     process = subprocess.Popen(
         [sys.executable, str(CLI_ENTRY), "train", str(path), "--out", str(run_dir)],
         env=child_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,
     )
     last = run_dir / "checkpoints" / "last.pt"
     while not last.exists() and process.poll() is None:
         time.sleep(0.05)
     step_before = load_checkpoint(last)["train_state"][0]["step"]
-    process.send_signal(signal.SIGTERM)
+    if to_group:
+        os.killpg(process.pid, signal.SIGTERM)
+    else:
+        process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
+    return step_before, stderr
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    path = write_recipe(
+        tmp_path / "tiny.yaml", TINY, schedule={"epochs": 200}, output={"checkpoint_every": 2}
+    )
+    run_dir = tmp_path / "run"
+    step_before, stderr = sigterm_after_a_checkpoint(path, run_dir, to_group=False)
     assert "stopped by SIGTERM" in stderr
-    state = load_checkpoint(last)
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert step_before <= state["train_state"][0]["step"] < 200 * STEPS_PER_EPOCH
     assert not (run_dir / "summary.json").exists()
 
@@ -387,23 +399,10 @@ def test_sigterm_to_the_process_group_spares_the_loader_workers(tmp_path):
     }
     path = write_recipe(tmp_path / "tiny.yaml", TINY, data=data, output={"checkpoint_every": 2})
     run_dir = tmp_path / "run"
-    process = subprocess.Popen(
-        [sys.executable, str(CLI_ENTRY), "train", str(path), "--out", str(run_dir)],
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    last = run_dir / "checkpoints" / "last.pt"
-    while not last.exists() and process.poll() is None:
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr
-    assert "stopped by SIGTERM at step" in stderr, stderr
-    assert "Traceback" not in stderr
-    assert load_checkpoint(last)["train_state"][0]["step"] >= 2
+    step_before, stderr = sigterm_after_a_checkpoint(path, run_dir, to_group=True)
+    assert "stopped by SIGTERM at step" in stderr and "Traceback" not in stderr, stderr
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert state["train_state"][0]["step"] >= step_before
 
 
 class PoisonedLoader:
