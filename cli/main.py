@@ -13,7 +13,19 @@ from rich.console import Console
 from rich.markup import escape
 
 import debiformer
-from debiformer.cli import bench, data, export, flags, plot, predict, profile, recipes, show, train
+from debiformer.cli import (
+    bench,
+    data,
+    export,
+    flags,
+    options,
+    plot,
+    predict,
+    profile,
+    recipes,
+    show,
+    train,
+)
 from debiformer.cli import eval as eval_command
 from debiformer.errors import UserError
 
@@ -67,7 +79,7 @@ def main() -> None:
     try:
         code = app(prog_name="debiformer", standalone_mode=False)
     except UserError as error:
-        _fail(flags.message(error, command_of(sys.argv[1:])), 2)
+        _fail(flags.message(error, command_of(sys.argv[1:])), options.USER_ERROR_EXIT)
     except CLICK_ERROR as error:
         if type(error).__name__ == "NoArgsIsHelpError":  # no arguments: the help, already shown
             if error.format_message().strip():

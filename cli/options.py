@@ -1,9 +1,12 @@
-"""Options several commands share, each defined once: the recipe and its `--set` overrides
+"""Options several commands share, each defined once, and the exit code of a user error: the recipe and its `--set` overrides
 (train, eval, recipes show), the model and its weights (show, export, predict), the pixel limit
 of images read (show, predict), and the device and precision (bench, profile, predict)."""
 
 import typer
 from rich.console import Console
+
+# the exit code of a command stopped by a user error (one `error:` line on stderr)
+USER_ERROR_EXIT = 2
 
 RECIPE_HELP = "Recipe YAML file, or the name of a shipped one (e.g. quickstart, tiny)."
 

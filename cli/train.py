@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
-import subprocess
+import signal
 import sys
 from pathlib import Path
 
@@ -57,10 +58,34 @@ def train(
 
 
 def _launch_torchrun(args: list[str], nproc_per_node: int, max_restarts: int) -> int:
-    """Runs `debiformer <args>` in `nproc_per_node` torchrun processes; returns the exit code."""
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={nproc_per_node}", f"--max-restarts={max_restarts}",
+    """Runs `debiformer <args>` in `nproc_per_node` processes with torchrun's launcher (in this
+    process); returns the exit code. Each process prints its own error; torchrun's report of a
+    failed process (its traceback and table) gives way to one line, or to none after a user
+    error, which every process has printed."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # the machine's cores shared among the processes (torchrun's own default is 1 thread each)
+    cores = len(os.sched_getaffinity(0))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc_per_node)))
+    launch = torchrun.parse_args([
+        "--standalone", f"--nproc-per-node={nproc_per_node}", f"--max-restarts={max_restarts}",
         "--no-python", sys.executable, "-c", "from debiformer.cli.main import main; main()", *args,
-    ]  # fmt: skip
-    return subprocess.call(command)
+    ])  # fmt: skip
+    try:
+        torchrun.run(launch)
+    except ChildFailedError as error:
+        if {failure.exitcode for failure in error.failures.values()} == {options.USER_ERROR_EXIT}:
+            return options.USER_ERROR_EXIT
+        rank, failure = error.get_first_failure()
+        ended = (
+            f"was killed by {signal.Signals(-failure.exitcode).name}"
+            if failure.exitcode < 0
+            else f"exited with code {failure.exitcode}"
+        )
+        raise UserError(f"training process {rank} {ended}; its output is above") from None
+    except SignalException as stop:  # passed on to the processes, which saved a checkpoint
+        return 128 + int(stop.sigval)
+    return 0

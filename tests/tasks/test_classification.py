@@ -481,6 +481,25 @@ def test_two_processes_match_one_even_across_a_torchrun_restart(tmp_path):
     )
 
 
+@pytest.mark.slow
+def test_nproc_per_node_trains_and_a_recipe_error_in_its_processes_is_one_line(tmp_path):
+    """`train --nproc-per-node 2` launches torchrun in the command's own process: a finished run
+    exits 0; an error that the processes find (the synthetic backend without num_classes) is the
+    processes' `error:` line and exit code 2, without torchrun's traceback and failure table."""
+    path = write_recipe(tmp_path / "tiny.yaml", TINY, schedule={"epochs": 1})
+    done = run_in_child("train", str(path), "--out", str(tmp_path / "run"), "--nproc-per-node", "2")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["world_size"] == 2
+    data = {key: value for key, value in TINY["data"].items() if key != "num_classes"}
+    bad = write_recipe(tmp_path / "bad.yaml", {**TINY, "data": data})
+    failed = run_in_child(
+        "train", str(bad), "--out", str(tmp_path / "bad"), "--nproc-per-node", "2"
+    )
+    assert failed.returncode == 2, failed.stderr
+    lines = [line for line in failed.stderr.splitlines() if line.strip()]
+    assert lines and all(line.startswith("error: the synthetic backend") for line in lines), lines
+
+
 def slurm_tasks(*args: str, env: dict[str, str], port: int) -> list:
     """`debiformer ARGS` as the two tasks of a Slurm job on this host (`srun -n 2`), each with half
     of this process's threads; their completed processes."""
