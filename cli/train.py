@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -68,8 +67,8 @@ def _launch_torchrun(args: list[str], nproc_per_node: int, max_restarts: int) ->
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     # the machine's cores shared among the processes (torchrun's own default is 1 thread each)
-    cores = len(os.sched_getaffinity(0))
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc_per_node)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (cores or 1) // nproc_per_node)))
     launch = torchrun.parse_args([
         "--standalone", f"--nproc-per-node={nproc_per_node}", f"--max-restarts={max_restarts}",
         "--no-python", sys.executable, "-c", "from debiformer.cli.main import main; main()", *args,
@@ -81,7 +80,7 @@ def _launch_torchrun(args: list[str], nproc_per_node: int, max_restarts: int) ->
             return options.USER_ERROR_EXIT
         rank, failure = error.get_first_failure()
         ended = (
-            f"was killed by {signal.Signals(-failure.exitcode).name}"
+            f"was killed by signal {failure.signal_name()}"
             if failure.exitcode < 0
             else f"exited with code {failure.exitcode}"
         )
