@@ -1,6 +1,7 @@
-"""Options several commands share, each defined once, and the exit code of a user error: the recipe and its `--set` overrides
+"""Options several commands share, each defined once: the recipe and its `--set` overrides
 (train, eval, recipes show), the model and its weights (show, export, predict), the pixel limit
-of images read (show, predict), and the device and precision (bench, profile, predict)."""
+of images read (show, predict), and the device and precision (bench, profile, predict); and the
+exit code of a user error."""
 
 import typer
 from rich.console import Console
