@@ -39,7 +39,7 @@ def exports(tmp_path_factory) -> Path:
 
 def export_nano(folder: Path, name: str, **options: Any) -> Exported:
     """debiformer_nano written as `folder / name` with `options` by the first worker that asks
-    (an ONNX export takes 30-80 s on 2 cores), its result kept beside it for the others."""
+    (an ONNX export takes a minute or more on 2 cores), its result kept beside it for the others."""
     options = ExportOptions(out=folder / name, model="debiformer_nano", **options)
     result_file = folder / f"{name}.json"
     with FileLock(folder / f"{name}.lock"):
