@@ -6,11 +6,11 @@ command modules import the library's heavy parts (the recipe, the model, the dat
 command functions, so `--version` and `--help` load no torch.
 """
 
+import os
 import sys
+from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 import debiformer
 from debiformer.cli import (
@@ -101,12 +101,24 @@ def command_of(args: list[str]) -> str:
 
 
 def _fail(message: str, exit_code: int) -> None:
-    """Prints `error: <message>` as one line on stderr and exits."""
-    message = " ".join(message.split())
-    Console(stderr=True).print(
-        f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True
-    )
+    """Prints `error: <message>` as one line on stderr (or hands it to the launcher of this
+    process) and exits."""
+    if not _hand_to_launcher(message):
+        options.print_error(message)
     sys.exit(exit_code)
+
+
+def _hand_to_launcher(message: str) -> bool:
+    """In a process that `train --nproc-per-node` launched, writes `message` where the launcher
+    reads it, which prints each different message of its processes once; False elsewhere."""
+    errors, rank = os.environ.get(options.PROCESS_ERRORS_ENV), os.environ.get("RANK")
+    if not errors or rank is None:
+        return False
+    try:
+        Path(errors, rank).write_text(message)
+    except OSError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

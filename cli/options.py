@@ -1,13 +1,27 @@
 """Options several commands share, each defined once: the recipe and its `--set` overrides
 (train, eval, recipes show), the model and its weights (show, export, predict), the pixel limit
-of images read (show, predict), and the device and precision (bench, profile, predict); and the
-exit code of a user error."""
+of images read (show, predict), and the device and precision (bench, profile, predict); and how
+a user error is printed, with its exit code."""
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 # the exit code of a command stopped by a user error (one `error:` line on stderr)
 USER_ERROR_EXIT = 2
+
+# set by `train --nproc-per-node` for its processes: the folder where each writes its `error:`
+# message (a file named by its rank) for the launcher to print once, not once per process
+PROCESS_ERRORS_ENV = "DEBIFORMER_PROCESS_ERRORS"
+
+
+def print_error(message: str) -> None:
+    """Prints `error: <message>` as one line on stderr."""
+    message = " ".join(message.split())
+    Console(stderr=True).print(
+        f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True
+    )
+
 
 RECIPE_HELP = "Recipe YAML file, or the name of a shipped one (e.g. quickstart, tiny)."
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import typer
@@ -58,9 +59,9 @@ def train(
 
 def _launch_torchrun(args: list[str], nproc_per_node: int, max_restarts: int) -> int:
     """Runs `debiformer <args>` in `nproc_per_node` processes with torchrun's launcher (in this
-    process); returns the exit code. Each process prints its own error; torchrun's report of a
-    failed process (its traceback and table) gives way to one line, or to none after a user
-    error, which every process has printed."""
+    process); returns the exit code. The processes' `error:` messages are printed once each
+    (`options.PROCESS_ERRORS_ENV`); torchrun's report of a failed process (its traceback and
+    table) gives way to them, or to one line where a process failed without one."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -73,18 +74,32 @@ def _launch_torchrun(args: list[str], nproc_per_node: int, max_restarts: int) ->
         "--standalone", f"--nproc-per-node={nproc_per_node}", f"--max-restarts={max_restarts}",
         "--no-python", sys.executable, "-c", "from debiformer.cli.main import main; main()", *args,
     ])  # fmt: skip
-    try:
-        torchrun.run(launch)
-    except ChildFailedError as error:
-        if {failure.exitcode for failure in error.failures.values()} == {options.USER_ERROR_EXIT}:
-            return options.USER_ERROR_EXIT
-        rank, failure = error.get_first_failure()
-        ended = (
-            f"was killed by signal {failure.signal_name()}"
-            if failure.exitcode < 0
-            else f"exited with code {failure.exitcode}"
-        )
-        raise UserError(f"training process {rank} {ended}; its output is above") from None
-    except SignalException as stop:  # passed on to the processes, which saved a checkpoint
-        return 128 + int(stop.sigval)
+    with tempfile.TemporaryDirectory(prefix="debiformer-errors-") as errors:
+        os.environ[options.PROCESS_ERRORS_ENV] = errors
+        try:
+            torchrun.run(launch)
+        except ChildFailedError as error:
+            messages = _process_errors(Path(errors))
+            for message in messages:
+                options.print_error(message)
+            if messages:
+                return options.USER_ERROR_EXIT
+            rank, failure = error.get_first_failure()
+            ended = (
+                f"was killed by signal {failure.signal_name()}"
+                if failure.exitcode < 0
+                else f"exited with code {failure.exitcode}"
+            )
+            raise UserError(f"training process {rank} {ended}; its output is above") from None
+        except SignalException as stop:  # passed on to the processes, which saved a checkpoint
+            return 128 + int(stop.sigval)
+        finally:
+            del os.environ[options.PROCESS_ERRORS_ENV]
     return 0
+
+
+def _process_errors(errors: Path) -> list[str]:
+    """The different `error:` messages the processes wrote to `errors`, in the order of their
+    ranks (a user error found by every process is one message)."""
+    files = sorted(errors.iterdir(), key=lambda file: int(file.name))
+    return list(dict.fromkeys(file.read_text() for file in files))

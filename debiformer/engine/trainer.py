@@ -562,7 +562,8 @@ class Trainer:
         return text
 
     def summary(self, stopped: str | None) -> dict[str, Any]:
-        """The run's summary: what ran, the last and best metrics, times and throughput."""
+        """The run's summary: what ran, the last and best metrics, times and throughput, and the
+        machine the throughput was measured on (`runtime.machine`, of the main process)."""
         state, cfg = self.state, self.recipe.train
         return {
             "model": self.recipe.model.name,
@@ -581,6 +582,7 @@ class Trainer:
             "wall_s": state.wall_s + time.perf_counter() - self.started,
             "train_s": state.train_s,
             "images_per_s": state.train_images / max(state.train_s, 1e-9),
+            "machine": runtime.machine(self.device),
             "stopped": stopped,
             "run_dir": str(self.run_dir),
         }

@@ -15,8 +15,9 @@ import typer
 from typer.testing import CliRunner
 
 import debiformer
-from debiformer.cli import flags
+from debiformer.cli import flags, options
 from debiformer.cli.main import app, command_of
+from debiformer.cli.train import _process_errors
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,6 +74,24 @@ def test_bad_input_is_a_one_line_error_not_a_traceback(run_main, monkeypatch, tm
     assert len(lines) == 1
     assert lines[0].startswith("error:") and "optim.lrr" in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_launched_process_hands_its_error_to_the_launcher(run_main, monkeypatch, tmp_path):
+    """In a process of `train --nproc-per-node`, the `error:` message goes to a file named by the
+    rank, which the launcher prints once for all processes; nothing is printed by the process."""
+    (tmp_path / "typo.yaml").write_text("optim:\n  lrr: 0.1\n")
+    errors = tmp_path / "errors"
+    errors.mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(options.PROCESS_ERRORS_ENV, str(errors))
+    monkeypatch.setenv("RANK", "2")
+    code, out, err = run_main("train", "typo.yaml")
+    assert (code, out, err) == (2, "", "")
+    message = (errors / "2").read_text()
+    assert "optim.lrr" in message
+    (errors / "10").write_text("another message")
+    (errors / "0").write_text(message)
+    assert _process_errors(errors) == [message, "another message"]
 
 
 def test_a_bad_option_value_is_a_one_line_error(run_main):
