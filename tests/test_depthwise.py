@@ -26,7 +26,10 @@ def _assert_same_gradients(output: torch.Tensor, plain: torch.Tensor, inputs: li
         torch.testing.assert_close(ours, reference)
 
 
-@pytest.mark.parametrize(("size", "kernel"), [((2, 2), 3), ((2, 3), 5), ((4, 4), 5), ((8, 6), 3)])
+@pytest.mark.parametrize(
+    ("size", "kernel"),
+    [((1, 1), 5), ((1, 6), 3), ((2, 2), 3), ((2, 3), 5), ((4, 4), 5), ((8, 6), 3)],
+)
 def test_gradients_equal_the_plain_convolutions(size, kernel):
     conv = _conv(6, kernel)
     x = torch.randn(3, *size, 6, dtype=torch.double, requires_grad=True)
