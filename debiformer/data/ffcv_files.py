@@ -37,19 +37,40 @@ ON_BAD_IMAGE = ("stop", "skip")
 
 
 def import_ffcv():
-    """The ffcv module and its submodules, or a UserError saying how to fix it."""
+    """The ffcv module and its submodules, or a UserError saying how to fix it. FFCV's pipeline
+    compiler sets torch's thread count with numba's (to 1 on import, to a loader's worker count
+    when the loader starts); from here on it sets numba's only (`_numba_threads_only`), so
+    training keeps the threads it was given."""
+    import torch
+
+    threads = torch.get_num_threads()
     try:
         import ffcv
         import ffcv.fields.decoders  # noqa: F401
         import ffcv.loader  # noqa: F401
         import ffcv.transforms  # noqa: F401
         import ffcv.writer  # noqa: F401
+        from ffcv.pipeline.compiler import Compiler
     except ImportError as error:
         raise UserError(
             f"FFCV is not available ({error}): install it with `pip install 'debiformer[ffcv]'` "
             "(needs libopencv-dev libturbojpeg0-dev pkg-config) or set data.backend: torchvision"
         ) from None
+    if Compiler.set_num_threads.__func__ is not _numba_threads_only:
+        Compiler.set_num_threads = classmethod(_numba_threads_only)
+        torch.set_num_threads(threads)
     return ffcv
+
+
+def _numba_threads_only(compiler: type, count: int) -> None:
+    """FFCV's `Compiler.set_num_threads` without its `torch.set_num_threads`: a loader's worker
+    count is the thread count of its compiled pipeline (numba's, in the thread that runs it), not
+    torch's for the whole process. With torch's, two training processes on two cores ran with
+    two torch threads each and trained 5-10x slower (docs/results.md)."""
+    import numba
+
+    compiler.num_threads = count if count >= 1 else os.cpu_count() or 1
+    numba.set_num_threads(compiler.num_threads)
 
 
 @dataclass

@@ -100,6 +100,15 @@ def test_both_backends_crop_the_same_boxes_of_the_same_samples(photos, photos_ff
         assert (pixels(ffcv_images) - pixels(tv_images)).abs().mean() < 12
 
 
+def test_an_ffcv_loader_leaves_torchs_thread_count_as_it_was(photos_ffcv):
+    """FFCV's compiler sets torch's thread count to a loader's worker count: one process with
+    fewer workers than cores lost threads, and two processes on two cores got two each."""
+    threads = torch.get_num_threads()
+    workers = 1 if threads > 1 else 2
+    next(iter(make_loader("train", "ffcv", photos_ffcv, workers=workers)))
+    assert torch.get_num_threads() == threads
+
+
 def test_train_loaders_crop_flip_and_drop_the_partial_batch(photos, photos_ffcv):
     for loader in (
         make_loader("train", "ffcv", photos_ffcv),
