@@ -66,7 +66,7 @@ def _numba_threads_only(compiler: type, count: int) -> None:
     """FFCV's `Compiler.set_num_threads` without its `torch.set_num_threads`: a loader's worker
     count is the thread count of its compiled pipeline (numba's, in the thread that runs it), not
     torch's for the whole process. With torch's, two training processes on two cores ran with
-    two torch threads each and trained 5-10x slower (docs/results.md)."""
+    two torch threads each and trained 2-10x slower (docs/results.md)."""
     import numba
 
     compiler.num_threads = count if count >= 1 else os.cpu_count() or 1
