@@ -66,10 +66,12 @@ def _numba_threads_only(compiler: type, count: int) -> None:
     """FFCV's `Compiler.set_num_threads` without its `torch.set_num_threads`: a loader's worker
     count is the thread count of its compiled pipeline (numba's, in the thread that runs it), not
     torch's for the whole process. With torch's, two training processes on two cores ran with
-    two torch threads each and trained 2-10x slower (docs/results.md)."""
+    two torch threads each and trained 2-10x slower (docs/results.md). A count above numba's
+    limit (the machine's cores) is capped there, where FFCV stopped with numba's ValueError."""
     import numba
 
-    compiler.num_threads = count if count >= 1 else os.cpu_count() or 1
+    limit = numba.config.NUMBA_NUM_THREADS
+    compiler.num_threads = min(count, limit) if count >= 1 else limit
     numba.set_num_threads(compiler.num_threads)
 
 

@@ -109,6 +109,16 @@ def test_an_ffcv_loader_leaves_torchs_thread_count_as_it_was(photos_ffcv):
     assert torch.get_num_threads() == threads
 
 
+def test_an_ffcv_loader_with_more_workers_than_cores_reads(photos_ffcv):
+    """A recipe's worker count above the machine's cores (a server's recipe on a laptop) gives
+    FFCV's pipeline as many threads as there are cores; FFCV stopped with numba's ValueError."""
+    import numba
+
+    workers = numba.config.NUMBA_NUM_THREADS + 2
+    images, labels = next(iter(make_loader("train", "ffcv", photos_ffcv, workers=workers)))
+    assert images.shape == (8, 3, 32, 32) and labels.shape == (8,)
+
+
 def test_train_loaders_crop_flip_and_drop_the_partial_batch(photos, photos_ffcv):
     for loader in (
         make_loader("train", "ffcv", photos_ffcv),
