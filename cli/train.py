@@ -7,11 +7,15 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from debiformer.cli import options
 from debiformer.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported when a command runs, not for --help
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 
 def train(
@@ -78,24 +82,31 @@ def _launch_torchrun(args: list[str], nproc_per_node: int, max_restarts: int) ->
         os.environ[options.PROCESS_ERRORS_ENV] = errors
         try:
             torchrun.run(launch)
-        except ChildFailedError as error:
-            messages = _process_errors(Path(errors))
-            for message in messages:
-                options.print_error(message)
-            if messages:
-                return options.USER_ERROR_EXIT
-            rank, failure = error.get_first_failure()
-            ended = (
-                f"was killed by signal {failure.signal_name()}"
-                if failure.exitcode < 0
-                else f"exited with code {failure.exitcode}"
-            )
-            raise UserError(f"training process {rank} {ended}; its output is above") from None
+        except ChildFailedError as failed:
+            return _failed_launch_exit(failed, Path(errors))
         except SignalException as stop:  # passed on to the processes, which saved a checkpoint
             return 128 + int(stop.sigval)
         finally:
             del os.environ[options.PROCESS_ERRORS_ENV]
     return 0
+
+
+def _failed_launch_exit(failed: ChildFailedError, errors: Path) -> int:
+    """The exit code of a launch whose processes failed: the user error's, after printing each
+    different `error:` message the processes wrote to `errors`; where none wrote one, a
+    `UserError` saying which process failed first and how."""
+    messages = _process_errors(errors)
+    for message in messages:
+        options.print_error(message)
+    if messages:
+        return options.USER_ERROR_EXIT
+    rank, failure = failed.get_first_failure()
+    ended = (
+        f"was killed by signal {failure.signal_name()}"
+        if failure.exitcode < 0
+        else f"exited with code {failure.exitcode}"
+    )
+    raise UserError(f"training process {rank} {ended}; its output is above") from None
 
 
 def _process_errors(errors: Path) -> list[str]:
