@@ -33,6 +33,7 @@ from debiformer.errors import UserError
 from debiformer.official import rename_official_state_dict
 from debiformer.regions import step
 from debiformer.routing import attend_routed_regions, pad_to_regions, record, record_grid
+from debiformer.sampling import bilinear_sample
 from debiformer.weights import as_model_shape, is_official_state_dict, load_pretrained
 
 
@@ -310,7 +311,7 @@ class DeformableBiLevelRoutingAttention(nn.Module):
     def _sample(self, x: Tensor, positions: Tensor) -> Tensor:
         """Bilinear samples of the input map at the agent positions, per offset group: (N, Hk, Wk, C)."""
         grouped = self._groups(x).permute(0, 3, 1, 2)
-        sampled = F.grid_sample(grouped, positions.flip(-1), mode="bilinear", align_corners=True)
+        sampled = bilinear_sample(grouped, positions.flip(-1))
         batch_groups, group_channels, agent_height, agent_width = sampled.shape
         sampled = sampled.reshape(-1, self.offset_groups, group_channels, agent_height, agent_width)
         # made contiguous: a linear layer on the strided view would run as a batched product
@@ -366,7 +367,7 @@ class DeformableBiLevelRoutingAttention(nn.Module):
         displacement_xy = half_pixel_grid.reshape(1, -1, 1, 2) - half_positions[:, None]
         table = self.rpe_table.reshape(groups, self.num_heads // groups, *self.rpe_table.shape[1:])
         table = table.expand(batch, -1, -1, -1, -1).flatten(0, 1)
-        bias = F.grid_sample(table, displacement_xy, mode="bilinear", align_corners=True)
+        bias = bilinear_sample(table, displacement_xy)
         return bias.reshape(batch, self.num_heads, height * width, -1)
 
 
