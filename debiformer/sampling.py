@@ -25,14 +25,17 @@ def _aten_bilinear_sample(input: Tensor, grid: Tensor) -> Tensor:
 
 @_aten_bilinear_sample.register_fake
 def _(input: Tensor, grid: Tensor) -> Tensor:
+    """The output's shape and dtype, for tracing: contiguous, as ATen's kernel makes it."""
     return input.new_empty(input.shape[0], input.shape[1], grid.shape[1], grid.shape[2])
 
 
 def _save_inputs(ctx, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
+    """Keeps the map and the grid for the backward pass."""
     ctx.save_for_backward(*inputs)
 
 
 def _backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """ATen's gradients for the map (where it needs one) and the grid."""
     input, grid = ctx.saved_tensors
     return torch.ops.aten.grid_sampler_2d_backward(
         grad_output,
