@@ -180,6 +180,19 @@ def synchronize(device: torch.device) -> None:
 # ----------------------------------------------------------------------------- torch.compile
 
 
+def compile_model(model: torch.nn.Module, mode: str = "default") -> torch.nn.Module:
+    """`torch.compile(model, mode=mode)` without inductor's layout optimisation, which lets it
+    store the intermediates of a graph with convolutions in other memory orders. DeBiFormer's
+    maps are NHWC already; with it, inductor stored DBRA's query-agent attention with the
+    (image, head) index fastest, so that each batched product with it copied every matrix:
+    DeBiFormer-T's compiled training step made 2,462 copies against eager's 682 and ran at 0.93x
+    eager on a 2-core Intel Ice Lake, and at 1.02x without it (inference 0.98x and 1.09x)."""
+    import torch._inductor
+
+    options = {**torch._inductor.list_mode_options(mode), "layout_optimization": False}
+    return torch.compile(model, options=options)
+
+
 def _compile_cache_dir() -> str:
     """The folder of torch.compile's (inductor's) cache: TORCHINDUCTOR_CACHE_DIR, else
     torchinductor_<user> in the temporary folder. Unlike inductor's `cache_dir`, it creates

@@ -1,4 +1,5 @@
-"""A torch.compile cache that a killed run left damaged is one line naming the folder to delete,
+"""How the model is compiled (without inductor's layout optimisation, in training and `bench`),
+and a torch.compile cache that a killed run left damaged: one line naming the folder to delete,
 in training and in `bench`; every other error passes unchanged."""
 
 import errno
@@ -12,7 +13,7 @@ import torch
 from debiformer.cli.flags import message
 from debiformer.engine import fit
 from debiformer.errors import UserError
-from debiformer.runtime import compile_cache_errors
+from debiformer.runtime import compile_cache_errors, compile_model
 from debiformer.tools import bench
 from debiformer.tools.bench import BenchRow
 from tests.helpers.toy_task import LineTask, toy_recipe
@@ -84,9 +85,11 @@ def test_other_errors_pass_unchanged(cache, make_error):
 def test_a_damaged_cache_stops_a_compiled_training_in_one_line(cache, monkeypatch, tmp_path):
     """The real chain: dynamo compiles the model at its first step, and its backend finds a
     truncated kernel in the cache."""
-    compile_model = torch.compile
+    real_compile = torch.compile
     monkeypatch.setattr(
-        torch, "compile", lambda model: compile_model(model, backend=load_truncated_kernel)
+        torch,
+        "compile",
+        lambda model, **options: real_compile(model, backend=load_truncated_kernel),
     )
     recipe = toy_recipe(train={"compile": True}, schedule={"epochs": 1})
     with pytest.raises(UserError) as error:
@@ -104,3 +107,40 @@ def test_a_damaged_cache_stops_a_compiled_bench_row_in_one_line(cache, monkeypat
         bench.measure(row)
     one_line(error.value, f"delete {cache}")
     assert message(error.value, "bench").endswith("or run without --runtime compile")
+
+
+@pytest.fixture
+def compile_calls(monkeypatch) -> list[dict]:
+    """The keyword arguments of each torch.compile call; the model runs eagerly."""
+    calls = []
+
+    def recording_compile(model, **options):
+        calls.append(options)
+        return model
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    return calls
+
+
+def test_debiformer_compiles_without_inductors_layout_optimisation(compile_calls):
+    """With it, inductor stored DBRA's query-agent attention with the (image, head) index fastest
+    and every batched product copied each matrix (results.md, 2026-12-05)."""
+    compile_model(torch.nn.Linear(2, 2))
+    compile_model(torch.nn.Linear(2, 2), "reduce-overhead")
+    assert compile_calls == [
+        {"options": {"layout_optimization": False}},
+        {"options": {"triton.cudagraphs": True, "layout_optimization": False}},
+    ]
+
+
+def test_training_and_bench_compile_debiformer_so_and_timm_models_as_torch_does(
+    compile_calls, tmp_path
+):
+    fit(toy_recipe(train={"compile": True}, schedule={"epochs": 1}), LineTask(), run_dir=tmp_path)
+    for model in ("debiformer_nano", "test_resnet"):
+        bench.measure(BenchRow(model, "fast", "infer", 32, 2, "fp32", "cpu", runtime="compile"))
+    assert compile_calls == [
+        {"options": {"layout_optimization": False}},
+        {"options": {"layout_optimization": False}},
+        {"mode": "default"},
+    ]

@@ -234,7 +234,7 @@ class Trainer:
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
             self.train_model = DistributedDataParallel(self.model, device_ids=device_ids)
         if cfg.compile:
-            self.train_model = torch.compile(self.train_model)
+            self.train_model = runtime.compile_model(self.train_model)
 
     # ------------------------------------------------------------------------- the loop
 

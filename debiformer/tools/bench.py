@@ -46,6 +46,7 @@ from debiformer.runtime import (
     autocast,
     check_precision,
     compile_cache_errors,
+    compile_model,
     keep_freed_memory,
     machine,
     machine_text,
@@ -394,7 +395,9 @@ def _timed_steps(row: BenchRow) -> tuple[list[float], float]:
         model = model.to(device, memory_format=memory_format)
         if row.grad_checkpointing and is_debiformer(row.model):
             model.set_grad_checkpointing(stages=row.grad_checkpointing)
-        if row.runtime in COMPILE_MODES:
+        if row.runtime in COMPILE_MODES and is_debiformer(row.model):
+            model = compile_model(model, COMPILE_MODES[row.runtime])
+        elif row.runtime in COMPILE_MODES:
             model = torch.compile(model, mode=COMPILE_MODES[row.runtime])
         images = torch.randn(size, device=device).contiguous(memory_format=memory_format)
         labels = torch.randint(0, 1000, (row.batch_size,), device=device)
