@@ -1,6 +1,6 @@
-"""Where code runs and how: device choice, precision, a damaged torch.compile cache,
-synchronisation, peak memory, the signals that stop a run, collectives across torchrun processes,
-and atomic file writes.
+"""Where code runs and how: device choice, precision, how the model is compiled and a damaged
+torch.compile cache, synchronisation, peak memory, the signals that stop a run, collectives across
+torchrun processes, and atomic file writes.
 Each of these lives here and nowhere else.
 
 Precision has one vocabulary everywhere (recipes, `train`, `eval`, `bench`, `profile`):
