@@ -126,7 +126,7 @@ def test_torch_compile_gives_the_eager_forward_and_backward(exact_fp32):
     model = small_model().to(CUDA).eval()
     images, labels = (tensor.to(CUDA) for tensor in batch())
     eager = forward_backward(model, images, labels)
-    compiled = forward_backward(model, images, labels, run=torch.compile(model))
+    compiled = forward_backward(model, images, labels, run=runtime.compile_model(model))
     assert_same_results(compiled, eager)
 
 
