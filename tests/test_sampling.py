@@ -37,13 +37,23 @@ def test_the_operators_registration_passes_torchs_checks():
     torch.library.opcheck(_aten_bilinear_sample, (table.contiguous().requires_grad_(), grid))
 
 
-def test_under_bf16_autocast_it_samples_in_fp32_like_grid_sample():
+def test_under_bf16_autocast_it_samples_in_fp32_like_grid_sample_also_compiled():
+    """Compiled, autocast is applied when the graph is traced: without the operator's own fp32
+    rule it would meet the fp32 table and the bf16 grid together and fail."""
     table, grid = _table_and_grid(torch.float32)
+
+    def sample(table: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return bilinear_sample(table, grid.bfloat16())
+
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = F.grid_sample(table, grid.bfloat16(), mode="bilinear", align_corners=True)
         sampled = _aten_bilinear_sample(table, grid.bfloat16())
-    assert sampled.dtype == expected.dtype == torch.float32
-    torch.testing.assert_close(sampled, expected, rtol=0, atol=0)
+    torch._dynamo.reset()
+    compiled = torch.compile(sample, backend="aot_eager", fullgraph=True)(table, grid)
+    for result in (sampled, compiled):
+        assert result.dtype == expected.dtype == torch.float32
+        torch.testing.assert_close(result, expected, rtol=0, atol=0)
 
 
 def _graph_targets(function, *args) -> set:
