@@ -395,10 +395,12 @@ def _timed_steps(row: BenchRow) -> tuple[list[float], float]:
         model = model.to(device, memory_format=memory_format)
         if row.grad_checkpointing and is_debiformer(row.model):
             model.set_grad_checkpointing(stages=row.grad_checkpointing)
-        if row.runtime in COMPILE_MODES and is_debiformer(row.model):
-            model = compile_model(model, COMPILE_MODES[row.runtime])
-        elif row.runtime in COMPILE_MODES:
-            model = torch.compile(model, mode=COMPILE_MODES[row.runtime])
+        if row.runtime in COMPILE_MODES:
+            mode = COMPILE_MODES[row.runtime]
+            if is_debiformer(row.model):
+                model = compile_model(model, mode)
+            else:
+                model = torch.compile(model, mode=mode)
         images = torch.randn(size, device=device).contiguous(memory_format=memory_format)
         labels = torch.randint(0, 1000, (row.batch_size,), device=device)
         run_step = make_step(model, row.mode, images, labels, row.precision)
